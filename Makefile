@@ -1,0 +1,32 @@
+# Both targets create and reuse .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build lies on local disk on our machines; override for a CUDA machine (TORCH_SPEC="torch>=2.6").
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench-cpu clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) benchmarks/forgetting.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+bench-cpu: $(STAMP)
+	$(PY) benchmarks/cpu_step.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

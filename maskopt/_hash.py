@@ -1,0 +1,82 @@
+"""Counter-based hash behind RandomBCD's masks (and HalfAdam's ``strategy="parameter"``).
+
+A mask entry is a pure function of (seed, tensor index, counter, flat index), so it is
+reproducible after a checkpoint/resume, costs no stored mask, and the Triton kernels can
+regenerate it in-register. The definition below is the contract every path implements:
+
+    mix32(x)      = lowbias32: x ^= x>>16; x *= 0x7FEB352D; x ^= x>>15; x *= 0x846CA68B; x ^= x>>16
+                    (all arithmetic modulo 2**32)
+    stream_key    = mix32(mix32(mix32(fold(seed) ^ 0x243F6A88) ^ tensor_index ^ 0x85A308D3)
+                          ^ counter ^ 0x13198A2E)          (counter = step, or HFT round)
+    u(i)          = mix32((lo32(i) * 0x9E3779B9 + stream_key) mod 2**32) ^ mix32(hi32(i))
+    selected(i)   = u(i) < threshold(alpha),   threshold(alpha) = round(alpha * 2**32)
+
+For tensors below 2**32 entries ``u`` is a bijection of the flat index, so the keys are
+distinct and ``exact=True`` (the k largest keys) never meets a tie.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+GOLDEN32 = 0x9E3779B9
+_SALT_SEED = 0x243F6A88
+_SALT_TENSOR = 0x85A308D3
+_SALT_COUNTER = 0x13198A2E
+
+
+def mix32_int(x: int) -> int:
+    """lowbias32 on a Python int (modulo 2**32)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * _M1) & MASK32
+    x ^= x >> 15
+    x = (x * _M2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def fold_seed(seed: int) -> int:
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return (seed ^ (seed >> 32)) & MASK32
+
+
+def stream_key(seed: int, tensor_index: int, counter: int) -> int:
+    """The per-(tensor, step) key; a Python int in [0, 2**32)."""
+    k = mix32_int(fold_seed(seed) ^ _SALT_SEED)
+    k = mix32_int(k ^ (int(tensor_index) & MASK32) ^ _SALT_TENSOR)
+    return mix32_int(k ^ (int(counter) & MASK32) ^ _SALT_COUNTER)
+
+
+def threshold(alpha: float) -> int:
+    """Keys below this are selected; alpha=1 gives 2**32, so every entry is."""
+    return min(1 << 32, max(0, int(round(float(alpha) * 4294967296.0))))
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for int64 x in [0, 2**32), split in 16-bit halves so that no
+    # intermediate overflows int64 (torch has no wrapping uint32 multiply on every backend).
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 elementwise on an int64 tensor holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def hash_keys(numel: int, key: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """u(i) for flat indices start..start+numel-1 as an int64 tensor in [0, 2**32)."""
+    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    u = mix32((_mul32(idx & MASK32, GOLDEN32) + key) & MASK32)
+    if start + numel > (1 << 32):
+        u = u ^ mix32(idx >> 32)
+    return u

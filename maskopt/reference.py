@@ -1,0 +1,134 @@
+"""The executable specification: one tensor at a time, written straight from the papers.
+
+MoFO (Algorithm 1 of the MoFO paper), its gradient-filtered and randomized BCD ablations,
+and the dense AdamW step that HalfAdam applies to its active tensors. Everything here is
+deliberately plain (a stable sort for top-k, NumPy for the hash) so that it shares as
+little code as possible with the fast paths it is the oracle for. It computes in float64
+by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _hash
+from .selection import ALL, RANDOM, RANDOM_EXACT, TOPK_GRADIENT, TOPK_MOMENTUM
+
+_U64 = np.uint64
+_M32 = _U64(0xFFFFFFFF)
+
+
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    x = x & _M32
+    x ^= x >> _U64(16)
+    x = (x * _U64(0x7FEB352D)) & _M32
+    x ^= x >> _U64(15)
+    x = (x * _U64(0x846CA68B)) & _M32
+    x ^= x >> _U64(16)
+    return x
+
+
+def hash_u32(numel: int, seed: int, tensor_index: int, counter: int) -> np.ndarray:
+    """u(i) of the counter hash (see maskopt._hash for the definition), in NumPy uint64."""
+    key = _U64(_hash.stream_key(seed, tensor_index, counter))
+    idx = np.arange(numel, dtype=np.uint64)
+    u = _mix32_np(((idx & _M32) * _U64(0x9E3779B9) + key) & _M32)
+    return u ^ _mix32_np(idx >> _U64(32))
+
+
+def _top_k_by_sort(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly k largest; a stable descending sort keeps equal scores in index order."""
+    order = torch.sort(score, descending=True, stable=True).indices
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def select(
+    selection: str,
+    m: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    alpha: float,
+    block_size: int | None = None,
+    seed: int = 0,
+    tensor_index: int = 0,
+    counter: int = 0,
+) -> torch.Tensor:
+    """The flat boolean mask S of one tensor (m: new first moment, g: gradient)."""
+    n = m.numel()
+    if selection == ALL:
+        return torch.ones(n, dtype=torch.bool)
+    if selection == RANDOM:
+        u = hash_u32(n, seed, tensor_index, counter)
+        return torch.from_numpy(u < _U64(_hash.threshold(alpha))) if n else torch.zeros(0, dtype=torch.bool)
+    if selection == RANDOM_EXACT:
+        u = torch.from_numpy(hash_u32(n, seed, tensor_index, counter).astype(np.int64))
+        return _top_k_by_sort(u, min(n, max(1, math.floor(alpha * n + 0.5)))) if n else u.bool()
+    if selection == TOPK_MOMENTUM:
+        score = m.reshape(-1).abs()
+    elif selection == TOPK_GRADIENT:
+        score = g.reshape(-1).abs()
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    block = n if block_size is None else block_size
+    for start in range(0, n, max(block, 1)):
+        chunk = score[start : start + block]
+        k = min(chunk.numel(), max(1, math.floor(alpha * chunk.numel() + 0.5)))
+        mask[start : start + block] = _top_k_by_sort(chunk, k)
+    return mask
+
+
+def reference_step(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    selection: str,
+    alpha: float = 1.0,
+    block_size: int | None = None,
+    mask_weight_decay: bool = True,
+    seed: int = 0,
+    tensor_index: int = 0,
+    hash_counter: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """One step on one tensor. Updates ``p`` (in its own dtype) and ``state`` in place.
+
+    ``state`` holds ``step`` (int) and ``exp_avg``/``exp_avg_sq`` (created in ``dtype``).
+    Returns the boolean mask S (shape of ``p``) of entries that took the Adam update.
+    """
+    if "step" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype)
+    state["step"] = t = int(state["step"]) + 1
+    g64 = g.detach().to("cpu", dtype)
+    m = state["exp_avg"] = beta1 * state["exp_avg"].to(dtype) + (1 - beta1) * g64
+    v = state["exp_avg_sq"] = beta2 * state["exp_avg_sq"].to(dtype) + (1 - beta2) * g64 * g64
+
+    counter = t if hash_counter is None else hash_counter
+    mask = select(selection, m, g64, alpha=alpha, block_size=block_size, seed=seed,
+                  tensor_index=tensor_index, counter=counter).view(p.shape)
+
+    theta = p.detach().to("cpu", dtype)
+    decayed = theta * (1 - lr * weight_decay)
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    moved = decayed - lr * m_hat / (v_hat.sqrt() + eps)
+    untouched = theta if mask_weight_decay else decayed
+    result = torch.where(mask, moved, untouched)
+    # Only touched entries are written back, so the untouched ones keep their exact bits.
+    p.data[mask.to(p.device)] = result[mask].to(p.device, p.dtype)
+    if not mask_weight_decay:
+        p.data[~mask.to(p.device)] = result[~mask].to(p.device, p.dtype)
+    return mask
