@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from . import _hash
-from .selection import ALL, RANDOM, RANDOM_EXACT, TOPK_GRADIENT, TOPK_MOMENTUM, random_masks, topk_masks
+from .selection import ALL, RANDOM, RANDOM_EXACT, TOPK_GRADIENT, TOPK_MOMENTUM, random_indices, topk_indices
 
 
 def _select(
@@ -26,19 +26,19 @@ def _select(
     tensor_indices: Sequence[int],
     hash_counter: int | None,
 ) -> list[torch.Tensor | None]:
-    """Masks of the entries that move this step; None means the whole tensor."""
+    """Sorted flat indices of the entries that move this step; None means the whole tensor."""
     if selection == ALL or (alpha >= 1.0 and selection in (TOPK_MOMENTUM, TOPK_GRADIENT, RANDOM_EXACT)):
         return [None] * len(exp_avgs)
     if selection == TOPK_MOMENTUM:
-        return topk_masks(torch._foreach_abs(exp_avgs), alpha, block_size)
+        return topk_indices(torch._foreach_abs(exp_avgs), alpha, block_size)
     if selection == TOPK_GRADIENT:
-        return topk_masks(torch._foreach_abs(grads32), alpha, block_size)
+        return topk_indices(torch._foreach_abs(grads32), alpha, block_size)
     if selection in (RANDOM, RANDOM_EXACT):
         keys = [
             _hash.stream_key(seed, index, int(t) if hash_counter is None else hash_counter)
             for index, t in zip(tensor_indices, step_values)
         ]
-        return random_masks(
+        return random_indices(
             [m.shape for m in exp_avgs], keys, alpha, exact=selection == RANDOM_EXACT, device=exp_avgs[0].device
         )
     raise ValueError(f"unknown selection {selection!r}")
@@ -85,40 +85,47 @@ def masked_adam_(
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads32, grads32, 1 - beta2)
 
-    masks = _select(
+    selected = _select(
         selection, exp_avgs, grads32, step_values, alpha=alpha, block_size=block_size,
         seed=seed, tensor_indices=tensor_indices, hash_counter=hash_counter,
     )
 
     step_sizes = [-lr / (1 - beta1**t) for t in step_values]
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in step_values])
-    torch._foreach_add_(denoms, eps)
+    bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in step_values]
+    decay = 1 - lr * weight_decay
 
-    # Dense fp32 tensors are updated in place, op for op as AdamW does (alpha=1 == AdamW).
-    dense = [i for i, (p, mask) in enumerate(zip(params, masks)) if mask is None and p.dtype == torch.float32]
+    # Whole fp32 tensors: in place, op for op as AdamW's foreach path (alpha=1 == AdamW).
+    dense = [i for i, (p, idx) in enumerate(zip(params, selected)) if idx is None and p.dtype == torch.float32]
     if dense:
         dense_params = [params[i] for i in dense]
+        denoms = torch._foreach_sqrt([exp_avg_sqs[i] for i in dense])
+        torch._foreach_div_(denoms, [bias_correction2_sqrt[i] for i in dense])
+        torch._foreach_add_(denoms, eps)
         if weight_decay:
-            torch._foreach_mul_(dense_params, 1 - lr * weight_decay)
-        torch._foreach_addcdiv_(
-            dense_params, [exp_avgs[i] for i in dense], [denoms[i] for i in dense], [step_sizes[i] for i in dense]
-        )
-    if len(dense) == len(params):
-        return
+            torch._foreach_mul_(dense_params, decay)
+        torch._foreach_addcdiv_(dense_params, [exp_avgs[i] for i in dense], denoms, [step_sizes[i] for i in dense])
 
-    # Masked or low-precision tensors: compute the moved value in fp32, then keep it only on S.
+    # The rest: gather the selected entries, update them in fp32 with the same ops, scatter
+    # them back. Unselected entries are never written, so they keep their exact bits.
     dense_set = set(dense)
-    rest = [i for i in range(len(params)) if i not in dense_set]
-    originals = [params[i].float() for i in rest]
-    decayed = torch._foreach_mul(originals, 1 - lr * weight_decay) if weight_decay else originals
-    moved = torch._foreach_addcdiv(
-        decayed, [exp_avgs[i] for i in rest], [denoms[i] for i in rest], [step_sizes[i] for i in rest]
-    )
-    for j, i in enumerate(rest):
-        mask = masks[i]
-        if mask is None:
-            params[i].copy_(moved[j])
+    for i, (p, idx) in enumerate(zip(params, selected)):
+        if i in dense_set:
+            continue
+        if weight_decay and not mask_weight_decay:
+            p.mul_(decay)  # the official MoFO code decays every entry
+        flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+        if idx is None:
+            m, v, theta = exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat.float()
         else:
-            unselected = originals[j] if mask_weight_decay else decayed[j]
-            params[i].copy_(torch.where(mask, moved[j], unselected))
+            m, v, theta = (x.index_select(0, idx) for x in (exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat))
+            theta = theta.float()
+        denom = v.sqrt().div_(bias_correction2_sqrt[i]).add_(eps)
+        if weight_decay and mask_weight_decay:
+            theta = theta * decay
+        theta = theta.addcdiv(m, denom, value=step_sizes[i]).to(p.dtype)
+        if idx is None:
+            flat.copy_(theta)
+        else:
+            flat.index_copy_(0, idx, theta)
+        if flat.data_ptr() != p.data_ptr():
+            p.copy_(flat.view(p.shape))

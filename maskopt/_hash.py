@@ -56,27 +56,49 @@ def threshold(alpha: float) -> int:
     return min(1 << 32, max(0, int(round(float(alpha) * 4294967296.0))))
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2**32 for int64 x in [0, 2**32), split in 16-bit halves so that no
-    # intermediate overflows int64 (torch has no wrapping uint32 multiply on every backend).
-    lo = x & 0xFFFF
-    hi = x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32
+def _signed32(c: int) -> int:
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int32 values (torch's >> on int32 is arithmetic)."""
+    return (x >> s) & ((1 << (32 - s)) - 1)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 elementwise on an int64 tensor holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, _M1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _M2)
-    return x ^ (x >> 16)
+    """lowbias32 elementwise, in place on an int32 tensor (bit pattern of the uint32 value).
+
+    int32 multiplication wraps modulo 2**32 on every torch backend, which is exactly the
+    uint32 arithmetic of the definition; only the right shifts need masking."""
+    x.bitwise_xor_(_srl(x, 16))
+    x.mul_(_signed32(_M1))
+    x.bitwise_xor_(_srl(x, 15))
+    x.mul_(_signed32(_M2))
+    return x.bitwise_xor_(_srl(x, 16))
+
+
+def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """Order-preserving keys ``u(i) - 2**31`` for flat indices ``start..start+numel-1`` as int32.
+
+    Subtracting 2**31 (flipping the top bit) makes signed int32 order equal the unsigned
+    order of ``u``, so ``order_keys(...) < signed_threshold(alpha)`` is ``u < threshold`` and
+    top-k over these keys is top-k over ``u``. Half the bytes of :func:`hash_keys`."""
+    if start + numel <= (1 << 31):
+        idx = torch.arange(start, start + numel, dtype=torch.int32, device=device)
+        u = mix32(idx.mul_(_signed32(GOLDEN32)).add_(_signed32(key)))
+    else:  # beyond int32 indexing: the same function computed in int64
+        idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+        lo = ((idx & MASK32) * GOLDEN32 + key) & MASK32
+        u = mix32(lo.sub_(1 << 31).to(torch.int32).bitwise_xor_(_signed32(1 << 31)))
+        u.bitwise_xor_(mix32((idx >> 32).to(torch.int32)))
+    return u.bitwise_xor_(_signed32(1 << 31))
+
+
+def signed_threshold(alpha: float) -> int:
+    """``threshold(alpha) - 2**31``: compare with :func:`hash_keys` (selected iff key < it)."""
+    return threshold(alpha) - (1 << 31)
 
 
 def hash_keys(numel: int, key: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
-    """u(i) for flat indices start..start+numel-1 as an int64 tensor in [0, 2**32)."""
-    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    u = mix32((_mul32(idx & MASK32, GOLDEN32) + key) & MASK32)
-    if start + numel > (1 << 32):
-        u = u ^ mix32(idx >> 32)
-    return u
+    """``u(i)`` itself for flat indices ``start..start+numel-1``, as int64 values in [0, 2**32)."""
+    return order_keys(numel, key, device, start).to(torch.int64) + (1 << 31)

@@ -31,10 +31,11 @@ def _mix32_np(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def hash_u32(numel: int, seed: int, tensor_index: int, counter: int) -> np.ndarray:
-    """u(i) of the counter hash (see maskopt._hash for the definition), in NumPy uint64."""
+def hash_u32(numel: int, seed: int, tensor_index: int, counter: int, start: int = 0) -> np.ndarray:
+    """u(i) of the counter hash (see maskopt._hash for the definition), in NumPy uint64,
+    for flat indices start..start+numel-1."""
     key = _U64(_hash.stream_key(seed, tensor_index, counter))
-    idx = np.arange(numel, dtype=np.uint64)
+    idx = np.arange(start, start + numel, dtype=np.uint64)
     u = _mix32_np(((idx & _M32) * _U64(0x9E3779B9) + key) & _M32)
     return u ^ _mix32_np(idx >> _U64(32))
 

@@ -1,8 +1,10 @@
 """Selection rules shared by every path: how many entries, and which.
 
-The PyTorch path batches the exact top-k over all blocks of equal length, so a model's
-hundreds of tensors cost one ``kthvalue`` call per distinct block length, not one
-``torch.topk`` per tensor.
+The PyTorch path works with the sorted flat indices of the selected entries, so the masked
+update touches only those entries. Short blocks of equal length are selected together in
+one batched ``kthvalue`` call (a model's hundreds of small tensors are not a Python loop of
+``torch.topk``); long ones find their k-th value from a bracket drawn from a sample, which
+costs two passes instead of a full quickselect.
 """
 
 from __future__ import annotations
@@ -35,29 +37,69 @@ def topk_count(n: int, alpha: float) -> int:
     return min(n, max(1, math.floor(alpha * n + 0.5)))
 
 
-def _topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` largest entries in each row; ties go to the lowest index."""
+def _kth_largest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries of each row kept by the exact top-k with lowest-index ties, as a bool mask."""
     rows, length = scores.shape
     if k >= length:
         return torch.ones_like(scores, dtype=torch.bool)
     kth = scores.kthvalue(length - k + 1, dim=1, keepdim=True).values
+    return _keep_top(scores, kth, k)
+
+
+def _keep_top(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries above the k-th value, plus the first (by index) of those equal to it."""
+    at_least = scores >= kth
+    if bool((torch.count_nonzero(at_least, dim=-1) == k).all()):
+        return at_least  # no surplus ties at the boundary: the common case
     above = scores > kth
-    at = scores == kth
-    still_needed = k - above.sum(dim=1, keepdim=True)
-    # The first `still_needed` entries equal to the k-th value, in index order.
-    return above | (at & (at.cumsum(dim=1) <= still_needed))
+    at = at_least & ~above
+    still_needed = k - torch.count_nonzero(above, dim=-1).unsqueeze(-1)
+    return above | (at & (at.cumsum(dim=-1) <= still_needed))
 
 
-def topk_masks(
+# Rows at least this long are selected one at a time: a random sample gives a value that
+# about k + O(sqrt(k)) entries exceed; one pass gathers those candidates and an exact
+# kthvalue among them finishes. torch's CPU kthvalue over the whole row would cost about
+# as much as several AdamW steps.
+_LONG_ROW = 1 << 16
+_sample_generator = torch.Generator().manual_seed(0x5EED)
+
+
+def _top_k_long(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat indices of the exact top-k of 1-D ``a`` (lowest index wins ties)."""
+    n = a.numel()
+    if k >= n:
+        return torch.arange(n, device=a.device)
+    samples = min(1 << 16, n // 4)
+    # The sample only speeds up the search; the result is exact whatever it draws.
+    drawn = torch.randint(0, n, (samples,), generator=_sample_generator).to(a.device)
+    expected_rank = k * samples / n
+    rank = math.ceil(expected_rank + 4.0 * math.sqrt(expected_rank * (1 - k / n)) + 8)
+    candidates = None
+    if rank < samples:
+        lower = a.index_select(0, drawn).kthvalue(samples - rank + 1).values
+        candidates = torch.nonzero(a >= lower).squeeze(1)
+        if candidates.numel() < k:  # the sample was unlucky; fall back to the whole row
+            candidates = None
+    if candidates is None:
+        candidates = torch.arange(n, device=a.device)
+    values = a.index_select(0, candidates)
+    surplus = candidates.numel() - k
+    if surplus == 0:
+        return candidates
+    kth = values.kthvalue(surplus + 1).values
+    return candidates[_keep_top(values, kth, k)]
+
+
+def topk_indices(
     scores: Sequence[torch.Tensor], alpha: float, block_size: int | None = None
 ) -> list[torch.Tensor]:
-    """Exact top-k masks of each tensor in ``scores`` (per block of ``block_size`` flat entries).
+    """Sorted flat indices of the exact top-k of each tensor (per block of ``block_size``).
 
     ``k = topk_count(block_length, alpha)`` per block; exactly ``k`` entries are selected and
-    ties at the k-th value go to the lowest flat index. Blocks of equal length across all
-    tensors are selected in one batched call.
+    ties at the k-th value go to the lowest flat index.
     """
-    by_length: dict[int, list[tuple[int, int, torch.Tensor]]] = defaultdict(list)
+    by_length: dict[int, list[tuple[int, int, int, torch.Tensor]]] = defaultdict(list)
     pieces: list[list[torch.Tensor | None]] = []
     for t, s in enumerate(scores):
         flat = s.reshape(-1)
@@ -66,31 +108,63 @@ def topk_masks(
         parts: list[torch.Tensor | None] = []
         if n:
             full = n // block
-            if full:
-                by_length[block].append((t, len(parts), flat[: full * block].view(full, block)))
-                parts.append(None)
-            tail = n - full * block
-            if tail:
-                by_length[tail].append((t, len(parts), flat[full * block :].view(1, tail)))
-                parts.append(None)
+            for start, length, rows in ((0, block, full), (full * block, n - full * block, 1)):
+                if rows and length:
+                    by_length[length].append((t, len(parts), start, flat[start : start + rows * length].view(rows, length)))
+                    parts.append(None)
         pieces.append(parts)
 
     for length, members in by_length.items():
-        rows = [m[2] for m in members]
-        stacked = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-        selected = _topk_rows(stacked, topk_count(length, alpha))
-        for (t, slot, _), chunk in zip(members, selected.split([r.shape[0] for r in rows])):
-            pieces[t][slot] = chunk.reshape(-1)
+        k = topk_count(length, alpha)
+        if length >= _LONG_ROW:
+            for t, slot, start, rows in members:
+                found = [_top_k_long(row, k) + (start + r * length) for r, row in enumerate(rows)]
+                pieces[t][slot] = found[0] if len(found) == 1 else torch.cat(found)
+            continue
+        stacked = torch.cat([m[3] for m in members]) if len(members) > 1 else members[0][3]
+        keep = _kth_largest_rows(stacked, k)
+        for (t, slot, start, rows), chunk in zip(members, keep.split([m[3].shape[0] for m in members])):
+            pieces[t][slot] = torch.nonzero(chunk.reshape(-1)).squeeze(1) + start
 
+    empty = torch.zeros(0, dtype=torch.long)
+    return [
+        (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else empty.to(s.device)
+        for s, parts in zip(scores, pieces)
+    ]
+
+
+def indices_to_masks(indices: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     masks = []
-    for s, parts in zip(scores, pieces):
-        if not parts:
-            masks.append(torch.zeros(s.shape, dtype=torch.bool, device=s.device))
-        elif len(parts) == 1:
-            masks.append(parts[0].view(s.shape))
-        else:
-            masks.append(torch.cat(parts).view(s.shape))
+    for idx, t in zip(indices, like):
+        mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+        mask[idx] = True
+        masks.append(mask.view(t.shape))
     return masks
+
+
+def topk_masks(
+    scores: Sequence[torch.Tensor], alpha: float, block_size: int | None = None
+) -> list[torch.Tensor]:
+    """Boolean masks of :func:`topk_indices` (same shapes as ``scores``)."""
+    return indices_to_masks(topk_indices(scores, alpha, block_size), scores)
+
+
+def random_indices(
+    shapes: Sequence[torch.Size],
+    keys: Sequence[int],
+    alpha: float,
+    *,
+    exact: bool = False,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """RandomBCD's selection from the counter hash, as sorted flat indices: ``u(i) <
+    threshold(alpha)``, or (``exact``) the ``topk_count(n, alpha)`` entries with the largest
+    ``u(i)``. ``keys[t]`` is ``_hash.stream_key(seed, tensor_index, counter)`` of tensor ``t``."""
+    keyed = [_hash.order_keys(math.prod(shape), key, device) for shape, key in zip(shapes, keys)]
+    if exact:
+        return topk_indices(keyed, alpha)
+    limit = _hash.signed_threshold(alpha)
+    return [torch.nonzero(u < limit).squeeze(1) for u in keyed]
 
 
 def random_masks(
@@ -101,11 +175,6 @@ def random_masks(
     exact: bool = False,
     device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """RandomBCD masks from the counter hash: ``u(i) < threshold(alpha)``, or (``exact``) the
-    ``topk_count(n, alpha)`` entries with the largest ``u(i)``. ``keys[t]`` is
-    ``_hash.stream_key(seed, tensor_index, counter)`` of tensor ``t``."""
-    hashes = [_hash.hash_keys(math.prod(shape), key, device).view(shape) for shape, key in zip(shapes, keys)]
-    if exact:
-        return topk_masks(hashes, alpha)
-    limit = _hash.threshold(alpha)
-    return [u < limit for u in hashes]
+    """Boolean masks of :func:`random_indices`."""
+    like = [torch.empty(shape, device=device, dtype=torch.bool) for shape in shapes]
+    return indices_to_masks(random_indices(shapes, keys, alpha, exact=exact, device=device), like)

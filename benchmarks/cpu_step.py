@@ -1,0 +1,96 @@
+"""CPU step time of the PyTorch path against torch.optim.AdamW(foreach=True), same parameters.
+
+    python benchmarks/cpu_step.py                 # Llama-shaped parameter list, ~34M params
+    python benchmarks/cpu_step.py --hidden 256 --layers 4 --repeats 5   # smaller, quicker
+
+Prints the median step time of each optimizer and its ratio to AdamW(foreach) measured in
+the same run (DESIGN.md target for MoFO: <= 2.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from maskopt import HalfAdam, MoFO, RandomBCD
+
+
+def llama_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    inter = int(hidden * 8 / 3 // 64 * 64) or hidden * 2
+    kv = max(hidden // 4, 1)
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        pre = f"model.layers.{i}."
+        shapes += [
+            (pre + "self_attn.q_proj.weight", (hidden, hidden)),
+            (pre + "self_attn.k_proj.weight", (kv, hidden)),
+            (pre + "self_attn.v_proj.weight", (kv, hidden)),
+            (pre + "self_attn.o_proj.weight", (hidden, hidden)),
+            (pre + "mlp.gate_proj.weight", (inter, hidden)),
+            (pre + "mlp.up_proj.weight", (inter, hidden)),
+            (pre + "mlp.down_proj.weight", (hidden, inter)),
+            (pre + "input_layernorm.weight", (hidden,)),
+            (pre + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def time_optimizer(make, shapes, repeats: int, warmup: int) -> float:
+    gen = torch.Generator().manual_seed(0)
+    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)) for n, s in shapes]
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for _, p in named]
+    opt = make(named)
+    times = []
+    for i in range(warmup + repeats):
+        for (_, p), g in zip(named, grads):
+            p.grad = g
+        start = time.perf_counter()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    shapes = llama_shapes(args.hidden, args.layers, args.vocab)
+    numel = sum(torch.Size(s).numel() for _, s in shapes)
+    print(f"# {len(shapes)} tensors, {numel / 1e6:.1f}M params, fp32, alpha={args.alpha}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+
+    alpha = args.alpha
+    candidates = {
+        "AdamW(foreach=True)": lambda ps: torch.optim.AdamW([p for _, p in ps], foreach=True, weight_decay=0.0),
+        "MoFO(momentum)": lambda ps: MoFO([p for _, p in ps], alpha=alpha),
+        "MoFO(gradient)": lambda ps: MoFO([p for _, p in ps], alpha=alpha, filter="gradient"),
+        "MoFO(block_size=4096)": lambda ps: MoFO([p for _, p in ps], alpha=alpha, block_size=4096),
+        "MoFO(foreach=False)": lambda ps: MoFO([p for _, p in ps], alpha=alpha, foreach=False),
+        "RandomBCD": lambda ps: RandomBCD([p for _, p in ps], alpha=alpha),
+        "HalfAdam(category)": lambda ps: HalfAdam(ps, freeze="mask"),
+    }
+    base = None
+    print(f"{'optimizer':<24}{'step ms':>10}{'x AdamW':>10}")
+    for name, make in candidates.items():
+        t = time_optimizer(make, shapes, args.repeats, args.warmup)
+        base = base or t
+        print(f"{name:<24}{t * 1e3:>10.1f}{t / base:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
