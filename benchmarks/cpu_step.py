@@ -4,7 +4,7 @@
     python benchmarks/cpu_step.py --hidden 256 --layers 4 --repeats 5   # smaller, quicker
 
 Prints the median step time of each optimizer and its ratio to AdamW(foreach) measured in
-the same run (DESIGN.md target for MoFO: <= 2.5x).
+the same run, repeats interleaved round-robin (DESIGN.md target for MoFO: <= 2.5x).
 """
 
 from __future__ import annotations
@@ -40,20 +40,19 @@ def llama_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[str, tuple[
     return shapes
 
 
-def time_optimizer(make, shapes, repeats: int, warmup: int) -> float:
+def build(make, shapes):
     gen = torch.Generator().manual_seed(0)
     named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)) for n, s in shapes]
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for _, p in named]
-    opt = make(named)
-    times = []
-    for i in range(warmup + repeats):
-        for (_, p), g in zip(named, grads):
-            p.grad = g
-        start = time.perf_counter()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for (_, p), g in zip(named, grads):
+        p.grad = g
+    return make(named)
+
+
+def time_step(opt, clock) -> float:
+    start = clock()
+    opt.step()
+    return clock() - start
 
 
 def main() -> None:
@@ -65,6 +64,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of wall clock (steadier on a shared machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,11 +85,21 @@ def main() -> None:
         "RandomBCD": lambda ps: RandomBCD([p for _, p in ps], alpha=alpha),
         "HalfAdam(category)": lambda ps: HalfAdam(ps, freeze="mask"),
     }
-    base = None
-    print(f"{'optimizer':<24}{'step ms':>10}{'x AdamW':>10}")
-    for name, make in candidates.items():
-        t = time_optimizer(make, shapes, args.repeats, args.warmup)
-        base = base or t
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    optimizers = {name: build(make, shapes) for name, make in candidates.items()}
+    for opt in optimizers.values():
+        for _ in range(args.warmup):
+            opt.step()
+    # Round-robin repeats, so load from other processes hits every optimizer alike.
+    times = {name: [] for name in optimizers}
+    for _ in range(args.repeats):
+        for name, opt in optimizers.items():
+            times[name].append(time_step(opt, clock))
+    base = statistics.median(times["AdamW(foreach=True)"])
+    unit = "CPU ms" if args.cpu_time else "wall ms"
+    print(f"{'optimizer':<24}{unit:>10}{'x AdamW':>10}")
+    for name, samples in times.items():
+        t = statistics.median(samples)
         print(f"{name:<24}{t * 1e3:>10.1f}{t / base:>10.2f}")
 
 

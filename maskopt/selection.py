@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import _hash
@@ -42,7 +43,10 @@ def _kth_largest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows, length = scores.shape
     if k >= length:
         return torch.ones_like(scores, dtype=torch.bool)
-    kth = scores.kthvalue(length - k + 1, dim=1, keepdim=True).values
+    if scores.device.type == "cpu":
+        kth = torch.from_numpy(np.partition(scores.numpy(), length - k, axis=1)[:, length - k : length - k + 1])
+    else:
+        kth = scores.kthvalue(length - k + 1, dim=1, keepdim=True).values
     return _keep_top(scores, kth, k)
 
 
@@ -57,38 +61,72 @@ def _keep_top(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
     return above | (at & (at.cumsum(dim=-1) <= still_needed))
 
 
+def nonzero_flat(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices of the True entries (NumPy's flatnonzero on CPU: ~4x torch's)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask.reshape(-1)).squeeze(1)
+
+
 # Rows at least this long are selected one at a time: a random sample gives a value that
 # about k + O(sqrt(k)) entries exceed; one pass gathers those candidates and an exact
-# kthvalue among them finishes. torch's CPU kthvalue over the whole row would cost about
-# as much as several AdamW steps.
+# selection among them finishes. A full quickselect over the row would cost about as much
+# as several AdamW steps. On CPU the passes run in NumPy, several times faster than torch's
+# CPU kthvalue/nonzero.
 _LONG_ROW = 1 << 16
-_sample_generator = torch.Generator().manual_seed(0x5EED)
+_SAMPLE_SEED = 0x5EED
+_samples_cache: dict[int, np.ndarray] = {}
 
 
-def _top_k_long(a: torch.Tensor, k: int) -> torch.Tensor:
+def _sample_positions(n: int) -> np.ndarray:
+    """Fixed pseudo-random positions to sample in a row of length n (cached per length)."""
+    if n not in _samples_cache:
+        if len(_samples_cache) > 256:
+            _samples_cache.clear()
+        count = min(1 << 16, n // 4)
+        _samples_cache[n] = np.random.default_rng(_SAMPLE_SEED).integers(0, n, count)
+    return _samples_cache[n]
+
+
+def _top_k_long_numpy(a: np.ndarray, k: int) -> np.ndarray:
     """Sorted flat indices of the exact top-k of 1-D ``a`` (lowest index wins ties)."""
-    n = a.numel()
+    n = a.size
     if k >= n:
-        return torch.arange(n, device=a.device)
-    samples = min(1 << 16, n // 4)
+        return np.arange(n)
+    drawn = a.take(_sample_positions(n))
+    samples = drawn.size
     # The sample only speeds up the search; the result is exact whatever it draws.
-    drawn = torch.randint(0, n, (samples,), generator=_sample_generator).to(a.device)
     expected_rank = k * samples / n
     rank = math.ceil(expected_rank + 4.0 * math.sqrt(expected_rank * (1 - k / n)) + 8)
     candidates = None
     if rank < samples:
-        lower = a.index_select(0, drawn).kthvalue(samples - rank + 1).values
-        candidates = torch.nonzero(a >= lower).squeeze(1)
-        if candidates.numel() < k:  # the sample was unlucky; fall back to the whole row
+        lower = np.partition(drawn, samples - rank)[samples - rank]  # the rank-th largest drawn
+        candidates = np.flatnonzero(a >= lower)
+        if candidates.size < k:  # an unlucky sample; fall back to the whole row
             candidates = None
     if candidates is None:
-        candidates = torch.arange(n, device=a.device)
-    values = a.index_select(0, candidates)
-    surplus = candidates.numel() - k
+        candidates = np.arange(n)
+    values = a.take(candidates)
+    surplus = candidates.size - k
     if surplus == 0:
         return candidates
-    kth = values.kthvalue(surplus + 1).values
-    return candidates[_keep_top(values, kth, k)]
+    kth = np.partition(values, surplus)[surplus]  # the k-th largest of all
+    keep = values >= kth
+    if np.count_nonzero(keep) != k:  # surplus ties at the k-th value: lowest indices win
+        above = values > kth
+        at = keep & ~above
+        keep = above | (at & (np.cumsum(at) <= k - np.count_nonzero(above)))
+    return candidates[keep]
+
+
+def _top_k_long(a: torch.Tensor, k: int) -> torch.Tensor:
+    if a.device.type == "cpu":
+        return torch.from_numpy(_top_k_long_numpy(a.numpy(), k))
+    n = a.numel()
+    if k >= n:
+        return torch.arange(n, device=a.device)
+    kth = a.kthvalue(n - k + 1).values
+    return nonzero_flat(_keep_top(a, kth, k))
 
 
 def topk_indices(
@@ -124,7 +162,7 @@ def topk_indices(
         stacked = torch.cat([m[3] for m in members]) if len(members) > 1 else members[0][3]
         keep = _kth_largest_rows(stacked, k)
         for (t, slot, start, rows), chunk in zip(members, keep.split([m[3].shape[0] for m in members])):
-            pieces[t][slot] = torch.nonzero(chunk.reshape(-1)).squeeze(1) + start
+            pieces[t][slot] = nonzero_flat(chunk.reshape(-1)) + start
 
     empty = torch.zeros(0, dtype=torch.long)
     return [
@@ -164,7 +202,7 @@ def random_indices(
     if exact:
         return topk_indices(keyed, alpha)
     limit = _hash.signed_threshold(alpha)
-    return [torch.nonzero(u < limit).squeeze(1) for u in keyed]
+    return [nonzero_flat(u < limit) for u in keyed]
 
 
 def random_masks(

@@ -413,3 +413,35 @@ def test_toy_example_mofo_stays_near_pretrained_optimum():
     assert torch.allclose(adam, torch.tensor([1.0, 1.0]), atol=0.1)
     # One coordinate reaches 1 and the other stays at 0 (pre-training loss 1 instead of 2).
     assert sorted(mofo.tolist()) == pytest.approx([0.0, 1.0], abs=0.1)
+
+
+@pytest.mark.parametrize("layout", ["normal", "mostly_zero", "few_values", "scaled_rows"])
+@pytest.mark.parametrize("alpha", [0.003, 0.1, 0.6])
+def test_long_rows_select_exactly_like_the_reference(layout, alpha):
+    # Rows >= 2**16 entries take the sampled-bracket route; it must be exact for any layout.
+    from maskopt.selection import topk_indices
+
+    gen = torch.Generator().manual_seed(0)
+    n = 150_001
+    a = torch.randn(n, generator=gen)
+    if layout == "mostly_zero":
+        a[: n * 9 // 10] = 0.0
+    elif layout == "few_values":
+        a = torch.randint(0, 4, (n,), generator=gen).float()
+    elif layout == "scaled_rows":
+        a = (torch.randn(n - 1, generator=gen).view(-1, 100) * torch.logspace(-4, 4, 100)).reshape(-1)
+        a = torch.cat([a, torch.zeros(1)])
+    (idx,) = topk_indices([a.abs()], alpha)
+    expected = select("topk_momentum", a, a, alpha=alpha).nonzero().squeeze(1)
+    assert torch.equal(idx, expected)
+
+
+def test_long_row_selection_survives_an_unlucky_sample(monkeypatch):
+    from maskopt import selection
+
+    n = 100_000
+    a = torch.arange(n, dtype=torch.float32)
+    # A sample of only the largest values puts the bracket above the k-th value.
+    monkeypatch.setattr(selection, "_sample_positions", lambda length: torch.arange(length - 1000, length).numpy())
+    (idx,) = selection.topk_indices([a], 0.2)
+    assert torch.equal(idx, torch.arange(n - 20_000, n))
