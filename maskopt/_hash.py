@@ -17,6 +17,7 @@ distinct and ``exact=True`` (the k largest keys) never meets a tie.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -83,6 +84,12 @@ def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: 
     Subtracting 2**31 (flipping the top bit) makes signed int32 order equal the unsigned
     order of ``u``, so ``order_keys(...) < signed_threshold(alpha)`` is ``u < threshold`` and
     top-k over these keys is top-k over ``u``. Half the bytes of :func:`hash_keys`."""
+    if torch.device(device).type == "cpu" and start + numel <= (1 << 32):
+        return torch.from_numpy(_order_keys_numpy(numel, key, start))
+    return _order_keys_torch(numel, key, device, start)
+
+
+def _order_keys_torch(numel: int, key: int, device: torch.device | str, start: int) -> torch.Tensor:
     if start + numel <= (1 << 31):
         idx = torch.arange(start, start + numel, dtype=torch.int32, device=device)
         u = mix32(idx.mul_(_signed32(GOLDEN32)).add_(_signed32(key)))
@@ -92,6 +99,21 @@ def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: 
         u = mix32(lo.sub_(1 << 31).to(torch.int32).bitwise_xor_(_signed32(1 << 31)))
         u.bitwise_xor_(mix32((idx >> 32).to(torch.int32)))
     return u.bitwise_xor_(_signed32(1 << 31))
+
+
+def _order_keys_numpy(numel: int, key: int, start: int) -> np.ndarray:
+    # NumPy has wrapping uint32 arithmetic and logical shifts: the definition verbatim, and
+    # about twice as fast on CPU as the int32 emulation in torch.
+    x = np.arange(start, start + numel, dtype=np.uint32)
+    x *= np.uint32(GOLDEN32)
+    x += np.uint32(key)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(_M1)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(_M2)
+    x ^= x >> np.uint32(16)
+    x ^= np.uint32(1 << 31)
+    return x.view(np.int32)
 
 
 def signed_threshold(alpha: float) -> int:
