@@ -202,6 +202,8 @@ def random_indices(
     if exact:
         return topk_indices(keyed, alpha)
     limit = _hash.signed_threshold(alpha)
+    if limit >= 1 << 31:  # alpha == 1: every key qualifies (and the limit overflows int32)
+        return [torch.arange(u.numel(), device=u.device) for u in keyed]
     return [nonzero_flat(u < limit) for u in keyed]
 
 

@@ -23,5 +23,8 @@ def test_hash_paths_equal_the_reference(start, numel, seed, tensor_index, counte
 def test_threshold_selects_alpha_share_and_all_at_one():
     keys = _hash.order_keys(1_000_000, _hash.stream_key(1, 2, 3))
     assert abs((keys < _hash.signed_threshold(0.3)).float().mean().item() - 0.3) < 0.002
-    assert bool((keys < _hash.signed_threshold(1.0)).all())
+    from maskopt.selection import random_indices
+
+    (everything,) = random_indices([(1000,)], [_hash.stream_key(1, 2, 3)], 1.0)
+    assert torch.equal(everything, torch.arange(1000))
     assert len(torch.unique(keys)) == keys.numel()  # a bijection of the index: no ties for exact=True
