@@ -33,6 +33,11 @@ class HalfAdam(MaskedAdam):
     alone and simply does not step them (for DDP/DeepSpeed, where toggling it mid-run breaks).
     Frozen tensors hold no optimizer state. :meth:`new_round` draws the next half from
     ``(seed, round)`` and resets the optimizer state, as a new fine-tuning stage does.
+
+    Keyword-only planner options, passed to :func:`maskopt.hft.plan_half`: ``classify`` (a hook
+    or ``{regex: category}`` for units the built-in rules don't know), ``layers`` (the layer
+    stack prefix, overriding detection), ``freeze_non_layer`` (also freeze embeddings, lm_head
+    and other non-layer tensors) and ``balance`` (``"count"``, the paper, or ``"numel"``).
     """
 
     def __init__(
@@ -48,7 +53,16 @@ class HalfAdam(MaskedAdam):
         freeze: str = "requires_grad",
         foreach: bool | None = None,
         fused: bool | None = None,
+        *,
+        classify=None,
+        layers=None,
+        freeze_non_layer: bool = False,
+        balance: str = "count",
     ) -> None:
+        # Planner options live on the optimizer, not in param_groups: a callable `classify`
+        # would stop the state dict from loading with torch.load(weights_only=True).
+        self._plan_options = dict(classify=classify, layers=layers, freeze_non_layer=freeze_non_layer, balance=balance)
+        self._built = False
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ratio=ratio, strategy=strategy,
             seed=seed, freeze=freeze, round=0, foreach=foreach, fused=fused,
@@ -56,6 +70,7 @@ class HalfAdam(MaskedAdam):
         self._mode: dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
         self.plan = None
+        self._built = True
         self._apply_round()
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -73,6 +88,11 @@ class HalfAdam(MaskedAdam):
                     f"Invalid {key}: {group[key]!r}; HalfAdam selects one half for the whole model, so "
                     f"every param group must use {key}={self.param_groups[0][key]!r}"
                 )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_built", False):  # a group added later joins the current round
+            self._apply_round()
 
     @property
     def round(self) -> int:
@@ -101,7 +121,9 @@ class HalfAdam(MaskedAdam):
             from .hft import plan_half
 
             names = [n for g in self.param_groups for n in g["param_names"]]
-            self.plan = plan_half(list(zip(names, params)), ratio=ratio, strategy=strategy, seed=seed, round=rnd)
+            self.plan = plan_half(
+                list(zip(names, params)), ratio=ratio, strategy=strategy, seed=seed, round=rnd, **self._plan_options
+            )
             self._mode = {}
             for name, p in zip(names, params):
                 if name in self.plan.trainable:

@@ -178,3 +178,21 @@ def test_without_names_falls_back_to_random_tensors_and_warns():
         opt = HalfAdam(model.parameters(), lr=1e-3, ratio=0.5)
     params = list(model.parameters())
     assert sum(opt.is_trainable(p) for p in params) == round(0.5 * len(params))
+
+
+def test_a_group_added_later_joins_the_round():
+    torch.manual_seed(6)
+    model = TinyLlama()
+    named = list(model.named_parameters())
+    opt = HalfAdam(named[:-1], lr=1e-2)
+    opt.add_param_group({"params": [named[-1]]})
+    assert opt.is_trainable(model.lm_head.weight)
+    before = model.lm_head.weight.detach().clone()
+    train_step(model, opt)
+    assert not torch.equal(model.lm_head.weight.detach(), before)
+
+
+def test_planner_options_reach_the_plan():
+    model = TinyLlama()
+    HalfAdam(model.named_parameters(), freeze_non_layer=True)
+    assert not model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
