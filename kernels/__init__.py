@@ -1,1 +1,63 @@
-"""Triton kernels (imported lazily as maskopt.kernels)."""
+"""Triton kernels of maskopt (installed as ``maskopt.kernels``).
+
+The fused hot path: multi-tensor masked Adam with exact per-tensor top-k (radix select on
+the bit patterns of |m| or |g|), in-kernel RandomBCD masks and plain AdamW, for fp32, bf16
+and fp16 parameters with fp32 moments. Importing this package never fails: without Triton
+``is_available`` returns False and ``fused_adam_step_`` raises a clear error. The kernel
+modules are imported on first use, so ``TRITON_INTERPRET=1`` (CPU, CI) can be set any time
+before the first fused step.
+
+Layers: ``_common`` / ``_dense`` / ``_moments`` / ``_select`` / ``_local`` / ``_apply`` hold the
+``@triton.jit`` kernels, ``launch`` builds the device tables and issues the launches, and this
+module is the public API.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["fused_adam_step_", "is_available", "triton_available"]
+
+
+def triton_available() -> bool:
+    """True when Triton can be imported."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def is_available(device=None) -> bool:
+    """Whether the fused path can run on ``device`` (a torch.device, str, or None for CUDA).
+
+    True for CUDA devices when Triton is importable and CUDA is available, and for CPU only
+    under the Triton interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+    """
+    import torch
+
+    if not triton_available():
+        return False
+    device = torch.device("cuda" if device is None else device)
+    if device.type == "cuda":
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False"):
+            return False
+        return torch.cuda.is_available()
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    return False
+
+
+def fused_adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs) -> None:
+    """One fused masked-AdamW step of one parameter group, in place.
+
+    See ``maskopt.kernels.launch.fused_adam_step_`` for the keyword arguments
+    (selection, alpha, block_size, lr, beta1, beta2, eps, weight_decay, mask_weight_decay,
+    seed, tensor_indices, hash_counter, grad_scale, found_inf).
+    """
+    if not triton_available():
+        raise RuntimeError("maskopt's fused path needs Triton (pip install triton), or use fused=False")
+    from .launch import fused_adam_step_ as _impl
+
+    _impl(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs)

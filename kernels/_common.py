@@ -1,0 +1,192 @@
+"""Shared Triton helpers and table layouts for the fused maskopt kernels.
+
+Layouts (all tables are int64 device tensors built by ``launch.py``):
+
+* tensor table ``ttab`` [N_TROWS, T]: per tensor the addresses of param, grad, exp_avg,
+  exp_avg_sq and step, its numel, and the part of the RandomBCD stream key that does not
+  depend on the step (``mix32(mix32(fold(seed) ^ S1) ^ tensor_index ^ S2)``).
+* workspace ``ws`` (fp32) [N_WSROWS, T]: written by the prologue kernel: ``lr / (1 - beta1^t)``,
+  ``sqrt(1 - beta2^t)`` and the new step t.
+* chunk table ``ctab`` [N_CROWS, C]: one row per program of the streaming kernels:
+  tensor, start offset in the tensor, length (<= CHUNK), selection segment, segment start.
+* segment table ``stab`` [N_GROWS, S]: per selection segment k, and the capacity and offset
+  of its region of the candidate buffer.
+* segment state ``sst`` [N_SROWS, S]: per selection segment the remaining rank r, the radix
+  prefix found so far, the final threshold, a done flag and the candidate count.
+* candidate buffer ``cand`` (int64): the composite keys of the entries left in the boundary
+  bucket after the first level, compacted by the second level's pass; ``ktab`` [N_KROWS, K]
+  maps the programs of the candidate levels to (segment, start in its region).
+
+Selection order: entry i of a segment has the 63-bit composite key
+``(key(i) << IDXB) | (IDXMASK - i)`` with ``key`` the magnitude bits (31 bits for |x| of an
+fp32, 32 bits for RandomBCD's hash ``u``) and ``i`` the index inside the segment. Composite
+keys are distinct, so "the k largest composite keys" is exactly "the k largest keys, ties
+at the k-th value broken by lowest index". The radix select finds the k-th largest composite
+``thr`` and the apply pass selects ``composite >= thr``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# tensor table rows
+ROW_P = tl.constexpr(0)
+ROW_G = tl.constexpr(1)
+ROW_M = tl.constexpr(2)
+ROW_V = tl.constexpr(3)
+ROW_STEP = tl.constexpr(4)
+ROW_NUMEL = tl.constexpr(5)
+ROW_HKEY = tl.constexpr(6)
+N_TROWS = 7
+
+# workspace rows (fp32)
+WS_STEP_SIZE = tl.constexpr(0)
+WS_BC2_SQRT = tl.constexpr(1)
+WS_T = tl.constexpr(2)
+N_WSROWS = 3
+
+# chunk table rows
+C_TENSOR = tl.constexpr(0)
+C_START = tl.constexpr(1)
+C_LEN = tl.constexpr(2)
+C_SEG = tl.constexpr(3)
+C_SEGOFF = tl.constexpr(4)
+N_CROWS = 5
+
+# local (single-pass) segment table rows
+L_TENSOR = tl.constexpr(0)
+L_START = tl.constexpr(1)
+L_LEN = tl.constexpr(2)
+L_K = tl.constexpr(3)
+N_LROWS = 4
+
+# segment state rows (int64, zeroed per step)
+S_R = tl.constexpr(0)
+S_PREFIX = tl.constexpr(1)
+S_THR = tl.constexpr(2)
+S_DONE = tl.constexpr(3)
+S_CCOUNT = tl.constexpr(4)  # candidates found by the compaction level
+N_SROWS = 5
+
+# segment table rows (int64, per plan)
+G_K = tl.constexpr(0)  # k of the segment
+G_CAP = tl.constexpr(1)  # candidate capacity
+G_COFF = tl.constexpr(2)  # offset of its candidate region
+N_GROWS = 3
+
+# candidate chunk table rows (int64, per plan)
+K_SEG = tl.constexpr(0)
+K_START = tl.constexpr(1)
+N_KROWS = 2
+
+# key modes
+KEY_MOMENTUM = 0
+KEY_GRADIENT = 1
+KEY_HASH = 2
+
+# decay modes
+DECAY_NONE = 0
+DECAY_MASKED = 1
+DECAY_ALL = 2
+
+# hash constants (maskopt/_hash.py is the definition)
+SALT_COUNTER = tl.constexpr(0x13198A2E)
+GOLDEN32 = tl.constexpr(0x9E3779B9)
+
+
+@triton.jit
+def mix32(x):
+    """lowbias32 on uint32 (wrapping arithmetic)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def stream_key(hkey, counter):
+    """mix32(hkey ^ counter ^ SALT) with hkey, counter int64 in [0, 2**32)."""
+    k = (hkey ^ (counter & 0xFFFFFFFF) ^ SALT_COUNTER).to(tl.uint32)
+    return mix32(k)
+
+
+@triton.jit
+def hash_u(idx, skey, HUGE: tl.constexpr):
+    """u(i) of maskopt/_hash.py for int64 flat indices ``idx``; returns uint32."""
+    lo = idx.to(tl.uint32)
+    u = mix32(lo * GOLDEN32 + skey)
+    if HUGE:
+        u = u ^ mix32((idx >> 32).to(tl.uint32))
+    return u
+
+
+@triton.jit
+def abs_key(x):
+    """Bits of |x| for fp32 x as uint32 (orders like |x|; NaN above inf)."""
+    return x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def skip_step(found_inf_ptr, HAS_INF: tl.constexpr):
+    if HAS_INF:
+        return tl.load(found_inf_ptr) != 0
+    else:
+        return False
+
+
+@triton.jit
+def load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr):
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(grad_scale_ptr)
+    return g
+
+
+@triton.jit
+def adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY: tl.constexpr):
+    """New fp32 parameter values: decoupled decay then the Adam step on ``sel``."""
+    if DECAY == 2:
+        p = p * decay
+    elif DECAY == 1:
+        p = tl.where(sel, p * decay, p)
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    return tl.where(sel, p - step_size * (m / denom), p)
+
+
+@triton.jit
+def prologue_kernel(
+    ttab, T, ws, found_inf_ptr,
+    b1_hi, b1_lo, b2_hi, b2_lo, lr_hi, lr_lo,
+    HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Increment every step counter and compute the per-tensor bias corrections in fp64."""
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < T
+    sptr = tl.load(ttab + ROW_STEP * T + offs, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(sptr, mask=mask, other=0.0) + 1.0
+    tl.store(sptr, step, mask=mask)
+    e = step.to(tl.int32)
+    b1 = (tl.zeros([], tl.float64) + b1_hi) + b1_lo
+    b2 = (tl.zeros([], tl.float64) + b2_hi) + b2_lo
+    lr = (tl.zeros([], tl.float64) + lr_hi) + lr_lo
+    base1 = tl.zeros([BLOCK], tl.float64) + b1
+    base2 = tl.zeros([BLOCK], tl.float64) + b2
+    pw1 = tl.zeros([BLOCK], tl.float64) + 1.0
+    pw2 = tl.zeros([BLOCK], tl.float64) + 1.0
+    for _ in tl.static_range(31):  # beta ** t by binary exponentiation, exact to fp64 rounding
+        odd = (e & 1) != 0
+        pw1 = tl.where(odd, pw1 * base1, pw1)
+        pw2 = tl.where(odd, pw2 * base2, pw2)
+        base1 = base1 * base1
+        base2 = base2 * base2
+        e = e >> 1
+    step_size = lr / (1.0 - pw1)
+    bc2_sqrt = tl.sqrt(1.0 - pw2)
+    tl.store(ws + WS_STEP_SIZE * T + offs, step_size.to(tl.float32), mask=mask)
+    tl.store(ws + WS_BC2_SQRT * T + offs, bc2_sqrt.to(tl.float32), mask=mask)
+    tl.store(ws + WS_T * T + offs, step, mask=mask)

@@ -1,0 +1,96 @@
+"""Single-pass kernel for selections that need no global statistics.
+
+``MODE == 0``: every entry (plain AdamW, HalfAdam's active tensors).
+``MODE == 1``: RandomBCD, entry i selected iff u(i) < threshold(alpha), the hash computed
+in-register from (seed, tensor index, counter, flat index); no mask is stored.
+
+One program per chunk of ``ctab``; reads g, m, v, p and writes m, v and p (p only where
+selected, unless decay applies to every entry).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import (
+    C_LEN, C_START, C_TENSOR, ROW_G, ROW_HKEY, ROW_M, ROW_P, ROW_V,
+    WS_BC2_SQRT, WS_STEP_SIZE, WS_T,
+    adam_update, hash_u, load_grad, skip_step, stream_key,
+)
+
+
+@triton.jit
+def _dense_body(
+    ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
+    beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
+    PDT: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, DECAY: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, CHUNK: tl.constexpr,
+):
+    lane = tl.arange(0, CHUNK)
+    offs = start + lane
+    mask = lane < n
+
+    g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = beta1 * m + omb1 * g
+    v = beta2 * v + omb2 * g * g
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+    if MODE == 0:
+        sel = mask
+    else:
+        if USE_HCOUNTER:
+            counter = (tl.zeros([], tl.int64) + hash_counter)
+        else:
+            counter = tl.load(ws + WS_T * T + t).to(tl.int64)
+        skey = stream_key(tl.load(ttab + ROW_HKEY * T + t), counter)
+        u = hash_u(offs, skey, HUGE)
+        sel = mask & (u.to(tl.int64) < threshold)
+
+    step_size = tl.load(ws + WS_STEP_SIZE * T + t)
+    bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
+    if DECAY == 2:
+        pmask = mask
+    else:
+        pmask = sel
+    p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
+    p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
+    tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
+
+
+@triton.jit
+def dense_step_kernel(
+    ttab, T, ctab, C, ws, found_inf_ptr, grad_scale_ptr,
+    beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
+    PDT: tl.constexpr, MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
+    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    c = tl.program_id(0)
+    t = tl.load(ctab + C_TENSOR * C + c)
+    start = tl.load(ctab + C_START * C + c)
+    n = tl.load(ctab + C_LEN * C + c)
+    p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
+    g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
+    m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        # 16-byte aligned bases and a full chunk: the compiler can use 128-bit accesses
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        start = tl.multiple_of(start, 16)
+        if n == CHUNK:
+            _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, CHUNK, grad_scale_ptr,
+                        beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
+                        PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, CHUNK)
+            return
+    _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
+                beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
+                PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, CHUNK)

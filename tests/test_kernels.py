@@ -1,0 +1,415 @@
+"""The fused Triton path against the reference math and the PyTorch path.
+
+On a CPU-only machine (CI) the kernels run under the Triton interpreter
+(``TRITON_INTERPRET=1``, set here before Triton is imported); with a CUDA device (and
+TRITON_INTERPRET unset) the same tests run the compiled kernels on the GPU. The kernel knobs
+(chunk length, the single-pass segment limit) are shrunk so that small tensors exercise the
+multi-chunk, multi-level radix path as well as the single-pass path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_ORIGINAL_ENV = os.environ.get("TRITON_INTERPRET")
+if not _CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel import
+_TEST_ENV = os.environ.get("TRITON_INTERPRET")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from maskopt import _hash  # noqa: E402
+from maskopt._functional import masked_adam_  # noqa: E402
+from maskopt.kernels import fused_adam_step_, is_available  # noqa: E402
+from maskopt.reference import reference_step  # noqa: E402
+from maskopt.selection import topk_count  # noqa: E402
+
+DEVICE = torch.device("cuda" if _CUDA else "cpu")
+
+
+def _load_launch():
+    """maskopt.kernels.launch, built for this device (reloaded if another module imported it
+    in the other mode: TRITON_INTERPRET is read when the kernels are decorated)."""
+    from maskopt.kernels import launch
+
+    if (DEVICE.type == "cpu") != launch._kernels_interpreted():
+        for name in ("_common", "_dense", "_moments", "_select", "_local", "_apply", "launch"):
+            importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
+        from maskopt.kernels import launch
+    return launch
+
+
+launch = _load_launch()
+pytestmark = pytest.mark.skipif(not is_available(DEVICE), reason="fused path unavailable here")
+
+
+def _set_env(value):
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+
+
+# The kernels are built now; give the variable back so that other test modules collected in
+# the same session see the environment they were started with, and set it again only while
+# this module's tests run (the dispatch reads it to allow fused=True on CPU).
+_set_env(_ORIGINAL_ENV)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    _set_env(_TEST_ENV)
+    yield
+    _set_env(_ORIGINAL_ENV)
+
+
+HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+SMALL = dict(chunk=1024, local_max=4096, local_tile=4096)  # single-pass for tensors <= 4096
+MULTI = dict(chunk=1024, local_max=128, local_tile=1024, cand_min=16)  # nearly everything multi-pass
+SHAPES = [(0,), (1,), (5, 123), (4097,), (2000,), (3, 700)]
+
+
+@pytest.fixture(params=["single", "multi"])
+def layout(request):
+    with launch.config(**(SMALL if request.param == "single" else MULTI)):
+        yield request.param
+
+
+def _tensors(shapes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
+    ps = [torch.randn(s, generator=gen).to(dt).to(DEVICE) for s, dt in zip(shapes, dtypes)]
+    ms = [torch.zeros(s, device=DEVICE) for s in shapes]
+    vs = [torch.zeros(s, device=DEVICE) for s in shapes]
+    steps = [torch.zeros((), device=DEVICE) for _ in shapes]
+    return ps, ms, vs, steps
+
+
+def _grads(ps, seed, kind="normal"):
+    gen = torch.Generator().manual_seed(1000 + seed)
+    out = []
+    for p in ps:
+        if kind == "normal":
+            g = torch.randn(p.shape, generator=gen)
+        elif kind == "ternary":  # massive exact ties in |g| and |m|
+            g = torch.randint(-1, 2, p.shape, generator=gen).float()
+        elif kind == "sparse_rows":  # embedding-like: most entries exactly zero
+            g = torch.randn(p.shape, generator=gen) * (torch.rand(p.shape, generator=gen) < 0.05)
+        out.append(g.to(p.dtype).to(DEVICE))
+    return out
+
+
+def _run(selection, ps, ms, vs, steps, grads, *, alpha=0.1, block_size=None, mwd=True,
+         hash_counter=None, seed=7, grad_scale=None, found_inf=None, hp=HP, fn=None):
+    (fn or fused_adam_step_)(
+        ps, grads, ms, vs, steps, selection=selection, alpha=alpha, block_size=block_size,
+        mask_weight_decay=mwd, seed=seed, tensor_indices=[3 * i + 1 for i in range(len(ps))],
+        hash_counter=hash_counter, grad_scale=grad_scale, found_inf=found_inf, **hp)
+
+
+def _compare_with_reference(selection, shapes, *, dtype=torch.float32, steps_n=2, alpha=0.1,
+                            block_size=None, mwd=True, hash_counter=None, grad_kind="normal",
+                            hp=HP):
+    ps, ms, vs, steps = _tensors(shapes, dtype)
+    ref_p = [p.detach().cpu().clone() for p in ps]
+    ref_state = [{} for _ in shapes]
+    for it in range(steps_n):
+        grads = _grads(ps, it, grad_kind)
+        before = [p.detach().cpu().clone() for p in ps]
+        _run(selection, ps, ms, vs, steps, grads, alpha=alpha, block_size=block_size, mwd=mwd,
+             hash_counter=hash_counter, hp=hp)
+        for i, p in enumerate(ps):
+            mask = reference_step(ref_p[i], grads[i].cpu(), ref_state[i], selection=selection,
+                                  alpha=alpha, block_size=block_size, mask_weight_decay=mwd, seed=7,
+                                  tensor_index=3 * i + 1, hash_counter=hash_counter, **hp)
+            got = p.detach().cpu()
+            # exact selection: the unselected entries keep their bits, the selected all move
+            if mwd or hp["weight_decay"] == 0:
+                assert torch.equal(got[~mask], before[i][~mask]), f"tensor {i}: unselected entry written"
+            if p.dtype == torch.float32:  # (a 16-bit entry may legitimately round back)
+                assert bool((got[mask] != before[i][mask]).all()), f"tensor {i}: a selected entry did not move"
+            if selection.startswith("topk") and block_size is None and p.numel():
+                assert int(mask.sum()) == topk_count(p.numel(), alpha)
+    for i, p in enumerate(ps):
+        assert steps[i].item() == steps_n
+        if p.numel() == 0:
+            continue
+        rtol = {torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[p.dtype]
+        torch.testing.assert_close(p.detach().cpu().double(), ref_p[i].double(), rtol=rtol, atol=rtol)
+        torch.testing.assert_close(ms[i].cpu().double(), ref_state[i]["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(vs[i].cpu().double(), ref_state[i]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------- basics
+
+def test_is_available():
+    assert is_available(DEVICE)
+    assert not is_available("meta")
+
+
+@pytest.mark.parametrize("n_steps", [3, pytest.param(100, marks=pytest.mark.slow)])
+def test_all_equals_torch_adamw(n_steps):
+    shapes = [(3000,), (5, 123), (1,), (0,), (4100,)]
+    ps, ms, vs, steps = _tensors(shapes)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=False)
+    with launch.config(**SMALL):
+        for it in range(n_steps):
+            grads = _grads(ps, it)
+            for r, g in zip(ref, grads):
+                r.grad = g.clone()
+            opt.step()
+            _run("all", ps, ms, vs, steps, grads)
+    for p, r, m, v in zip(ps, ref, ms, vs):
+        st = opt.state[r]
+        if p.numel():
+            rel = float((p.double() - r.detach().double()).norm() / r.detach().double().norm())
+            assert rel <= 1e-6, f"relative error {rel:.2e} after {n_steps} steps"
+            torch.testing.assert_close(p, r.detach(), rtol=1e-6, atol=1e-6 * n_steps)
+            drift = 1 if n_steps < 10 else 5  # lerp vs multiply-add rounding of the moments
+            torch.testing.assert_close(m, st["exp_avg"], rtol=1e-6, atol=1e-7 * drift)
+            torch.testing.assert_close(v, st["exp_avg_sq"], rtol=1e-6, atol=1e-9 * drift)
+
+
+@pytest.mark.parametrize("selection", ["topk_momentum", "topk_gradient", "random", "random_exact"])
+def test_selection_matches_reference(selection, layout):
+    _compare_with_reference(selection, SHAPES, alpha=0.1 if selection != "random" else 0.3)
+
+
+@pytest.mark.parametrize("block_size", [1000, 64])
+def test_block_size_matches_reference(block_size, layout):
+    _compare_with_reference("topk_momentum", [(4097,), (5, 123), (2500,), (0,)], block_size=block_size,
+                            alpha=0.15, steps_n=1)
+
+
+def test_many_segments_narrow_digits():
+    # a tight histogram budget: 8-bit digits, eight radix levels
+    with launch.config(**dict(MULTI, max_hist_bytes=1)):
+        assert len(launch._levels(8)) == 8
+        _compare_with_reference("topk_momentum", [(4097,), (2500,)], block_size=300, alpha=0.15,
+                                grad_kind="ternary", steps_n=1)
+
+
+@pytest.mark.parametrize("selection,grad_kind", [("topk_momentum", "ternary"),
+                                                 ("topk_gradient", "ternary"),
+                                                 ("topk_momentum", "sparse_rows")])
+def test_ties_go_to_the_lowest_index(selection, grad_kind, layout):
+    _compare_with_reference(selection, [(3000,), (64, 70), (7,)], alpha=0.3, grad_kind=grad_kind,
+                            steps_n=2)
+
+
+def test_all_ties_zero_gradient(layout):
+    # every |m| is 0 at step 1: the first k entries by index are selected (and decayed)
+    ps, ms, vs, steps = _tensors([(2600,), (300,)])
+    before = [p.clone() for p in ps]
+    _run("topk_momentum", ps, ms, vs, steps, [torch.zeros_like(p) for p in ps], alpha=0.25)
+    for p, b in zip(ps, before):
+        k = topk_count(p.numel(), 0.25)
+        changed = p != b
+        assert bool(changed[:k].all()) and not bool(changed[k:].any())
+
+
+@pytest.mark.parametrize("cand", ["fits", "overflows", "off"])
+def test_candidate_compaction_and_its_fallback(cand):
+    knobs = dict(fits=dict(cand_frac=1.0), overflows=dict(cand_frac=1e-9, cand_min=1),
+                 off=dict(compact=False))[cand]
+    launch._debug_capture = seen = []
+    try:
+        with launch.config(**dict(MULTI, **knobs)):
+            _compare_with_reference("topk_momentum", [(3000,), (5, 123)], alpha=0.2, grad_kind="ternary",
+                                    steps_n=1)
+            _compare_with_reference("random_exact", [(3000,)], alpha=0.2, steps_n=1)
+    finally:
+        launch._debug_capture = None
+    assert seen and all(rec["compact"] == (cand != "off") for rec in seen)
+    overflowed = [bool((rec["sst"][4].cpu() > rec["stab"][1].cpu()).any()) for rec in seen]
+    if cand == "fits":
+        assert not any(overflowed)
+    elif cand == "overflows":
+        assert any(overflowed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("selection", ["topk_momentum", "random"])
+def test_half_precision_params(dtype, selection):
+    hp = dict(HP, lr=0.05)  # updates larger than a 16-bit ulp (the interpreter truncates casts)
+    with launch.config(**MULTI):
+        _compare_with_reference(selection, [(3000,), (5, 123), (100,)], dtype=dtype, alpha=0.2, hp=hp)
+
+
+def test_mixed_dtypes_in_one_call():
+    shapes = [(3000,), (5, 123), (600,), (4097,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    ps, ms, vs, steps = _tensors(shapes, dtypes)
+    ref = [p.clone() for p in ps]
+    rm, rv, rs = [m.clone() for m in ms], [v.clone() for v in vs], [s.clone() for s in steps]
+    grads = _grads(ps, 0)
+    with launch.config(**MULTI):
+        _run("topk_momentum", ps, ms, vs, steps, grads, hp=dict(HP, lr=0.05))
+        for i in range(len(ps)):  # one tensor at a time: same result
+            _run("topk_momentum", [ref[i]], [rm[i]], [rv[i]], [rs[i]], [grads[i]], hp=dict(HP, lr=0.05))
+    for a, b in zip(ps + ms + vs + steps, ref + rm + rv + rs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------- PyTorch path
+
+@pytest.mark.parametrize("selection", ["topk_momentum", "topk_gradient", "random", "random_exact", "all"])
+def test_matches_pytorch_path(selection):
+    shapes = [(3000,), (5, 123), (1,), (0,), (4097,)]
+    a = _tensors(shapes)
+    b = [[x.clone() for x in lst] for lst in a]
+    with launch.config(**MULTI):
+        for it in range(2):
+            grads = _grads(a[0], it)
+            before_a = [p.clone() for p in a[0]]
+            before_b = [p.clone() for p in b[0]]
+            _run(selection, *a, grads, alpha=0.2, hash_counter=None)
+            _run(selection, *b, grads, alpha=0.2, fn=masked_adam_)
+            for pa, pb, a0, b0 in zip(a[0], b[0], before_a, before_b):
+                assert torch.equal(pa != a0, pb != b0), "masks differ between the fused and PyTorch paths"
+                torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    for x, y in zip(a[2] + a[3], b[2] + b[3]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------- options
+
+def test_hash_counter_and_unmasked_decay():
+    with launch.config(**SMALL):
+        _compare_with_reference("random", [(3000,), (5, 123)], alpha=0.3, hash_counter=5, mwd=False)
+    with launch.config(**MULTI):
+        _compare_with_reference("topk_momentum", [(3000,), (7,)], alpha=0.1, mwd=False, steps_n=1)
+
+
+def test_random_mask_is_the_counter_hash():
+    n = 5000
+    ps, ms, vs, steps = _tensors([(n,)])
+    before = ps[0].clone()
+    _run("random", ps, ms, vs, steps, _grads(ps, 0), alpha=0.3, seed=11, hash_counter=None)
+    u = _hash.hash_keys(n, _hash.stream_key(11, 1, 1))
+    expected = (u < _hash.threshold(0.3)).to(DEVICE)
+    assert torch.equal(ps[0] != before, expected)
+
+
+def test_grad_scaler_protocol(layout):
+    shapes = [(3000,), (5, 123), (0,)]
+    a = _tensors(shapes)
+    grads = _grads(a[0], 0)
+    snap = [[x.clone() for x in lst] for lst in a]
+    # found_inf: nothing changes, step counters included
+    _run("topk_momentum", *a, [g * 1024 for g in grads], grad_scale=torch.tensor([1024.0], device=DEVICE),
+         found_inf=torch.tensor([1.0], device=DEVICE))
+    for x, y in zip(sum(a, []), sum(snap, [])):
+        assert torch.equal(x, y)
+    # a power-of-two scale divides out exactly: same bits as the unscaled step
+    b = [[x.clone() for x in lst] for lst in a]
+    for sel in ("topk_momentum", "topk_gradient", "random"):
+        _run(sel, *a, [g * 1024 for g in grads], grad_scale=torch.tensor([1024.0], device=DEVICE),
+             found_inf=torch.tensor([0.0], device=DEVICE))
+        _run(sel, *b, grads)
+    for x, y in zip(sum(a, []), sum(b, [])):
+        assert torch.equal(x, y)
+
+
+def test_lr0_zero_grad_changes_no_parameter():
+    ps, ms, vs, steps = _tensors([(3000,), (5000,)])
+    before = [p.clone() for p in ps]
+    with launch.config(**SMALL):
+        _run("topk_momentum", ps, ms, vs, steps, [torch.zeros_like(p) for p in ps], hp=dict(HP, lr=0.0))
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert [s.item() for s in steps] == [1.0, 1.0]
+
+
+def test_many_tensors_per_launch():
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.randint(0, 600, (300,), generator=gen).tolist() + [5000, 9000]
+    shapes = [(n,) for n in sizes]
+    calls = []
+    with launch.config(chunk=1024, local_max=512, local_tile=8192):
+        orig = launch.refine_kernel
+
+        class Counting:
+            def __getitem__(self, grid):
+                calls.append(grid)
+                return orig[grid]
+
+        launch.refine_kernel = Counting()
+        try:
+            _compare_with_reference("topk_momentum", shapes, alpha=0.2, steps_n=1)
+        finally:
+            launch.refine_kernel = orig
+    assert len(calls) == len(launch._levels(11)) - 1  # one launch per level, not per tensor
+
+
+def test_argument_errors():
+    ps, ms, vs, steps = _tensors([(4, 6)])
+    g = torch.randn(6, 4, device=DEVICE).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        _run("topk_momentum", ps, ms, vs, steps, [g])
+    with pytest.raises(ValueError, match="selection"):
+        _run("top", ps, ms, vs, steps, [g.contiguous()])
+    with pytest.raises(TypeError, match="float32"):
+        _run("all", ps, [m.double() for m in ms], vs, steps, [g.contiguous()])
+    with pytest.raises(TypeError, match="dtype"):
+        _run("all", ps, ms, vs, steps, [g.contiguous().half()])
+    with pytest.raises(ValueError, match="alpha"):
+        _run("random", ps, ms, vs, steps, [g.contiguous()], alpha=0.0)
+
+
+# --------------------------------------------------------------------------------------- optimizers
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(70, 90), torch.nn.LayerNorm(90), torch.nn.Linear(90, 5)).to(DEVICE)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("MoFO", dict(alpha=0.1)),
+    ("MoFO", dict(alpha=0.2, filter="gradient", block_size=500)),
+    ("RandomBCD", dict(alpha=0.2, seed=3)),
+    ("RandomBCD", dict(alpha=0.2, seed=3, exact=True)),
+])
+def test_optimizer_fused_equals_pytorch_path(name, kwargs):
+    maskopt = pytest.importorskip("maskopt")
+    cls = getattr(maskopt, name)
+    models = [_model(), _model()]
+    opts = [cls(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, **kwargs) for m, f in zip(models, (True, False))]
+    x = torch.randn(16, 70, device=DEVICE)
+    with launch.config(**MULTI):
+        for _ in range(2):
+            before = [[p.detach().clone() for p in m.parameters()] for m in models]
+            for m, o in zip(models, opts):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                o.step()
+            for pa, pb, a0, b0 in zip(models[0].parameters(), models[1].parameters(), *before):
+                assert torch.equal(pa != a0, pb != b0), "masks differ between fused=True and fused=False"
+                torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+
+
+def test_halfadam_fused_equals_pytorch_path():
+    maskopt = pytest.importorskip("maskopt")
+    models = [_model(), _model()]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = [maskopt.HalfAdam(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, strategy=s, seed=2)
+                for m, f, s in zip(models, (True, False), ("parameter", "parameter"))]
+    x = torch.randn(16, 70, device=DEVICE)
+    for _ in range(2):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
