@@ -77,6 +77,22 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(map(repr, allowed))}")
 
 
+_BATCH_ENTRIES = 1 << 16
+
+
+def _batches(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive index runs whose sizes add up to at most ``limit`` (a bigger item alone)."""
+    batches: list[list[int]] = []
+    total = limit
+    for i, size in enumerate(sizes):
+        if total + size > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(i)
+        total += size
+    return batches
+
+
 class MaskedAdam(Optimizer):
     """AdamW whose parameter update lands only on a selected set of entries.
 
@@ -268,4 +284,9 @@ class MaskedAdam(Optimizer):
             for i in range(len(params)):
                 masked_adam_(*([x[i]] for x in lists), tensor_indices=[tensor_indices[i]], **hyper)
         else:
-            masked_adam_(*lists, tensor_indices=tensor_indices, **hyper)
+            # Tensors go through in batches of about _BATCH_ENTRIES entries: each batch still
+            # takes foreach ops and a batched selection, and its m/v/p are still in cache
+            # when the selection and the update read them again.
+            for batch in _batches([p.numel() for p in params], _BATCH_ENTRIES):
+                masked_adam_(*([x[i] for i in batch] for x in lists),
+                             tensor_indices=[tensor_indices[i] for i in batch], **hyper)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -129,6 +130,21 @@ def _top_k_long(a: torch.Tensor, k: int) -> torch.Tensor:
     return nonzero_flat(_keep_top(a, kth, k))
 
 
+_pool: ThreadPoolExecutor | None = None
+
+
+def _map_rows(fn, jobs: list) -> list:
+    """``map(fn, jobs)``, spread over torch's intra-op thread count when rows are on the CPU:
+    NumPy's partition and flatnonzero are single-threaded but release the GIL."""
+    global _pool
+    workers = torch.get_num_threads()
+    if workers < 2 or len(jobs) < 2 or jobs[0][3].device.type != "cpu":
+        return [fn(job) for job in jobs]
+    if _pool is None or _pool._max_workers != workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maskopt-select")
+    return list(_pool.map(fn, jobs))
+
+
 def topk_indices(
     scores: Sequence[torch.Tensor], alpha: float, block_size: int | None = None
 ) -> list[torch.Tensor]:
@@ -155,9 +171,10 @@ def topk_indices(
     for length, members in by_length.items():
         k = topk_count(length, alpha)
         if length >= _LONG_ROW:
-            for t, slot, start, rows in members:
-                found = [_top_k_long(row, k) + (start + r * length) for r, row in enumerate(rows)]
-                pieces[t][slot] = found[0] if len(found) == 1 else torch.cat(found)
+            jobs = [(t, slot, start + r * length, row) for t, slot, start, rows in members for r, row in enumerate(rows)]
+            found = _map_rows(lambda job: _top_k_long(job[3], k) + job[2], jobs)
+            for (t, slot, _, _), idx in zip(jobs, found):
+                pieces[t][slot] = idx if pieces[t][slot] is None else torch.cat([pieces[t][slot], idx])
             continue
         stacked = torch.cat([m[3] for m in members]) if len(members) > 1 else members[0][3]
         keep = _kth_largest_rows(stacked, k)
