@@ -82,10 +82,10 @@ _BATCH_ENTRIES = 1 << 16
 
 def _batches(sizes: list[int], limit: int) -> list[list[int]]:
     """Consecutive index runs whose sizes add up to at most ``limit`` (a bigger item alone)."""
-    batches: list[list[int]] = []
-    total = limit
+    batches: list[list[int]] = [[]]
+    total = 0
     for i, size in enumerate(sizes):
-        if total + size > limit:
+        if batches[-1] and total + size > limit:
             batches.append([])
             total = 0
         batches[-1].append(i)
