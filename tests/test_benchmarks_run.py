@@ -1,0 +1,33 @@
+"""The step benchmarks run end to end on CPU (numbers are not checked, their output is)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args, **env):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env}, check=True).stdout
+
+
+def test_cpu_step_benchmark_prints_ratios_against_adamw():
+    out = run(["benchmarks/cpu_step.py", "--hidden", "64", "--layers", "2", "--vocab", "500",
+               "--repeats", "2", "--warmup", "1", "--threads", "1"])
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line and not line.startswith("#")}
+    assert rows["AdamW(foreach=True)"][-1] == "1.00"
+    assert float(rows["MoFO(momentum)"][-1]) > 0
+
+
+@pytest.mark.slow
+def test_step_bench_quick_mode_writes_its_csv(tmp_path):
+    target = tmp_path / "bench.csv"
+    run(["benchmarks/step_bench.py", "--quick", "--csv", str(target)])
+    with target.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {"device", "commit"} <= set(rows[0])
