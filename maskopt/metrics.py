@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["overall_performance", "backward_transfer", "op", "bwt", "CONVENTIONS"]
 
