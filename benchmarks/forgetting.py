@@ -757,9 +757,15 @@ def main(argv=None) -> int:
                    "BWT_loss", "code_forgetting", "wall_s"])
         write_csv(out / "continual_matrix.csv", cells,
                   ["optimizer", "lr", "after_task", "trained", "eval_task", "loss", "acc"])
+    written = []
+    if ft_rows:
+        written.append(out / "forgetting.csv")
+    if cl_rows:
+        written += [out / "continual.csv", out / "continual_matrix.csv"]
     if ft_rows or cl_rows:
         plot(out / "forgetting.png", ft_rows or [], cl_rows, f"{setting}\n{versions}")
-        print(f"\nwrote {', '.join(str(out / f) for f in sorted(os.listdir(out)) if f.endswith(('.csv', '.png')))}")
+        written.append(out / "forgetting.png")
+        print(f"\nwrote {', '.join(str(f) for f in written)}")
     return 0
 
 
