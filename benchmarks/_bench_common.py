@@ -203,8 +203,9 @@ def metadata(device: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = "none"
-    commit = _git("rev-parse", "--short", "HEAD") or "no-commit"
-    if _git("status", "--porcelain"):
+    # A copy of the tree without .git (a lent GPU machine) passes the commit in MASKOPT_COMMIT.
+    commit = os.environ.get("MASKOPT_COMMIT") or _git("rev-parse", "--short", "HEAD") or "no-commit"
+    if not os.environ.get("MASKOPT_COMMIT") and _git("status", "--porcelain"):
         commit += "+dirty"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on a lent CUDA machine: environment, the kernel tests on the GPU, then the step
+# benchmark. Usage (repository root): bash benchmarks/gpu_session.sh PHASE OUTDIR
+#   PHASE "tests": versions, tests/test_kernels.py on CUDA (slow tests included), tinyllama fp32
+#   PHASE "sweep": the alpha sweep, the size sweep and tinyllama in bf16
+# The machine has torch and triton but cannot install: maskopt runs from the tree, with
+# maskopt.kernels made importable by a link (setuptools maps it to kernels/ in an install).
+set -u
+phase=${1:-tests}
+out=${2:-benchmarks/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+[ -e maskopt/kernels ] || ln -s ../kernels maskopt/kernels
+python3 -c "import maskopt.kernels as k, torch; print('maskopt.kernels ok, fused available:', k.is_available(torch.device('cuda')))" || exit 1
+if [ "$phase" = tests ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  timeout 300 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
+  timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
+else
+  timeout 250 python3 benchmarks/step_bench.py --cases alpha --csv "$out/step_bench_alpha_fp32.csv" 2>&1 | tee "$out/step_bench_alpha.log"
+  timeout 150 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
+  timeout 150 python3 benchmarks/step_bench.py --cases sweep --sizes 1e6,16e6,256e6 --csv "$out/step_bench_sweep_fp32.csv" 2>&1 | tee "$out/step_bench_sweep.log"
+fi
