@@ -18,6 +18,10 @@ if [ "$phase" = tests ]; then
   python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   timeout 300 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
   timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
+elif [ "$phase" = profile ]; then
+  timeout 120 python3 benchmarks/profile_step.py 2>&1 | tee "$out/profile.log"
+  timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --methods "AdamW(fused=True),MoFO torch,MoFO(gradient) torch,RandomBCD fused,RandomBCD torch,HalfAdam fused,HalfAdam torch" --csv "$out/step_bench_tinyllama_fp32_b.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32_b.log"
+  timeout 120 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --methods "AdamW(fused=True),official loop+topk,MoFO fused,RandomBCD fused,HalfAdam fused" --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
 else
   timeout 250 python3 benchmarks/step_bench.py --cases alpha --csv "$out/step_bench_alpha_fp32.csv" 2>&1 | tee "$out/step_bench_alpha.log"
   timeout 150 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
