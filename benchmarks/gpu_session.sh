@@ -18,6 +18,9 @@ if [ "$phase" = tests ]; then
   python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   timeout 300 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
   timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
+elif [ "$phase" = tune ]; then
+  timeout 330 python3 benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
+  timeout 100 python3 benchmarks/tune_kernels.py --filter gradient --grid "hist_bits=11;hist_bits=8" 2>&1 | tee "$out/tune_gradient.log"
 elif [ "$phase" = profile ]; then
   timeout 120 python3 benchmarks/profile_step.py 2>&1 | tee "$out/profile.log"
   timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --methods "AdamW(fused=True),MoFO torch,MoFO(gradient) torch,RandomBCD fused,RandomBCD torch,HalfAdam fused,HalfAdam torch" --csv "$out/step_bench_tinyllama_fp32_b.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32_b.log"
