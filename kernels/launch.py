@@ -53,7 +53,10 @@ class KernelConfig:
     chunk: int = 4096  # entries per program of the streaming kernels (power of two)
     local_max: int = 4096  # segments up to this many entries are selected in registers
     local_tile: int = 4096  # entries per program of the local kernel
-    hist_bits: int = 11  # radix digit width
+    # Radix digit width. tl.histogram's cost grows with the bin count: on an H100 (TinyLlama
+    # shapes, alpha 0.1) the MoFO step took 133 ms at 11 bits, 35 at 8 and 32 at 7
+    # (benchmarks/tune_kernels.py, RESULTS.md), although narrower digits need more levels.
+    hist_bits: int = 7
     compact: bool = True  # level 2 compacts the boundary bucket; later levels read only it
     cand_frac: float = 1 / 32  # candidate capacity per segment, as a share of its entries...
     cand_min: int = 256  # ...but at least this many (overflow falls back to reading the data)

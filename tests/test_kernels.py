@@ -347,7 +347,7 @@ def test_many_tensors_per_launch():
             _compare_with_reference("topk_momentum", shapes, alpha=0.2, steps_n=1)
         finally:
             launch.refine_kernel = orig
-    assert len(calls) == len(launch._levels(11)) - 1  # one launch per level, not per tensor
+    assert len(calls) == len(launch._levels(launch.get_config().hist_bits)) - 1  # one launch per level, not per tensor
 
 
 def test_argument_errors():
