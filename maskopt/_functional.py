@@ -25,19 +25,32 @@ def _select(
     seed: int,
     tensor_indices: Sequence[int],
     hash_counter: int | None,
+    shards: Sequence | None = None,
 ) -> list[torch.Tensor | None]:
-    """Sorted flat indices of the entries that move this step; None means the whole tensor."""
+    """Sorted flat indices of the entries that move this step; None means the whole tensor.
+
+    ``shards`` (maskopt.distributed.Shard or None per tensor) marks local shards of sharded
+    tensors: their selection is computed over the whole tensor."""
     if selection == ALL or (alpha >= 1.0 and selection in (TOPK_MOMENTUM, TOPK_GRADIENT, RANDOM_EXACT)):
         return [None] * len(exp_avgs)
-    if selection == TOPK_MOMENTUM:
-        return topk_indices(torch._foreach_abs(exp_avgs), alpha, block_size)
-    if selection == TOPK_GRADIENT:
-        return topk_indices(torch._foreach_abs(grads32), alpha, block_size)
+    sharded = shards is not None and any(s is not None for s in shards)
+    if selection in (TOPK_MOMENTUM, TOPK_GRADIENT):
+        scores = torch._foreach_abs(exp_avgs if selection == TOPK_MOMENTUM else grads32)
+        if sharded:
+            from .distributed import topk_indices_sharded
+
+            return topk_indices_sharded(scores, shards, alpha, block_size)
+        return topk_indices(scores, alpha, block_size)
     if selection in (RANDOM, RANDOM_EXACT):
         keys = [
             _hash.stream_key(seed, index, int(t) if hash_counter is None else hash_counter)
             for index, t in zip(tensor_indices, step_values)
         ]
+        if sharded:
+            from .distributed import random_indices_sharded
+
+            return random_indices_sharded([m.numel() for m in exp_avgs], shards, keys, alpha,
+                                          exact=selection == RANDOM_EXACT, device=exp_avgs[0].device)
         return random_indices(
             [m.shape for m in exp_avgs], keys, alpha, exact=selection == RANDOM_EXACT, device=exp_avgs[0].device
         )
@@ -65,14 +78,19 @@ def masked_adam_(
     hash_counter: int | None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    shards: Sequence | None = None,
 ) -> None:
-    """One masked-Adam step (DESIGN.md section 3) on all tensors of one param group."""
+    """One masked-Adam step (DESIGN.md section 3) on all tensors of one param group.
+
+    The tensors are plain (local) tensors; ``shards`` says which are shards of a larger
+    tensor (maskopt.distributed), so that their selection is taken over the whole tensor."""
     if not params:
         return
     if found_inf is not None and bool(found_inf.item()):
         return  # GradScaler found inf/nan: a skipped step changes nothing, counters included.
 
-    grads32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    # Arithmetic in the moments' dtype: float32 for fp32/bf16/fp16 params, float64 for float64.
+    grads32 = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     if grad_scale is not None:
         grads32 = torch._foreach_div(grads32, grad_scale.item())
 
@@ -87,7 +105,7 @@ def masked_adam_(
 
     selected = _select(
         selection, exp_avgs, grads32, step_values, alpha=alpha, block_size=block_size,
-        seed=seed, tensor_indices=tensor_indices, hash_counter=hash_counter,
+        seed=seed, tensor_indices=tensor_indices, hash_counter=hash_counter, shards=shards,
     )
 
     step_sizes = [-lr / (1 - beta1**t) for t in step_values]
@@ -114,11 +132,12 @@ def masked_adam_(
         if weight_decay and not mask_weight_decay:
             p.mul_(decay)  # the official MoFO code decays every entry
         flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+        work = exp_avgs[i].dtype
         if idx is None:
-            m, v, theta = exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat.float()
+            m, v, theta = exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat.to(work)
         else:
             m, v, theta = (x.index_select(0, idx) for x in (exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat))
-            theta = theta.float()
+            theta = theta.to(work)
         denom = v.sqrt().div_(bias_correction2_sqrt[i]).add_(eps)
         if weight_decay and mask_weight_decay:
             theta = theta * decay

@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from . import distributed
 from ._functional import masked_adam_
+from .selection import ALL
 
 _FUSED_HINT = (
     "fused=True needs CUDA tensors and Triton installed (`pip install maskopt[triton]`); "
@@ -33,6 +35,14 @@ _FUSED_HINT = (
 # had passed on a GPU (an H100, 2026-11-24: benchmarks/RESULTS.md), where the fused MoFO
 # step also measured about 4x faster than the PyTorch path.
 FUSED_BY_DEFAULT_ON_CUDA = True
+
+
+def _moment_dtype(param: torch.Tensor) -> torch.dtype:
+    """float32 moments for fp32/bf16/fp16 parameters (DESIGN.md), float64 for float64 ones."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fused_kernels():
@@ -175,16 +185,17 @@ class MaskedAdam(Optimizer):
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
+        moments = _moment_dtype(param)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
         else:
             if not torch.is_tensor(state["step"]):
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
             for key in ("exp_avg", "exp_avg_sq"):
-                if state[key].dtype != torch.float32:
-                    state[key] = state[key].float()
+                if state[key].dtype != moments:
+                    state[key] = state[key].to(moments)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -200,14 +211,15 @@ class MaskedAdam(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(ids, params):
             for key, value in saved[pid].items():
-                self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+                self.state[param][key] = value.to(device=param.device, dtype=_moment_dtype(param), copy=True)
         for group in self.param_groups:
             self._check_group(group)
 
     # -- step -----------------------------------------------------------------------------------
 
     def _fused_by_default(self, param: torch.Tensor) -> bool:
-        return FUSED_BY_DEFAULT_ON_CUDA and param.is_cuda and fused_available(param.device)
+        return (FUSED_BY_DEFAULT_ON_CUDA and param.is_cuda and param.dtype in _FUSED_DTYPES
+                and fused_available(param.device))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -258,6 +270,27 @@ class MaskedAdam(Optimizer):
     def _run(self, group, params, grads, states, *, selection, alpha, hash_counter, tensor_indices,
              grad_scale, found_inf) -> None:
         fused = group.get("fused")
+        shards = None
+        orig_params = params
+        # batches are cut by whole-tensor sizes, so every rank of a sharded run makes the same calls
+        numels = [p.numel() for p in params]
+        if any(distributed.is_dtensor(p) for p in params):
+            # FSDP2 / DTensor: the math runs on the local shards; a selection that needs the
+            # whole tensor (top-k, the hash's global indices) is computed across the shards.
+            shards = [distributed.shard_of(p, type(self).__name__) for p in params]
+            if all(s is None for s in shards):
+                shards = None
+            elif selection != ALL and fused:
+                raise ValueError(
+                    f"{type(self).__name__}: fused=True does not support sharded (FSDP2/DTensor) "
+                    f"parameters with the {selection!r} selection yet; use fused=None or fused=False"
+                )
+            elif selection != ALL:
+                fused = False
+            params = [distributed.local(p) for p in params]
+            grads = [distributed.local(g) for g in grads]
+            states = [dict(s, exp_avg=distributed.local(s["exp_avg"]), exp_avg_sq=distributed.local(s["exp_avg_sq"]))
+                      for s in states]
         use_fused = all(self._fused_by_default(p) for p in params) if fused is None else fused
         if use_fused and not all(fused_available(p.device) for p in params):
             raise RuntimeError(f"{type(self).__name__}: {_FUSED_HINT}")
@@ -278,14 +311,20 @@ class MaskedAdam(Optimizer):
                 if s["step"].device != p.device:
                     s["step"] = s["step"].to(p.device)
             lists = lists[:4] + ([s["step"] for s in states],)
+            if shards is not None:
+                # the step counters moved to the device on the local copies of the state dicts
+                for s_local, p_orig in zip(states, orig_params):
+                    self.state[p_orig]["step"] = s_local["step"]
             _fused_kernels().fused_adam_step_(*lists, tensor_indices=tensor_indices, **hyper)
         elif group.get("foreach") is False:
             for i in range(len(params)):
-                masked_adam_(*([x[i]] for x in lists), tensor_indices=[tensor_indices[i]], **hyper)
+                masked_adam_(*([x[i]] for x in lists), tensor_indices=[tensor_indices[i]],
+                             shards=None if shards is None else [shards[i]], **hyper)
         else:
             # Tensors go through in batches of about _BATCH_ENTRIES entries: each batch still
             # takes foreach ops and a batched selection, and its m/v/p are still in cache
             # when the selection and the update read them again.
-            for batch in _batches([p.numel() for p in params], _BATCH_ENTRIES):
+            for batch in _batches(numels, _BATCH_ENTRIES):
                 masked_adam_(*([x[i] for i in batch] for x in lists),
-                             tensor_indices=[tensor_indices[i] for i in batch], **hyper)
+                             tensor_indices=[tensor_indices[i] for i in batch],
+                             shards=None if shards is None else [shards[i] for i in batch], **hyper)

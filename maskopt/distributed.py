@@ -1,0 +1,224 @@
+"""Sharded parameters (FSDP2's DTensors): the selection stays exact over the whole tensor.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) gives every rank a contiguous slice of dim 0
+of each parameter, so a rank's local entries are a contiguous range of the tensor's global
+flat indices. MoFO's top-k must be taken over the whole tensor, not per shard. This module
+finds the global k-th largest key with a radix select whose histograms are all-reduced
+(256 int64 bins per tensor per pass, four passes), never gathering a tensor:
+
+* keys are non-negative integers that order like the scores: the bits of ``|m|`` (or
+  ``|g|``) as float32, 31 bits; RandomBCD(exact=True)'s hash keys, 32 bits;
+* after the passes each rank knows the exact k-th key and how many entries equal to it are
+  still needed; those go to the lowest global indices (the single-process tie rule): the
+  ranks exchange their counts of equal entries and take them in global-offset order.
+
+RandomBCD's Bernoulli mask needs no communication: the hash is computed on global flat
+indices, so every shard draws exactly the entries a single process would.
+
+Supported placements: ``Shard(0)`` on one mesh dimension and ``Replicate()`` on any others
+(FSDP2, HSDP). Tensor parallelism (``Shard(d)`` with ``d > 0``) makes a rank's entries a
+strided set, which this exact selection does not handle: a clear error says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import _hash
+from .selection import topk_count, topk_indices
+
+_PASS_BITS = 8
+_BINS = 1 << _PASS_BITS
+
+try:  # DTensor is public from torch 2.5 on
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed support
+    DTensor = None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a rank's local entries sit in the whole tensor."""
+
+    numel: int  # entries of the whole tensor
+    offset: int  # global flat index of the first local entry
+    group: object  # process group over which the tensor is sharded
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view of its storage), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_of(param: torch.Tensor, who: str = "maskopt") -> Shard | None:
+    """The :class:`Shard` of a DTensor parameter, or None when every rank holds all of it."""
+    if not is_dtensor(param):
+        return None
+    from torch.distributed.tensor.placement_types import Replicate
+    from torch.distributed.tensor.placement_types import Shard as ShardPlacement
+
+    placements = param.placements
+    sharded = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
+    if not sharded:
+        return None
+    bad = [pl for pl in placements if not isinstance(pl, (Replicate, ShardPlacement)) or
+           (isinstance(pl, ShardPlacement) and pl.dim != 0)]
+    if bad or len(sharded) > 1:
+        raise NotImplementedError(
+            f"{who}: DTensor parameters with placements {tuple(placements)} are not supported; "
+            "allowed: Shard(0) on one mesh dimension (FSDP2 fully_shard, HSDP) and Replicate() on "
+            "the others. Tensor parallelism (Shard(d), d > 0) would make the selection per shard."
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)
+    row = 1
+    for size in param.shape[1:]:
+        row *= size
+    global_offset = offset[0] * row if len(offset) else 0
+    return Shard(numel=param.numel(), offset=int(global_offset), group=param.device_mesh.get_group(sharded[0]))
+
+
+def check_block_alignment(shards: Sequence[Shard | None], local_numels: Sequence[int], block_size: int) -> None:
+    """``block_size`` blocks are selected locally, which is exact only if no block straddles
+    two shards."""
+    for shard, n in zip(shards, local_numels):
+        if shard is None or n == 0:
+            continue
+        ends_tensor = shard.offset + n == shard.numel
+        if shard.offset % block_size or (n % block_size and not ends_tensor):
+            raise ValueError(
+                f"block_size={block_size} does not divide this rank's shard (global offset {shard.offset}, "
+                f"{n} entries): every block must lie inside one shard. Choose a block_size that divides "
+                "each shard's size (for FSDP2: the row length times the rows per rank), or block_size=None."
+            )
+
+
+# ------------------------------------------------------------------------------ radix select
+
+def _float_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 scores -> int64 keys with the same order (IEEE bit patterns)."""
+    return scores.float().contiguous().view(torch.int32).to(torch.int64)
+
+
+def _global_topk(keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int],
+                 key_bits: int) -> list[torch.Tensor]:
+    """Sorted local flat indices of each tensor's global top-``k`` by key (lowest global
+    index wins ties). All tensors share one process group; collective calls are the same
+    on every rank (their number depends only on ``key_bits`` and the tensor count)."""
+    group = shards[0].group
+    device = keys[0].device if keys else torch.device("cpu")
+    count = len(keys)
+    prefix = torch.zeros(count, dtype=torch.int64)
+    need = torch.tensor(list(ks), dtype=torch.int64)
+    passes = -(-key_bits // _PASS_BITS)
+    for level in range(passes):
+        low = max(0, key_bits - (level + 1) * _PASS_BITS)  # lowest bit of this pass's digit
+        high = key_bits - level * _PASS_BITS  # bits above it are already fixed in prefix
+        width = high - low
+        hist = torch.zeros((count, _BINS), dtype=torch.int64, device=device)
+        for t, key in enumerate(keys):
+            if key.numel() == 0:
+                continue
+            match = key if level == 0 else key[(key >> high) == int(prefix[t])]
+            if match.numel():
+                digit = (match >> low) & ((1 << width) - 1)
+                hist[t] = torch.bincount(digit, minlength=_BINS)
+        dist.all_reduce(hist, group=group)
+        hist = hist.cpu()
+        # Digit of the k-th largest: counts from the top, first digit where they reach need.
+        from_top = hist.flip(1).cumsum(1)
+        pos = torch.searchsorted(from_top, need.unsqueeze(1)).squeeze(1).clamp(max=_BINS - 1)
+        above = torch.where(pos > 0, from_top.gather(1, (pos - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
+                            torch.zeros_like(pos))
+        digit = (_BINS - 1) - pos
+        need = need - above
+        prefix = (prefix << width) | digit
+    kth = prefix  # the exact k-th largest key of every tensor; need = how many equal to it to take
+
+    # Entries equal to the k-th key: the lowest global indices win. Every rank learns every
+    # rank's count of equal entries (and its offset, to order the ranks by position).
+    greater, equal_counts = [], torch.zeros(count, dtype=torch.int64)
+    for t, key in enumerate(keys):
+        greater.append(key > int(kth[t]))
+        equal_counts[t] = int((key == int(kth[t])).sum())
+    offsets = torch.tensor([s.offset for s in shards], dtype=torch.int64)
+    mine = torch.stack([equal_counts, offsets]).to(device)
+    world = dist.get_world_size(group)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).cpu()  # [rank, (equal count, offset), tensor]
+    out = []
+    for t, key in enumerate(keys):
+        counts, offs = table[:, 0, t], table[:, 1, t]
+        before = int(counts[offs < offsets[t]].sum())
+        take = max(0, min(int(equal_counts[t]), int(need[t]) - before))
+        keep = greater[t]
+        if take:
+            at = (key == int(kth[t])).nonzero().squeeze(1)[:take]
+            keep = keep.clone()
+            keep[at] = True
+        out.append(keep.nonzero().squeeze(1))
+    return out
+
+
+def _by_group(shards: Sequence[Shard | None]) -> dict:
+    groups: dict = {}
+    for i, s in enumerate(shards):
+        if s is not None:
+            groups.setdefault(id(s.group), []).append(i)
+    return groups
+
+
+def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard | None], alpha: float,
+                         block_size: int | None) -> list[torch.Tensor]:
+    """:func:`maskopt.selection.topk_indices` for local shards: exact over each whole tensor."""
+    out: list[torch.Tensor | None] = [None] * len(scores)
+    unsharded = [i for i, s in enumerate(shards) if s is None]
+    if block_size is not None:
+        check_block_alignment(shards, [s.numel() for s in scores], block_size)
+        unsharded = list(range(len(scores)))  # aligned blocks are local
+    if unsharded:
+        for i, idx in zip(unsharded, topk_indices([scores[i] for i in unsharded], alpha, block_size)):
+            out[i] = idx
+    if block_size is None:
+        for members in _by_group(shards).values():
+            keys = [_float_keys(scores[i].reshape(-1)) for i in members]
+            ks = [topk_count(shards[i].numel, alpha) for i in members]
+            for i, idx in zip(members, _global_topk(keys, [shards[i] for i in members], ks, 31)):
+                out[i] = idx
+    return out  # type: ignore[return-value]
+
+
+def random_indices_sharded(local_numels: Sequence[int], shards: Sequence[Shard | None], keys: Sequence[int],
+                           alpha: float, *, exact: bool, device) -> list[torch.Tensor]:
+    """RandomBCD's selection on local shards: the hash of global flat indices."""
+    ordered = []
+    for n, s, key in zip(local_numels, shards, keys):
+        start = 0 if s is None else s.offset
+        ordered.append(_hash.order_keys(n, key, device, start=start))
+    if not exact:
+        limit = _hash.signed_threshold(alpha)
+        if limit >= 1 << 31:
+            return [torch.arange(u.numel(), device=u.device) for u in ordered]
+        return [(u < limit).reshape(-1).nonzero().squeeze(1) for u in ordered]
+    out: list[torch.Tensor | None] = [None] * len(ordered)
+    unsharded = [i for i, s in enumerate(shards) if s is None]
+    if unsharded:
+        for i, idx in zip(unsharded, topk_indices([ordered[i] for i in unsharded], alpha)):
+            out[i] = idx
+    for members in _by_group(shards).values():
+        # int32 order keys -> non-negative int64 with the same order
+        keys64 = [ordered[i].reshape(-1).to(torch.int64) + (1 << 31) for i in members]
+        ks = [topk_count(shards[i].numel, alpha) for i in members]
+        for i, idx in zip(members, _global_topk(keys64, [shards[i] for i in members], ks, 32)):
+            out[i] = idx
+    return out  # type: ignore[return-value]
