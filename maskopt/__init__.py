@@ -11,12 +11,14 @@ from .mofo import MoFO
 from .optimizer import MaskedAdam
 from .random_bcd import RandomBCD
 from .selection import random_masks, topk_count, topk_masks
+from .telemetry import UpdateTelemetry
 
 __all__ = [
     "HalfAdam",
     "MaskedAdam",
     "MoFO",
     "RandomBCD",
+    "UpdateTelemetry",
     "mofo_param_groups",
     "random_masks",
     "topk_count",
