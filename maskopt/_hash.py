@@ -101,6 +101,9 @@ def _order_keys_torch(numel: int, key: int, device: torch.device | str, start: i
     return u.bitwise_xor_(_signed32(1 << 31))
 
 
+# torch.compile traces NumPy through torch ops, and torch has no CPU arange for uint32:
+# the hash runs eagerly inside a compiled step.
+@torch.compiler.disable
 def _order_keys_numpy(numel: int, key: int, start: int) -> np.ndarray:
     # NumPy has wrapping uint32 arithmetic and logical shifts: the definition verbatim, and
     # about twice as fast on CPU as the int32 emulation in torch.

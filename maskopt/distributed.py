@@ -87,18 +87,35 @@ def shard_of(param: torch.Tensor, who: str = "maskopt") -> Shard | None:
     return Shard(numel=param.numel(), offset=int(global_offset), group=param.device_mesh.get_group(sharded[0]))
 
 
-def check_block_alignment(shards: Sequence[Shard | None], local_numels: Sequence[int], block_size: int) -> None:
+def _misaligned(shard: Shard | None, n: int, block_size: int) -> str | None:
+    if shard is None or n == 0:
+        return None
+    ends_tensor = shard.offset + n == shard.numel
+    if shard.offset % block_size or (n % block_size and not ends_tensor):
+        return f"global offset {shard.offset}, {n} entries"
+    return None
+
+
+def check_block_alignment(params: Sequence[torch.Tensor], block_size: int, who: str = "maskopt") -> None:
     """``block_size`` blocks are selected locally, which is exact only if no block straddles
-    two shards."""
-    for shard, n in zip(shards, local_numels):
-        if shard is None or n == 0:
-            continue
-        ends_tensor = shard.offset + n == shard.numel
-        if shard.offset % block_size or (n % block_size and not ends_tensor):
+    two shards. Every rank raises, or none: one all-reduce per process group."""
+    by_group: dict = {}
+    for p in params:
+        shard = shard_of(p, who)
+        if shard is not None:
+            by_group.setdefault(id(shard.group), (shard.group, []))[1].append(
+                _misaligned(shard, local(p).numel(), block_size))
+    for group, problems in by_group.values():
+        here = next((x for x in problems if x), None)
+        flag = torch.tensor([1 if here else 0], dtype=torch.int64,
+                            device=local(params[0]).device if params else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if int(flag.item()):
             raise ValueError(
-                f"block_size={block_size} does not divide this rank's shard (global offset {shard.offset}, "
-                f"{n} entries): every block must lie inside one shard. Choose a block_size that divides "
-                "each shard's size (for FSDP2: the row length times the rows per rank), or block_size=None."
+                f"{who}: block_size={block_size} does not fit the shards of a sharded parameter "
+                f"({here or 'on another rank'}): every block must lie inside one shard. Choose a "
+                "block_size that divides every shard's size (for FSDP2: the row length times the rows "
+                "per rank), or block_size=None."
             )
 
 
@@ -184,8 +201,7 @@ def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard 
     out: list[torch.Tensor | None] = [None] * len(scores)
     unsharded = [i for i, s in enumerate(shards) if s is None]
     if block_size is not None:
-        check_block_alignment(shards, [s.numel() for s in scores], block_size)
-        unsharded = list(range(len(scores)))  # aligned blocks are local
+        unsharded = list(range(len(scores)))  # blocks inside one shard (checked in step()) are local
     if unsharded:
         for i, idx in zip(unsharded, topk_indices([scores[i] for i in unsharded], alpha, block_size)):
             out[i] = idx

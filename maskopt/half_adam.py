@@ -38,6 +38,8 @@ class HalfAdam(MaskedAdam):
     or ``{regex: category}`` for units the built-in rules don't know), ``layers`` (the layer
     stack prefix, overriding detection), ``freeze_non_layer`` (also freeze embeddings, lm_head
     and other non-layer tensors) and ``balance`` (``"count"``, the paper, or ``"numel"``).
+    ``round`` starts the optimizer in that round: torch.distributed.checkpoint creates state
+    (a zero step) before it loads, so a resumed HalfAdam must already hold the saved round.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class HalfAdam(MaskedAdam):
         layers=None,
         freeze_non_layer: bool = False,
         balance: str = "count",
+        round: int = 0,  # noqa: A002 - the param-group key of the same name
     ) -> None:
         # Planner options live on the optimizer, not in param_groups: a callable `classify`
         # would stop the state dict from loading with torch.load(weights_only=True).
@@ -65,7 +68,7 @@ class HalfAdam(MaskedAdam):
         self._built = False
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ratio=ratio, strategy=strategy,
-            seed=seed, freeze=freeze, round=0, foreach=foreach, fused=fused,
+            seed=seed, freeze=freeze, round=round, foreach=foreach, fused=fused,
         )
         self._mode: dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)

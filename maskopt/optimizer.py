@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from . import distributed
 from ._functional import masked_adam_
-from .selection import ALL
+from .selection import ALL, TOPK_GRADIENT, TOPK_MOMENTUM
 
 _FUSED_HINT = (
     "fused=True needs CUDA tensors and Triton installed (`pip install maskopt[triton]`); "
@@ -232,6 +232,7 @@ class MaskedAdam(Optimizer):
         # Plan every group before touching anything, so a bad gradient raises with no
         # parameter or state changed.
         plans = []
+        blocked: dict[int, list] = {}  # sharded tensors selected per block, by block_size
         for group in self.param_groups:
             buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
             for p in group["params"]:
@@ -248,11 +249,17 @@ class MaskedAdam(Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters or gradients")
                 if not p.is_floating_point():
                     raise RuntimeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+                if distributed.is_dtensor(p):
+                    distributed.shard_of(p, type(self).__name__)  # unsupported placements raise here
+                    if group.get("block_size") and selection[0] in (TOPK_MOMENTUM, TOPK_GRADIENT):
+                        blocked.setdefault(group["block_size"], []).append(p)
                 bucket = buckets[selection]
                 bucket["params"].append(p)
                 bucket["grads"].append(grad)
                 bucket["indices"].append(index)
             plans.append((group, buckets))
+        for block_size, sharded in sorted(blocked.items()):
+            distributed.check_block_alignment(sharded, block_size, type(self).__name__)
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

@@ -1,0 +1,311 @@
+"""Sharded parameters (FSDP2 / DTensor) on CPU with gloo: the selection is exact over the
+whole tensor, so a sharded run equals a single-process run on the same data.
+
+Each test spawns 3 processes (uneven shards: 7 rows over 3 ranks is 3 + 3 + 1) that run
+the sharded optimizer and, on the side, the same optimizer on plain full tensors; every
+rank compares its result with that single-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed"
+)
+
+WORLD = 3
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, scenario, errors_dir):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        warnings.filterwarnings("ignore")
+        for name in scenario.split(","):  # several scenarios share one spawn (startup is the cost)
+            globals()[name](rank, world)
+    except BaseException:  # noqa: BLE001 - reported to the parent through a file
+        with open(os.path.join(errors_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(scenario: str, world: int = WORLD):
+    errors = tempfile.mkdtemp(prefix="maskopt-dist-")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), scenario, errors), nprocs=world,
+                             join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{scenario}: workers did not finish within {TIMEOUT_S} s")
+    except mp.ProcessRaisedException:
+        messages = [open(os.path.join(errors, f)).read() for f in sorted(os.listdir(errors))]
+        pytest.fail(f"{scenario} failed:\n" + "\n".join(messages))
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+SHAPES = [(7, 5), (6, 4), (3,), (1, 9), (64, 3), (2,)]  # uneven, tiny, fewer rows than ranks
+
+
+def _mesh(world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))
+
+
+def _full_params():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _grads(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    out = [torch.randn(s, generator=gen) for s in SHAPES]
+    out[1] = torch.ones(SHAPES[1]) * (1 if step % 2 else -1)  # every |g| ties: lowest index must win
+    out[4][::3] = 0.5  # many ties at one value, spread over the shards
+    return out
+
+
+def _compare_direct(rank, world, make, steps=4, block_size=None):
+    """Sharded DTensor params with the same gradients as a plain run: bitwise equal."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _mesh(world)
+    full = _full_params()
+    plain = [torch.nn.Parameter(t.clone()) for t in full]
+    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+    opt_plain, opt_sharded = make(plain), make(sharded)
+    for step in range(steps):
+        for p, q, g in zip(plain, sharded, _grads(step)):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        opt_plain.step()
+        opt_sharded.step()
+        for i, (p, q) in enumerate(zip(plain, sharded)):
+            got = q.detach().full_tensor()
+            assert torch.equal(got, p.detach()), (
+                f"step {step}, tensor {i} {tuple(p.shape)}: {(got != p).sum().item()} entries differ")
+            m = opt_sharded.state[q]["exp_avg"].full_tensor()
+            assert torch.equal(m, opt_plain.state[p]["exp_avg"])
+
+
+def mofo_momentum(rank, world):
+    from maskopt import MoFO
+
+    _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1))
+
+
+def mofo_gradient_small_alpha(rank, world):
+    from maskopt import MoFO
+
+    _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.05, filter="gradient"))
+
+
+def random_bcd_both(rank, world):
+    from maskopt import RandomBCD
+
+    _compare_direct(rank, world, lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=3))
+    _compare_direct(rank, world, lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=3, exact=True))
+
+
+def block_size_alignment(rank, world):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from maskopt import MoFO
+
+    mesh = _mesh(world)
+    # 6 rows of 4 over 3 ranks: 8 entries per shard, so blocks of 4 and 8 stay inside a shard
+    for block in (4, 8):
+        gen = torch.Generator().manual_seed(block)
+        full = torch.randn(6, 4, generator=gen)
+        p = torch.nn.Parameter(full.clone())
+        q = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        a, b = MoFO([p], lr=1e-2, alpha=0.25, block_size=block), MoFO([q], lr=1e-2, alpha=0.25, block_size=block)
+        g = torch.randn(6, 4, generator=gen)
+        p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), mesh, [Shard(0)])
+        a.step()
+        b.step()
+        assert torch.equal(q.detach().full_tensor(), p.detach())
+    # blocks of 16 would straddle shards: refused before anything changes
+    q = torch.nn.Parameter(distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)]))
+    q.grad = distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)])
+    opt = MoFO([q], lr=1e-2, alpha=0.25, block_size=16)
+    with pytest.raises(ValueError, match="block_size=16"):
+        opt.step()
+    assert torch.equal(q.detach().full_tensor(), torch.ones(6, 4))
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _batch(step, world):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randint(0, 48, (2 * world, 10), generator=gen)
+
+
+def _fsdp_vs_single(rank, world, make, steps=3, round_at=None):
+    """FSDP2 (fully_shard per layer and at the root), each rank on its slice of the batch,
+    against one process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(world)
+    single, sharded = _tiny_llama(), _tiny_llama()
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    opt_single, opt_sharded = make(single), make(sharded)
+    start = {n: p.detach().clone() for n, p in single.named_parameters()}
+    for step in range(steps):
+        if round_at is not None and step == round_at:
+            opt_single.new_round()
+            opt_sharded.new_round()
+        ids = _batch(step, world)
+        single(input_ids=ids, labels=ids).loss.backward()
+        mine = ids[rank * 2:(rank + 1) * 2]
+        sharded(input_ids=mine, labels=mine).loss.backward()
+        opt_single.step()
+        opt_sharded.step()
+        opt_single.zero_grad()
+        opt_sharded.zero_grad()
+        if step == 0:  # the entries that moved: the same set in both runs
+            for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters()):
+                moved_single = p.detach() != start[name]
+                moved_sharded = q.detach().full_tensor() != start[name]
+                assert torch.equal(moved_single, moved_sharded), f"{name}: different entries moved"
+    for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters()):
+        torch.testing.assert_close(q.detach().full_tensor(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def fsdp_mofo(rank, world):
+    from maskopt import MoFO
+
+    _fsdp_vs_single(rank, world, lambda m: MoFO(m.parameters(), lr=1e-2, alpha=0.1))
+
+
+def fsdp_random_bcd(rank, world):
+    from maskopt import RandomBCD
+
+    _fsdp_vs_single(rank, world, lambda m: RandomBCD(m.parameters(), lr=1e-2, alpha=0.2, seed=5))
+
+
+def fsdp_half_adam_rounds(rank, world):
+    from maskopt import HalfAdam
+
+    for freeze in ("mask", "requires_grad"):
+        _fsdp_vs_single(rank, world, lambda m: HalfAdam(m.named_parameters(), lr=1e-2, freeze=freeze, seed=1),
+                        steps=4, round_at=2)
+    # "parameter" strategy: a hashed half of the entries of every tensor, on global indices
+    _fsdp_vs_single(rank, world, lambda m: HalfAdam(m.named_parameters(), lr=1e-2, strategy="parameter"))
+
+
+def fsdp_dcp_resume(rank, world):
+    """torch.distributed.checkpoint of a sharded MoFO run: save at step 2, load into a fresh
+    model and optimizer, and two more steps equal the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from maskopt import MoFO
+
+    mesh = _mesh(world)
+
+    def build():
+        model = _tiny_llama()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, MoFO(model.parameters(), lr=1e-2, alpha=0.1)
+
+    def train(model, opt, steps):
+        for step in steps:
+            ids = _batch(step, world)[rank * 2:(rank + 1) * 2]
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    path = os.path.join(tempfile.gettempdir(), f"maskopt-dcp-{os.environ['MASTER_PORT']}")
+    model, opt = build()
+    train(model, opt, range(2))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    train(model, opt, range(2, 4))
+
+    fresh, fresh_opt = build()
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)  # creates the state (an lr=0 step)
+    assert all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in
+               zip(fresh.parameters(), build()[0].parameters())), "the state-creating step moved a parameter"
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(fresh, fresh_opt, range(2, 4))
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), name
+
+
+def tensor_parallel_refused(rank, world):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from maskopt import MoFO
+
+    mesh = _mesh(world)
+    q = torch.nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+    q.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    with pytest.raises(NotImplementedError, match="Shard"):
+        MoFO([q], lr=1e-2, alpha=0.5).step()
+    assert torch.equal(q.detach().full_tensor(), torch.ones(4, 6))
+
+
+# ------------------------------------------------------------------------------ tests
+
+def test_sharded_dtensor_step_equals_single_process_bitwise():
+    _spawn("mofo_momentum,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,tensor_parallel_refused")
+
+
+def test_fsdp2_training_equals_single_process():
+    pytest.importorskip("transformers")
+    _spawn("fsdp_mofo,fsdp_random_bcd,fsdp_half_adam_rounds")
+
+
+def test_fsdp2_distributed_checkpoint_resume():
+    pytest.importorskip("transformers")
+    _spawn("fsdp_dcp_resume")
+
+
+if __name__ == "__main__":  # run one scenario by hand: python tests/test_distributed_fsdp.py fsdp_mofo
+    _spawn(sys.argv[1])
