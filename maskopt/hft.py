@@ -201,6 +201,21 @@ def unit_key(name: str) -> str:
     return name
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped(name: str) -> str:
+    """``name`` without the prefixes DDP, torch.compile and wrappers add, so that a wrapped
+    model draws the same half as the bare one for the same seed."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
 def _split_prefix(name: str) -> list[tuple[str, int, str]]:
     """Every ``(prefix, index, rest)`` split of ``name`` at an all-digit token."""
     tokens = name.split(".")
@@ -829,11 +844,11 @@ def plan_half(
         for u in pool:
             by_cat[(u.stack, u.category)].append(u)
         for (stack, cat), cu in sorted(by_cat.items()):
-            chosen |= _select_category(cu, p, _Rng(seed, round, "category", stack, cat), balance)
+            chosen |= _select_category(cu, p, _Rng(seed, round, "category", _unwrapped(stack), cat), balance)
     elif strategy == "layer":
         for stack in stacks:
             layer_ids = sorted({u.layer for u in pool if u.stack == stack})
-            on = _spread(layer_ids, p, _Rng(seed, round, "layer", stack))
+            on = _spread(layer_ids, p, _Rng(seed, round, "layer", _unwrapped(stack)))
             chosen |= {u.key for u in pool if u.stack == stack and u.layer in on}
     elif strategy == "model":
         k = _round_half_down(p * len(pool))

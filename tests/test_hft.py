@@ -740,3 +740,19 @@ def test_half_reset_parameter_strategy_and_errors():
         half_reset(tiny_llama(), {}, seed=0)
     with pytest.raises(ValueError, match="shape"):
         half_reset(tiny_llama(layers=2), tiny_llama(layers=2, kv_heads=2), seed=0)
+
+
+def test_a_wrapped_model_draws_the_same_half_as_the_bare_one():
+    from maskopt.hft import plan_half
+
+    names = [f"model.layers.{i}.{m}.weight" for i in range(4)
+             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+    bare = [(n, torch.nn.Parameter(torch.zeros(2, 2))) for n in names]
+    for strategy in ("category", "layer"):
+        for seed in range(4):
+            want = plan_half(bare, strategy=strategy, seed=seed).trainable
+            for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+                wrapped = [(prefix + n, p) for n, p in bare]
+                got = plan_half(wrapped, strategy=strategy, seed=seed).trainable
+                assert {n[len(prefix):] for n in got} == set(want), (strategy, seed, prefix)
