@@ -37,6 +37,18 @@ _FUSED_HINT = (
 FUSED_BY_DEFAULT_ON_CUDA = True
 
 
+# DeepSpeed ZeRO (stages 1-3) puts flat fp32 partitions of many tensors into the client
+# optimizer's param_groups; accelerate does the same with FSDP1's flat parameters. A per-tensor
+# selection would silently become a selection per partition, so a step refuses instead.
+_REPLACED_PARAMS = (
+    "{name}: the tensors in param_groups are not the ones the optimizer was built with. DeepSpeed "
+    "ZeRO and FSDP1 (flat parameters, e.g. through accelerate) replace them with flat partitions "
+    "of many tensors, where the per-tensor selection (top-k, masks) would silently change meaning. "
+    "Not supported: use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP; with DeepSpeed, only "
+    "ZeRO stage 0. To add parameters, use add_param_group()."
+)
+
+
 def _moment_dtype(param: torch.Tensor) -> torch.dtype:
     """float32 moments for fp32/bf16/fp16 parameters (DESIGN.md), float64 for float64 ones."""
     return torch.promote_types(param.dtype, torch.float32)
@@ -112,6 +124,7 @@ class MaskedAdam(Optimizer):
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
         self._tensor_index: dict[torch.Tensor, int] | None = None
+        self._registered: set[torch.Tensor] = set()
         super().__init__(params, defaults)
         if any(g.get("fused") for g in self.param_groups):
             for group in self.param_groups:
@@ -152,10 +165,12 @@ class MaskedAdam(Optimizer):
             self._check_group(merged)
         super().add_param_group(param_group)
         self._tensor_index = None
+        self._registered.update(self.param_groups[-1]["params"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._tensor_index = None
+        self._registered = {p for g in self.param_groups for p in g["params"]}
         # A state dict from torch.optim.AdamW lacks our keys: fill them from our defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -236,6 +251,8 @@ class MaskedAdam(Optimizer):
         for group in self.param_groups:
             buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
             for p in group["params"]:
+                if p not in self._registered:
+                    raise RuntimeError(_REPLACED_PARAMS.format(name=type(self).__name__))
                 if p.grad is None:
                     continue
                 index = self.tensor_index(p)
