@@ -23,6 +23,9 @@ elif [ "$phase" = final ]; then
   timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
   timeout 90 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --methods "AdamW(fused=True),official loop+topk,MoFO fused,MoFO torch,RandomBCD fused,HalfAdam fused" --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
   timeout 90 python3 benchmarks/step_bench.py --cases alpha --alphas 0.01,0.5 --methods "AdamW(fused=True),MoFO fused,official loop+topk" --csv "$out/step_bench_alpha.csv" 2>&1 | tee "$out/step_bench_alpha.log"
+elif [ "$phase" = sweep-profile ]; then
+  timeout 100 python3 benchmarks/profile_step.py --methods "MoFO fused,RandomBCD fused" 2>&1 | tee "$out/profile.log"
+  timeout 200 python3 benchmarks/step_bench.py --cases sweep --sizes 1e6,16e6,256e6 --methods "AdamW(fused=True),MoFO fused,MoFO torch,official loop+topk,RandomBCD fused" --csv "$out/step_bench_sweep.csv" 2>&1 | tee "$out/step_bench_sweep.log"
 elif [ "$phase" = tune ]; then
   timeout 330 python3 benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
   timeout 100 python3 benchmarks/tune_kernels.py --filter gradient --grid "hist_bits=11;hist_bits=8" 2>&1 | tee "$out/tune_gradient.log"
