@@ -90,61 +90,46 @@ def _refine_body(
 
 
 @triton.jit
-def _refine_chunk(
-    ttab, T, ctab, C, c, ws, hist, sst, S, stab, cand, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr, PHASE: tl.constexpr,
-    IDXB: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, CHUNK: tl.constexpr,
-):
-    seg = tl.load(ctab + C_SEG * C + c)
-    active = tl.load(sst + S_DONE * S + seg) == 0
-    if PHASE == 2:
-        active = active & (tl.load(sst + S_CCOUNT * S + seg) > tl.load(stab + G_CAP * S + seg))
-    if active:
-        prefix = tl.load(sst + S_PREFIX * S + seg)
-        start = tl.load(ctab + C_START * C + c)
-        n = tl.load(ctab + C_LEN * C + c)
-        lstart = start - tl.load(ctab + C_SEGOFF * C + c)
-        HI: tl.constexpr = SHIFT + BITS
-        if HI <= IDXB:
-            # every key bit is fixed: the prefix bounds the index of the remaining candidates
-            low_min = (prefix << HI) & ((1 << IDXB) - 1)
-            idx_hi = ((1 << IDXB) - 1) - low_min
-            idx_lo = idx_hi - ((1 << HI) - 1)
-            active = (lstart + n > idx_lo) & (lstart <= idx_hi)
-        if active:
-            t = tl.load(ctab + C_TENSOR * C + c)
-            if ALIGNED and n == CHUNK:  # see dense_step_kernel: 128-bit accesses on full chunks
-                _refine_body(ttab, T, t, ws, hist, sst, S, stab, cand, seg, prefix,
-                             tl.multiple_of(start, 16), lstart, CHUNK, grad_scale_ptr, hash_counter,
-                             PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, ALIGNED, PHASE, IDXB,
-                             SHIFT, BITS, CHUNK)
-            else:
-                _refine_body(ttab, T, t, ws, hist, sst, S, stab, cand, seg, prefix, start, lstart, n,
-                             grad_scale_ptr, hash_counter, PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE,
-                             False, PHASE, IDXB, SHIFT, BITS, CHUNK)
-
-
-@triton.jit
 def refine_kernel(
     ttab, T, ctab, C, ws, hist, sst, S, stab, cand, found_inf_ptr, grad_scale_ptr, hash_counter,
     PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
     USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr, PHASE: tl.constexpr,
     IDXB: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, CHUNK: tl.constexpr,
-    PER_PROGRAM: tl.constexpr,
 ):
-    """One level over the data, ``PER_PROGRAM`` chunks per program. PHASE 0: plain; 1: also
-    compact the matching entries into the candidate buffer; 2: only segments whose candidates
-    overflowed. PHASE 2 usually has nothing to do, yet is launched at every later level (the
-    host does not wait to learn that): several chunks per program keep those launches small."""
+    """One level over the data (one program per chunk). PHASE 0: plain; 1: also compact the
+    matching entries into the candidate buffer; 2: only segments whose candidates overflowed."""
     if skip_step(found_inf_ptr, HAS_INF):
         return
-    for j in tl.static_range(PER_PROGRAM):
-        c = tl.program_id(0) * PER_PROGRAM + j
-        if c < C:
-            _refine_chunk(ttab, T, ctab, C, c, ws, hist, sst, S, stab, cand, grad_scale_ptr, hash_counter,
-                          PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, ALIGNED, PHASE, IDXB,
-                          SHIFT, BITS, CHUNK)
+    c = tl.program_id(0)
+    seg = tl.load(ctab + C_SEG * C + c)
+    if tl.load(sst + S_DONE * S + seg) != 0:
+        return
+    if PHASE == 2:
+        if tl.load(sst + S_CCOUNT * S + seg) <= tl.load(stab + G_CAP * S + seg):
+            return
+    prefix = tl.load(sst + S_PREFIX * S + seg)
+    start = tl.load(ctab + C_START * C + c)
+    n = tl.load(ctab + C_LEN * C + c)
+    lstart = start - tl.load(ctab + C_SEGOFF * C + c)
+    HI: tl.constexpr = SHIFT + BITS
+    if HI <= IDXB:
+        # every key bit is fixed: the prefix bounds the index of the remaining candidates
+        low_min = (prefix << HI) & ((1 << IDXB) - 1)
+        idx_hi = ((1 << IDXB) - 1) - low_min
+        idx_lo = idx_hi - ((1 << HI) - 1)
+        if (lstart + n <= idx_lo) | (lstart > idx_hi):
+            return
+    t = tl.load(ctab + C_TENSOR * C + c)
+    if ALIGNED:  # see dense_step_kernel: 128-bit accesses on full chunks
+        start = tl.multiple_of(start, 16)
+        if n == CHUNK:
+            _refine_body(ttab, T, t, ws, hist, sst, S, stab, cand, seg, prefix, start, lstart, CHUNK,
+                         grad_scale_ptr, hash_counter, PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE,
+                         ALIGNED, PHASE, IDXB, SHIFT, BITS, CHUNK)
+            return
+    _refine_body(ttab, T, t, ws, hist, sst, S, stab, cand, seg, prefix, start, lstart, n,
+                 grad_scale_ptr, hash_counter, PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE,
+                 ALIGNED, PHASE, IDXB, SHIFT, BITS, CHUNK)
 
 
 @triton.jit

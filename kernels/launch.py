@@ -61,10 +61,6 @@ class KernelConfig:
     cand_frac: float = 1 / 32  # candidate capacity per segment, as a share of its entries...
     cand_min: int = 256  # ...but at least this many (overflow falls back to reading the data)
     max_hist_bytes: int = 64 << 20  # histogram workspace target (digits narrow to 8 bits beyond it)
-    # Chunks per program of the overflow-fallback refine launches (levels 3+), which almost
-    # always find nothing to do: one program per chunk made each such launch cost ~2 ms at
-    # TinyLlama size on an H100 (268k programs of a 200-register kernel) for no work.
-    fallback_chunks_per_program: int = 16
     num_warps: int = 8  # streaming kernels (chunk 4096: 16 entries per thread, no spills on sm_90)
     local_num_warps: int = 16  # local kernel (tile 4096: no spills on sm_90)
     select_num_warps: int = 4
@@ -521,12 +517,10 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
             cand_refine_kernel[(plan.n_kchunks,)](
                 plan.ktab, plan.n_kchunks, hist, sst, S, plan.stab, cand, inf_arg,
                 HAS_INF=has_inf, SHIFT=shift, BITS=bits, CHUNK=cfg.chunk, num_warps=nw)
-        phase = 0 if not compact else (1 if level == 2 else 2)
-        per_program = cfg.fallback_chunks_per_program if phase == 2 else 1
-        refine_kernel[(triton.cdiv(C, per_program),)](
+        refine_kernel[(C,)](
             ttab, T, plan.ctab, C, ws, hist, sst, S, plan.stab, cand, inf_arg, scale_arg, hc,
-            KEY_MODE=key_mode, ALIGNED=aligned, PHASE=phase, IDXB=idxb, SHIFT=shift, BITS=bits,
-            CHUNK=cfg.chunk, PER_PROGRAM=per_program, num_warps=nw, **common)
+            KEY_MODE=key_mode, ALIGNED=aligned, PHASE=0 if not compact else (1 if level == 2 else 2),
+            IDXB=idxb, SHIFT=shift, BITS=bits, CHUNK=cfg.chunk, num_warps=nw, **common)
         select_kernel[(S,)](hist, sst, S, plan.stab, inf_arg, HAS_INF=has_inf, FIRST=False,
                             SHIFT=shift, BITS=bits, num_warps=cfg.select_num_warps)
     if _debug_capture is not None:  # tests: which radix path each segment took

@@ -51,7 +51,7 @@ def _variants(full=True):
                 sig = dict(base, hist="*i32", sst=P64, S="i32", stab=P64, cand=P64, hash_counter="i32")
                 cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
                           HUGE=False, ALIGNED=True, PHASE=phase, IDXB=31 if key_mode == 2 else 32,
-                          SHIFT=shift, BITS=bits, CHUNK=4096, PER_PROGRAM=16 if phase == 2 else 1)
+                          SHIFT=shift, BITS=bits, CHUNK=4096)
                 out.append((f"refine/{pdt_name}/key{key_mode}/phase{phase}", _select.refine_kernel, sig, cx))
             for decay in (1, 2):
                 sig = dict(base, sst=P64, S="i32", eps="fp32", decay="fp32", hash_counter="i32")
