@@ -30,7 +30,7 @@ class HalfAdam(MaskedAdam):
 
     ``freeze="requires_grad"`` sets ``requires_grad=False`` on the frozen tensors, so autograd
     skips their weight gradients (HFT's time saving); ``freeze="mask"`` leaves ``requires_grad``
-    alone and simply does not step them (for DDP/DeepSpeed, where toggling it mid-run breaks).
+    alone and simply does not step them (for DDP, where toggling it mid-run breaks).
     Frozen tensors hold no optimizer state. :meth:`new_round` draws the next half from
     ``(seed, round)`` and resets the optimizer state, as a new fine-tuning stage does.
 
