@@ -84,7 +84,9 @@ def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: 
     Subtracting 2**31 (flipping the top bit) makes signed int32 order equal the unsigned
     order of ``u``, so ``order_keys(...) < signed_threshold(alpha)`` is ``u < threshold`` and
     top-k over these keys is top-k over ``u``. Half the bytes of :func:`hash_keys`."""
-    if torch.device(device).type == "cpu" and start + numel <= (1 << 32):
+    # Under torch.compile the torch version (identical keys) is traced: Dynamo would turn the
+    # NumPy one into uint32 torch ops that have no CPU kernels.
+    if torch.device(device).type == "cpu" and start + numel <= (1 << 32) and not torch.compiler.is_compiling():
         return torch.from_numpy(_order_keys_numpy(numel, key, start))
     return _order_keys_torch(numel, key, device, start)
 
@@ -101,9 +103,6 @@ def _order_keys_torch(numel: int, key: int, device: torch.device | str, start: i
     return u.bitwise_xor_(_signed32(1 << 31))
 
 
-# torch.compile traces NumPy through torch ops, and torch has no CPU arange for uint32:
-# the hash runs eagerly inside a compiled step.
-@torch.compiler.disable
 def _order_keys_numpy(numel: int, key: int, start: int) -> np.ndarray:
     # NumPy has wrapping uint32 arithmetic and logical shifts: the definition verbatim, and
     # about twice as fast on CPU as the int32 emulation in torch.
