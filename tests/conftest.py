@@ -29,3 +29,18 @@ def _import_triton_for_the_interpreter() -> None:
 
 
 _import_triton_for_the_interpreter()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: they gain nothing from more, and on a
+    shared 2-core machine OpenMP spinning under contention makes a 30 ms step take seconds."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

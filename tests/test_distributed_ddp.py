@@ -27,6 +27,8 @@ from torch import nn
 
 from maskopt import HalfAdam, MoFO, RandomBCD
 
+from _tiny_llama import TinyLlama
+
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
     reason="torch.distributed with the gloo backend is not available",
@@ -56,57 +58,9 @@ def mlp_loss(model, batch):
     return nn.functional.mse_loss(model(x), y)
 
 
-class _Attention(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-
-    def forward(self, x):
-        return self.o_proj(self.q_proj(x) * torch.sigmoid(self.k_proj(x)) + self.v_proj(x))
-
-
-class _MLP(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False)
-        self.down_proj = nn.Linear(2 * d, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class _Layer(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.self_attn, self.mlp = _Attention(d), _MLP(d)
-        self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(d), nn.RMSNorm(d)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class TinyLlama(nn.Module):
-    """Llama parameter names (``model.layers.<i>.self_attn.q_proj`` ...) so HFT finds the layers."""
-
-    def __init__(self, d=8, layers=2, vocab=32):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(vocab, d)
-        self.model.layers = nn.ModuleList(_Layer(d) for _ in range(layers))
-        self.model.norm = nn.RMSNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.model.embed_tokens(ids)
-        for layer in self.model.layers:
-            x = layer(x)
-        return self.lm_head(self.model.norm(x))
-
-
 def llama():
     torch.manual_seed(0)
-    return TinyLlama()
+    return TinyLlama(d=8, layers=2, vocab=32)
 
 
 def llama_batch(step):

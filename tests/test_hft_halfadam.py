@@ -15,12 +15,7 @@ transformers.logging.set_verbosity_error()
 HalfAdam = pytest.importorskip("maskopt").HalfAdam
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(layers=4, seed=0, kv_heads=2):

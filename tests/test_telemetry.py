@@ -15,12 +15,7 @@ from maskopt.telemetry import UpdateTelemetry, to_floats
 SHAPES = [(17, 33), (64,), (5, 123), (1,), (3, 4, 5), (0,)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_params(seed=0, shapes=SHAPES):
