@@ -179,10 +179,12 @@ def _batch(step, world):
     return torch.randint(0, 48, (2 * world, 10), generator=gen)
 
 
-def _fsdp_vs_single(rank, world, make, steps=3, round_at=None):
+def _fsdp_vs_single(rank, world, make, steps=3, round_at=None, telemetry=False):
     """FSDP2 (fully_shard per layer and at the root), each rank on its slice of the batch,
     against one process on the whole batch."""
     from torch.distributed.fsdp import fully_shard
+
+    from maskopt import UpdateTelemetry
 
     mesh = _mesh(world)
     single, sharded = _tiny_llama(), _tiny_llama()
@@ -190,6 +192,9 @@ def _fsdp_vs_single(rank, world, make, steps=3, round_at=None):
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     opt_single, opt_sharded = make(single), make(sharded)
+    if telemetry:
+        tel_single = UpdateTelemetry(opt_single, single.named_parameters(), track_distance=True)
+        tel_sharded = UpdateTelemetry(opt_sharded, sharded.named_parameters(), track_distance=True)
     start = {n: p.detach().clone() for n, p in single.named_parameters()}
     for step in range(steps):
         if round_at is not None and step == round_at:
@@ -210,18 +215,23 @@ def _fsdp_vs_single(rank, world, make, steps=3, round_at=None):
                 assert torch.equal(moved_single, moved_sharded), f"{name}: different entries moved"
     for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters()):
         torch.testing.assert_close(q.detach().full_tensor(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    if telemetry:  # whole-tensor counts and distances, on every rank
+        want, got = tel_single.as_dict(per_tensor=True), tel_sharded.as_dict(per_tensor=True)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
 def fsdp_mofo(rank, world):
     from maskopt import MoFO
 
-    _fsdp_vs_single(rank, world, lambda m: MoFO(m.parameters(), lr=1e-2, alpha=0.1))
+    _fsdp_vs_single(rank, world, lambda m: MoFO(m.parameters(), lr=1e-2, alpha=0.1), telemetry=True)
 
 
 def fsdp_random_bcd(rank, world):
     from maskopt import RandomBCD
 
-    _fsdp_vs_single(rank, world, lambda m: RandomBCD(m.parameters(), lr=1e-2, alpha=0.2, seed=5))
+    _fsdp_vs_single(rank, world, lambda m: RandomBCD(m.parameters(), lr=1e-2, alpha=0.2, seed=5), telemetry=True)
 
 
 def fsdp_half_adam_rounds(rank, world):
