@@ -10,8 +10,9 @@ number of launches does not grow with the number of tensors:
   - segments of at most ``local_max`` entries (``block_size`` blocks, small tensors such as
     norms and biases): one fused pass that selects in registers (``_local``, one launch per
     power-of-two row width present);
-  - longer segments: moments + first histogram (``_moments``), select, then up to five
-    (refine, select) pairs that skip finished segments, then the masked apply (``_apply``).
+  - longer segments: moments + first histogram (``_moments``), select, then one (refine,
+    select) pair per further radix digit (8 more at 7-bit digits over the 63-bit key), each
+    skipping finished segments, then the masked apply (``_apply``).
 
 No host synchronisation: the step counters, bias corrections, thresholds and the GradScaler
 skip flag stay on the device.
