@@ -222,8 +222,18 @@ class UpdateTelemetry:
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
         self._given_names = None if named_parameters is None else {p: n for n, p in named_parameters}
+        if self._given_names is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if params and not any(p in self._given_names for p in params):
+                raise ValueError(
+                    "named_parameters: none of these tensors is in the optimizer's param_groups; pass "
+                    "model.named_parameters() of the model the optimizer was built for (or None)")
         self.track_distance = bool(track_distance)
-        self.reference_device = None if reference_device is None else torch.device(reference_device)
+        try:
+            self.reference_device = None if reference_device is None else torch.device(reference_device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"Invalid reference_device: {reference_device!r}; allowed: None (each "
+                             f"parameter's own device) or a torch device such as 'cpu' ({err})") from None
         self.steps = 0  # optimizer steps recorded so far
         self._records: list[Any] | None = None  # the last step, as recorded by the hook
         self._keep: torch.Tensor | None = None  # GradScaler's "step not skipped", when it was passed

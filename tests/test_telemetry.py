@@ -454,3 +454,13 @@ def test_cuda_counts_without_sync(fused, kind):
     if fused and kind == "random":  # the fused path keeps step counters on the GPU
         assert any(torch.is_tensor(r.counter) and r.counter.is_cuda for r in tel._records if isinstance(r, tm._HashMask))
     tel.remove()
+
+
+def test_bad_arguments_name_the_argument():
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="reference_device"):
+        UpdateTelemetry(MoFO([p]), reference_device="nowhere")
+    with pytest.raises(ValueError, match="named_parameters"):
+        UpdateTelemetry(MoFO([p]), named_parameters=[("a", torch.nn.Parameter(torch.zeros(1)))])
+    with pytest.raises(TypeError, match="Optimizer"):
+        UpdateTelemetry("not an optimizer")
