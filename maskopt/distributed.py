@@ -4,10 +4,11 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) gives every rank a contiguous sli
 of each parameter, so a rank's local entries are a contiguous range of the tensor's global
 flat indices. MoFO's top-k must be taken over the whole tensor, not per shard. This module
 finds the global k-th largest key with a radix select whose histograms are all-reduced
-(256 int64 bins per tensor per pass, four passes), never gathering a tensor:
+(256 int64 bins per tensor per pass, four passes; eight for float64), never gathering a tensor:
 
 * keys are non-negative integers that order like the scores: the bits of ``|m|`` (or
-  ``|g|``) as float32, 31 bits; RandomBCD(exact=True)'s hash keys, 32 bits;
+  ``|g|``), 31 bits as float32 (63 for float64 parameters); RandomBCD(exact=True)'s hash
+  keys, 32 bits;
 * after the passes each rank knows the exact k-th key and how many entries equal to it are
   still needed; those go to the lowest global indices (the single-process tie rule): the
   ranks exchange their counts of equal entries and take them in global-offset order.
@@ -121,9 +122,12 @@ def check_block_alignment(params: Sequence[torch.Tensor], block_size: int, who: 
 
 # ------------------------------------------------------------------------------ radix select
 
-def _float_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Non-negative float32 scores -> int64 keys with the same order (IEEE bit patterns)."""
-    return scores.float().contiguous().view(torch.int32).to(torch.int64)
+def _float_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Non-negative scores -> int64 keys with the same order (IEEE bit patterns), and their
+    bit width: 31 for float32 (and narrower floats, widened exactly), 63 for float64."""
+    if scores.dtype == torch.float64:
+        return scores.contiguous().view(torch.int64), 63
+    return scores.float().contiguous().view(torch.int32).to(torch.int64), 31
 
 
 def _global_topk(keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int],
@@ -207,10 +211,13 @@ def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard 
             out[i] = idx
     if block_size is None:
         for members in _by_group(shards).values():
-            keys = [_float_keys(scores[i].reshape(-1)) for i in members]
-            ks = [topk_count(shards[i].numel, alpha) for i in members]
-            for i, idx in zip(members, _global_topk(keys, [shards[i] for i in members], ks, 31)):
-                out[i] = idx
+            keyed = {i: _float_keys(scores[i].reshape(-1)) for i in members}
+            for bits in sorted({b for _, b in keyed.values()}):  # the same on every rank
+                same = [i for i in members if keyed[i][1] == bits]
+                ks = [topk_count(shards[i].numel, alpha) for i in same]
+                found = _global_topk([keyed[i][0] for i in same], [shards[i] for i in same], ks, bits)
+                for i, idx in zip(same, found):
+                    out[i] = idx
     return out  # type: ignore[return-value]
 
 

@@ -95,7 +95,7 @@ def _grads(step):
     return out
 
 
-def _compare_direct(rank, world, make, steps=4, block_size=None):
+def _compare_direct(rank, world, make, steps=4, block_size=None, grads=None):
     """Sharded DTensor params with the same gradients as a plain run: bitwise equal."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -105,7 +105,7 @@ def _compare_direct(rank, world, make, steps=4, block_size=None):
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
     opt_plain, opt_sharded = make(plain), make(sharded)
     for step in range(steps):
-        for p, q, g in zip(plain, sharded, _grads(step)):
+        for p, q, g in zip(plain, sharded, (grads or _grads)(step)):
             p.grad = g.clone()
             q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         opt_plain.step()
@@ -122,6 +122,23 @@ def mofo_momentum(rank, world):
     from maskopt import MoFO
 
     _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1))
+
+
+def mofo_float64(rank, world):
+    from maskopt import MoFO
+
+    def grads(step):
+        out = _grads(step)
+        # distinct in float64, equal in float32: larger at higher indices, so a float32 key
+        # (ties to the lowest index) would pick the wrong entries
+        out[0] = 1.0 + torch.arange(out[0].numel()).reshape(out[0].shape) * 1e-12
+        return out
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3), steps=2, grads=grads)
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def mofo_gradient_small_alpha(rank, world):
@@ -304,7 +321,8 @@ def tensor_parallel_refused(rank, world):
 # ------------------------------------------------------------------------------ tests
 
 def test_sharded_dtensor_step_equals_single_process_bitwise():
-    _spawn("mofo_momentum,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,tensor_parallel_refused")
+    _spawn("mofo_momentum,mofo_float64,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,"
+           "tensor_parallel_refused")
 
 
 def test_fsdp2_training_equals_single_process():
