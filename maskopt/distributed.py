@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import _hash
-from .selection import topk_count, topk_indices
+from .selection import random_indices, topk_count, topk_indices
 
 _PASS_BITS = 8
 _BINS = 1 << _PASS_BITS
@@ -88,8 +88,8 @@ def shard_of(param: torch.Tensor, who: str = "maskopt") -> Shard | None:
     return Shard(numel=param.numel(), offset=int(global_offset), group=param.device_mesh.get_group(sharded[0]))
 
 
-def _misaligned(shard: Shard | None, n: int, block_size: int) -> str | None:
-    if shard is None or n == 0:
+def _misaligned(shard: Shard, n: int, block_size: int) -> str | None:
+    if n == 0:
         return None
     ends_tensor = shard.offset + n == shard.numel
     if shard.offset % block_size or (n % block_size and not ends_tensor):
@@ -97,19 +97,18 @@ def _misaligned(shard: Shard | None, n: int, block_size: int) -> str | None:
     return None
 
 
-def check_block_alignment(params: Sequence[torch.Tensor], block_size: int, who: str = "maskopt") -> None:
+def check_block_alignment(shards: Sequence[tuple[torch.Tensor, Shard]], block_size: int,
+                          who: str = "maskopt") -> None:
     """``block_size`` blocks are selected locally, which is exact only if no block straddles
-    two shards. Every rank raises, or none: one all-reduce per process group."""
+    two shards. ``shards`` holds (local tensor, its Shard) pairs. Every rank raises, or none:
+    one all-reduce per process group."""
     by_group: dict = {}
-    for p in params:
-        shard = shard_of(p, who)
-        if shard is not None:
-            by_group.setdefault(id(shard.group), (shard.group, []))[1].append(
-                _misaligned(shard, local(p).numel(), block_size))
-    for group, problems in by_group.values():
+    for local_tensor, shard in shards:
+        by_group.setdefault(id(shard.group), (shard.group, local_tensor.device, []))[2].append(
+            _misaligned(shard, local_tensor.numel(), block_size))
+    for group, device, problems in by_group.values():
         here = next((x for x in problems if x), None)
-        flag = torch.tensor([1 if here else 0], dtype=torch.int64,
-                            device=local(params[0]).device if params else "cpu")
+        flag = torch.tensor([1 if here else 0], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if int(flag.item()):
             raise ValueError(
@@ -224,23 +223,21 @@ def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard 
 def random_indices_sharded(local_numels: Sequence[int], shards: Sequence[Shard | None], keys: Sequence[int],
                            alpha: float, *, exact: bool, device) -> list[torch.Tensor]:
     """RandomBCD's selection on local shards: the hash of global flat indices."""
-    ordered = []
-    for n, s, key in zip(local_numels, shards, keys):
-        start = 0 if s is None else s.offset
-        ordered.append(_hash.order_keys(n, key, device, start=start))
-    if not exact:
-        limit = _hash.signed_threshold(alpha)
-        if limit >= 1 << 31:
-            return [torch.arange(u.numel(), device=u.device) for u in ordered]
-        return [(u < limit).reshape(-1).nonzero().squeeze(1) for u in ordered]
-    out: list[torch.Tensor | None] = [None] * len(ordered)
+    starts = [0 if s is None else s.offset for s in shards]
+    shapes = [(n,) for n in local_numels]
+    if not exact:  # each entry on its own: local, given the global indices
+        return random_indices(shapes, keys, alpha, device=device, starts=starts)
+    out: list[torch.Tensor | None] = [None] * len(shapes)
     unsharded = [i for i, s in enumerate(shards) if s is None]
     if unsharded:
-        for i, idx in zip(unsharded, topk_indices([ordered[i] for i in unsharded], alpha)):
+        found = random_indices([shapes[i] for i in unsharded], [keys[i] for i in unsharded], alpha,
+                               exact=True, device=device)
+        for i, idx in zip(unsharded, found):
             out[i] = idx
     for members in _by_group(shards).values():
         # int32 order keys -> non-negative int64 with the same order
-        keys64 = [ordered[i].reshape(-1).to(torch.int64) + (1 << 31) for i in members]
+        keys64 = [_hash.order_keys(local_numels[i], keys[i], device, start=starts[i]).to(torch.int64) + (1 << 31)
+                  for i in members]
         ks = [topk_count(shards[i].numel, alpha) for i in members]
         for i, idx in zip(members, _global_topk(keys64, [shards[i] for i in members], ks, 32)):
             out[i] = idx

@@ -247,7 +247,7 @@ class MaskedAdam(Optimizer):
         # Plan every group before touching anything, so a bad gradient raises with no
         # parameter or state changed.
         plans = []
-        blocked: dict[int, list] = {}  # sharded tensors selected per block, by block_size
+        blocked: dict[int, list] = {}  # (local tensor, shard) selected per block, by block_size
         for group in self.param_groups:
             buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
             for p in group["params"]:
@@ -266,14 +266,20 @@ class MaskedAdam(Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters or gradients")
                 if not p.is_floating_point():
                     raise RuntimeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
-                if distributed.is_dtensor(p):
-                    distributed.shard_of(p, type(self).__name__)  # unsupported placements raise here
+                shard = distributed.shard_of(p, type(self).__name__)  # unsupported placements raise
+                if shard is not None:
+                    if selection[0] != ALL and group.get("fused"):
+                        raise ValueError(
+                            f"{type(self).__name__}: fused=True does not support sharded (FSDP2/DTensor) "
+                            f"parameters with the {selection[0]!r} selection yet; use fused=None or fused=False"
+                        )
                     if group.get("block_size") and selection[0] in (TOPK_MOMENTUM, TOPK_GRADIENT):
-                        blocked.setdefault(group["block_size"], []).append(p)
+                        blocked.setdefault(group["block_size"], []).append((distributed.local(p), shard))
                 bucket = buckets[selection]
                 bucket["params"].append(p)
                 bucket["grads"].append(grad)
                 bucket["indices"].append(index)
+                bucket["shards"].append(shard)
             plans.append((group, buckets))
         for block_size, sharded in sorted(blocked.items()):
             distributed.check_block_alignment(sharded, block_size, type(self).__name__)
@@ -287,30 +293,24 @@ class MaskedAdam(Optimizer):
                 self._run(
                     group, params, bucket["grads"], states,
                     selection=kind, alpha=alpha, hash_counter=hash_counter,
-                    tensor_indices=bucket["indices"], grad_scale=grad_scale, found_inf=found_inf,
+                    tensor_indices=bucket["indices"], shards=bucket["shards"], grad_scale=grad_scale,
+                    found_inf=found_inf,
                 )
         return loss
 
     def _run(self, group, params, grads, states, *, selection, alpha, hash_counter, tensor_indices,
-             grad_scale, found_inf) -> None:
+             shards, grad_scale, found_inf) -> None:
         fused = group.get("fused")
-        shards = None
         orig_params = params
         # batches are cut by whole-tensor sizes, so every rank of a sharded run makes the same calls
         numels = [p.numel() for p in params]
+        if all(s is None for s in shards):
+            shards = None
+        elif selection != ALL:
+            fused = False  # the sharded selection has no Triton version (fused=True refused in step())
         if any(distributed.is_dtensor(p) for p in params):
             # FSDP2 / DTensor: the math runs on the local shards; a selection that needs the
             # whole tensor (top-k, the hash's global indices) is computed across the shards.
-            shards = [distributed.shard_of(p, type(self).__name__) for p in params]
-            if all(s is None for s in shards):
-                shards = None
-            elif selection != ALL and fused:
-                raise ValueError(
-                    f"{type(self).__name__}: fused=True does not support sharded (FSDP2/DTensor) "
-                    f"parameters with the {selection!r} selection yet; use fused=None or fused=False"
-                )
-            elif selection != ALL:
-                fused = False
             params = [distributed.local(p) for p in params]
             grads = [distributed.local(g) for g in grads]
             states = [dict(s, exp_avg=distributed.local(s["exp_avg"]), exp_avg_sq=distributed.local(s["exp_avg_sq"]))

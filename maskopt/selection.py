@@ -213,11 +213,16 @@ def random_indices(
     *,
     exact: bool = False,
     device: torch.device | str = "cpu",
+    starts: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """RandomBCD's selection from the counter hash, as sorted flat indices: ``u(i) <
     threshold(alpha)``, or (``exact``) the ``topk_count(n, alpha)`` entries with the largest
-    ``u(i)``. ``keys[t]`` is ``_hash.stream_key(seed, tensor_index, counter)`` of tensor ``t``."""
-    keyed = [_hash.order_keys(math.prod(shape), key, device) for shape, key in zip(shapes, keys)]
+    ``u(i)``. ``keys[t]`` is ``_hash.stream_key(seed, tensor_index, counter)`` of tensor ``t``.
+    ``starts[t]`` (default 0) is the flat index of the tensor's first entry in a larger
+    tensor it is a shard of: the hash is taken on those global indices."""
+    starts = starts if starts is not None else [0] * len(shapes)
+    keyed = [_hash.order_keys(math.prod(shape), key, device, start=start)
+             for shape, key, start in zip(shapes, keys, starts)]
     if exact:
         return topk_indices(keyed, alpha)
     limit = _hash.signed_threshold(alpha)
