@@ -1,5 +1,6 @@
-"""A Llama-named toy model (no transformers needed): ``model.layers.<i>.self_attn.q_proj``
-and friends, so that HFT finds the layers and categories."""
+"""Test helpers: a Llama-named toy model (no transformers needed:
+``model.layers.<i>.self_attn.q_proj`` and friends, so that HFT finds the layers and categories)
+and a tiny causal-LM token dataset for the Hugging Face Trainer."""
 
 import torch
 from torch import nn
@@ -51,3 +52,17 @@ class TinyLlama(nn.Module):
         for layer in self.model.layers:
             x = layer(x)
         return self.lm_head(self.model.norm(x))
+
+
+class TokenData(torch.utils.data.Dataset):
+    """``n`` fixed random sequences of token ids in ``[low, vocab)``; labels = inputs."""
+
+    def __init__(self, n=8, vocab=64, seq=12, low=0):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(low, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

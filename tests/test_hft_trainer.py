@@ -9,6 +9,8 @@ import torch
 
 from maskopt.hft import freeze_half
 
+from _tiny_llama import TokenData
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 transformers.logging.set_verbosity_error()
@@ -24,18 +26,6 @@ def tiny_llama():
         num_attention_heads=4, num_key_value_heads=4))
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 96, (n, 12), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _args(tmp_path, **kw):
     return transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
@@ -46,7 +36,7 @@ def test_trainer_with_freeze_half_and_stock_adamw(tmp_path):
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = freeze_half(model, ratio=0.5, seed=0)
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=_Data())
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=TokenData(vocab=96))
     trainer.train()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach().cpu(), before[n]) == (n in plan.frozen), n
@@ -61,7 +51,7 @@ def test_trainer_with_halfadam(tmp_path):
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = HalfAdam(model.named_parameters(), lr=1e-2, seed=1)
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Data(), optimizers=(opt, None))
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=TokenData(vocab=96), optimizers=(opt, None))
     trainer.train()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach().cpu(), before[n]) == (n in opt.plan.frozen), n

@@ -20,6 +20,8 @@ pytest.importorskip("accelerate")
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.hft import freeze_half
 
+from _tiny_llama import TokenData
+
 transformers.logging.set_verbosity_error()
 
 VOCAB = 64
@@ -47,16 +49,8 @@ def tiny_llama(seed=0, vocab=VOCAB):
         num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=1))
 
 
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2, VOCAB, (n, SEQ), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+def token_data(n=8):
+    return TokenData(n, vocab=VOCAB, seq=SEQ, low=2)  # 0 and 1 are the pad and bos/eos ids
 
 
 def trainer_args(out, **kw):
@@ -117,7 +111,7 @@ def test_trainer_optimizer_cls_and_kwargs_mofo_moves_exactly_topk(tmp_path):
     before = snapshot(model)
     trainer = transformers.Trainer(
         model=model, args=trainer_args(tmp_path, max_steps=1, learning_rate=5e-5),
-        train_dataset=TokenData(), optimizer_cls_and_kwargs=(MoFO, {"alpha": alpha, "lr": 1e-2}),
+        train_dataset=token_data(), optimizer_cls_and_kwargs=(MoFO, {"alpha": alpha, "lr": 1e-2}),
     )
     trainer.train()
     opt = unwrap(trainer.optimizer)
@@ -150,7 +144,7 @@ def test_trainer_optimizers_tuple_random_bcd_moves_only_its_mask(tmp_path):
     before = snapshot(model)
     opt = RandomBCD(model.parameters(), lr=1e-2, alpha=alpha, seed=seed)
     trainer = transformers.Trainer(
-        model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=TokenData(), optimizers=(opt, None))
+        model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=token_data(), optimizers=(opt, None))
     trainer.train()
     assert unwrap(trainer.optimizer) is opt
     moved_total = selected_total = 0
@@ -174,7 +168,7 @@ def test_trainer_optimizers_tuple_halfadam_and_its_checkpoint(tmp_path):
     assert frozen and opt.plan.trainable
     trainer = transformers.Trainer(
         model=model, args=trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
-        train_dataset=TokenData(), optimizers=(opt, None))
+        train_dataset=token_data(), optimizers=(opt, None))
     trainer.train()
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), before[name]) == (name in frozen), name
@@ -196,7 +190,7 @@ def test_trainer_freeze_half_with_stock_adamw(tmp_path):
     before = snapshot(model)
     plan = freeze_half(model, ratio=0.5, seed=0)
     trainer = transformers.Trainer(
-        model=model, args=trainer_args(tmp_path, max_steps=2, weight_decay=0.1), train_dataset=TokenData())
+        model=model, args=trainer_args(tmp_path, max_steps=2, weight_decay=0.1), train_dataset=token_data())
     trainer.train()
     assert isinstance(unwrap(trainer.optimizer), torch.optim.AdamW)
     assert plan.frozen
@@ -216,7 +210,7 @@ def _mofo_trainer(out, model, max_steps):
     args = trainer_args(out, max_steps=max_steps, save_strategy="steps", save_steps=2, warmup_steps=1,
                         weight_decay=0.01)
     return transformers.Trainer(
-        model=model, args=args, train_dataset=TokenData(n=6),
+        model=model, args=args, train_dataset=token_data(n=6),
         optimizer_cls_and_kwargs=(MoFO, {"alpha": 0.2, "lr": 1e-2}))
 
 

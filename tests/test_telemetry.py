@@ -12,6 +12,8 @@ from maskopt import HalfAdam, MoFO, RandomBCD, _hash, topk_count
 from maskopt import telemetry as tm
 from maskopt.telemetry import UpdateTelemetry, to_floats
 
+from _tiny_llama import TokenData
+
 SHAPES = [(17, 33), (64,), (5, 123), (1,), (3, 4, 5), (0,)]
 
 
@@ -325,18 +327,6 @@ def test_param_group_added_later_is_followed():
 # -- the Trainer callback ----------------------------------------------------------------------
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n=8):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 64, (n, 12), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_import_does_not_need_transformers():
     import subprocess
     import sys
@@ -353,7 +343,7 @@ def _trainer(tmp_path, model, opt, callbacks=None):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=2,
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
-    return transformers.Trainer(model=model, args=args, train_dataset=_Data(), optimizers=(opt, None),
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenData(vocab=64), optimizers=(opt, None),
                                 callbacks=callbacks)
 
 
