@@ -288,11 +288,6 @@ _TTABS: OrderedDict = OrderedDict()
 _MAX_TTABS = 16
 
 
-def _hash_tensor_key(seed: int, tensor_index: int) -> int:
-    k = _hash.mix32_int(_hash.fold_seed(seed) ^ _hash._SALT_SEED)
-    return _hash.mix32_int(k ^ (int(tensor_index) & _hash.MASK32) ^ _hash._SALT_TENSOR)
-
-
 def _tensor_table(params, grads, ms, vs, steps, hkeys, device) -> torch.Tensor:
     rows = (
         tuple(p.data_ptr() for p in params),
@@ -444,7 +439,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
     T = len(params)
     numels = [p.numel() for p in params]
     if tidx is not None:
-        hkeys = [_hash_tensor_key(seed, j) for j in tidx]
+        hkeys = [_hash.tensor_key(seed, j) for j in tidx]
     else:
         hkeys = [0] * T
     ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, device)

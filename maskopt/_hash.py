@@ -45,11 +45,16 @@ def fold_seed(seed: int) -> int:
     return (seed ^ (seed >> 32)) & MASK32
 
 
+def tensor_key(seed: int, tensor_index: int) -> int:
+    """The per-tensor part of :func:`stream_key` (the kernels and telemetry add the counter
+    on the device)."""
+    k = mix32_int(fold_seed(seed) ^ _SALT_SEED)
+    return mix32_int(k ^ (int(tensor_index) & MASK32) ^ _SALT_TENSOR)
+
+
 def stream_key(seed: int, tensor_index: int, counter: int) -> int:
     """The per-(tensor, step) key; a Python int in [0, 2**32)."""
-    k = mix32_int(fold_seed(seed) ^ _SALT_SEED)
-    k = mix32_int(k ^ (int(tensor_index) & MASK32) ^ _SALT_TENSOR)
-    return mix32_int(k ^ (int(counter) & MASK32) ^ _SALT_COUNTER)
+    return mix32_int(tensor_key(seed, tensor_index) ^ (int(counter) & MASK32) ^ _SALT_COUNTER)
 
 
 def threshold(alpha: float) -> int:
@@ -59,6 +64,11 @@ def threshold(alpha: float) -> int:
 
 def _signed32(c: int) -> int:
     return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def int32_bits(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) as an int32 tensor with the same 32 bits."""
+    return (x - (1 << 31)).to(torch.int32).bitwise_xor_(_signed32(1 << 31))
 
 
 def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -91,14 +101,18 @@ def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: 
     return _order_keys_torch(numel, key, device, start)
 
 
-def _order_keys_torch(numel: int, key: int, device: torch.device | str, start: int) -> torch.Tensor:
+def _order_keys_torch(numel: int, key: int | torch.Tensor, device: torch.device | str, start: int) -> torch.Tensor:
+    """:func:`order_keys` in torch ops. ``key``: a Python int in [0, 2**32), or its 32 bits as
+    a 0-d int32 tensor (a key computed on the device from a device step counter)."""
+    on_device = torch.is_tensor(key)
     if start + numel <= (1 << 31):
         idx = torch.arange(start, start + numel, dtype=torch.int32, device=device)
-        u = mix32(idx.mul_(_signed32(GOLDEN32)).add_(_signed32(key)))
+        u = mix32(idx.mul_(_signed32(GOLDEN32)).add_(key if on_device else _signed32(key)))
     else:  # beyond int32 indexing: the same function computed in int64
         idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-        lo = ((idx & MASK32) * GOLDEN32 + key) & MASK32
-        u = mix32(lo.sub_(1 << 31).to(torch.int32).bitwise_xor_(_signed32(1 << 31)))
+        key64 = key.to(torch.int64).bitwise_and_(MASK32) if on_device else key
+        lo = ((idx & MASK32) * GOLDEN32 + key64) & MASK32
+        u = mix32(int32_bits(lo))
         u.bitwise_xor_(mix32((idx >> 32).to(torch.int32)))
     return u.bitwise_xor_(_signed32(1 << 31))
 

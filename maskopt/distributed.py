@@ -235,9 +235,7 @@ def random_indices_sharded(local_numels: Sequence[int], shards: Sequence[Shard |
         for i, idx in zip(unsharded, found):
             out[i] = idx
     for members in _by_group(shards).values():
-        # int32 order keys -> non-negative int64 with the same order
-        keys64 = [_hash.order_keys(local_numels[i], keys[i], device, start=starts[i]).to(torch.int64) + (1 << 31)
-                  for i in members]
+        keys64 = [_hash.hash_keys(local_numels[i], keys[i], device, start=starts[i]) for i in members]
         ks = [topk_count(shards[i].numel, alpha) for i in members]
         for i, idx in zip(members, _global_topk(keys64, [shards[i] for i in members], ks, 32)):
             out[i] = idx

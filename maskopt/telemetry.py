@@ -82,38 +82,13 @@ def _topk_entries(n: int, alpha: float, block_size: int | None) -> int:
     return full * topk_count(block, alpha) + (topk_count(rest, alpha) if rest else 0)
 
 
-_SIGN = _hash._signed32(1 << 31)  # the int32 bit pattern 0x80000000
-
-
-def _as_int32_bits(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2**32) as int32 tensors with the same 32 bits."""
-    return (x - (1 << 31)).to(torch.int32).bitwise_xor_(_SIGN)
-
-
 def _stream_key_on_device(seed: int, tensor_index: int, counter: torch.Tensor) -> torch.Tensor:
     """``_hash.stream_key`` with the counter a (float or int) tensor, as int32 bits on its device.
 
     The fused path keeps the step counters on the GPU; this builds the mask key from them
     without reading them on the host."""
-    k = _hash.mix32_int(_hash.fold_seed(seed) ^ _hash._SALT_SEED)
-    k = _hash.mix32_int(k ^ (int(tensor_index) & _hash.MASK32) ^ _hash._SALT_TENSOR)
     c = counter.detach().to(torch.int64).bitwise_and_(_hash.MASK32)
-    return _hash.mix32(_as_int32_bits(c.bitwise_xor_(k ^ _hash._SALT_COUNTER)))
-
-
-def _order_keys_device_key(numel: int, key: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """``_hash.order_keys`` for a key held as an int32 device tensor (0-d), on its device."""
-    device = key.device
-    if start + numel <= (1 << 31):
-        idx = torch.arange(start, start + numel, dtype=torch.int32, device=device)
-        u = _hash.mix32(idx.mul_(_hash._signed32(_hash.GOLDEN32)).add_(key))
-    else:  # past int32 indices: the same function in int64 (int64 products wrap mod 2**64)
-        idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-        key_u = key.to(torch.int64).bitwise_and_(_hash.MASK32)
-        lo = ((idx & _hash.MASK32) * _hash.GOLDEN32 + key_u).bitwise_and_(_hash.MASK32)
-        u = _hash.mix32(_as_int32_bits(lo))
-        u.bitwise_xor_(_hash.mix32(_as_int32_bits(idx >> 32)))
-    return u.bitwise_xor_(_SIGN)
+    return _hash.mix32(_hash.int32_bits(c.bitwise_xor_(_hash.tensor_key(seed, tensor_index) ^ _hash._SALT_COUNTER)))
 
 
 class _HashMask:
@@ -140,7 +115,7 @@ class _HashMask:
         for start in range(0, self.numel, _CHUNK):
             length = min(_CHUNK, self.numel - start)
             if torch.is_tensor(key):
-                keys = _order_keys_device_key(length, key, start)
+                keys = _hash._order_keys_torch(length, key, key.device, start)
             else:
                 keys = _hash.order_keys(length, key, self.device, start)
             part = torch.count_nonzero(keys < limit)
