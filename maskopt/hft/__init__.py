@@ -932,7 +932,7 @@ def entry_mask(shape, *, ratio: float, seed: int, tensor_index: int, round: int,
     """Trainable entries of an entry-masked tensor: the counter hash ``u(i) < threshold(ratio)``
     keyed by (seed, tensor index, round) -- the same function as RandomBCD's masks with the
     round in place of the step, so HalfAdam and this module agree."""
-    from . import _hash
+    from .. import _hash
 
     shape = torch.Size(shape)
     u = _hash.hash_keys(math.prod(shape), _hash.stream_key(seed, tensor_index, round), device or "cpu")
