@@ -117,7 +117,7 @@ def sector_fraction(alpha: float, elt_bytes: int) -> float:
 
 
 def minimal_bytes(method: str, n: int, alpha: float, p_bytes: int, trainable: float = 1.0) -> float:
-    """Bytes one step of ``method`` must move at least, DESIGN.md section 6's count.
+    """Bytes one step of ``method`` must move at least (the sector count of docs/kernels.md).
 
     AdamW: read p, g, m, v; write p, m, v. MoFO: the moments pass (read g, m, v; write m, v)
     plus the masked apply (read the key |m| or |g| again, then v and p in, p out for the

@@ -4,7 +4,7 @@
     python benchmarks/cpu_step.py --hidden 256 --layers 4 --repeats 5   # smaller, quicker
 
 Prints the median step time of each optimizer and its ratio to AdamW(foreach) measured in
-the same run, repeats interleaved round-robin (DESIGN.md target for MoFO: <= 2.5x).
+the same run, repeats interleaved round-robin (target for MoFO: <= 2.5x, docs/performance.md).
 """
 
 from __future__ import annotations

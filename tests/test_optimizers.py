@@ -1,4 +1,4 @@
-"""MoFO, RandomBCD and HalfAdam on the PyTorch path against the reference math (DESIGN.md §3, §7)."""
+"""MoFO, RandomBCD and HalfAdam on the PyTorch path against the reference math (docs/semantics.md)."""
 
 from __future__ import annotations
 
