@@ -1,0 +1,138 @@
+"""HFT's options: their allowed values, and one check per argument.
+
+Each check raises ``ValueError("Invalid <name>: <value>; allowed ...")`` and returns the value
+in the form the planner uses. ``plan_half``,
+``freeze_half`` and ``HalfAdam`` share them, so an option means the same everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .strategies import STRATEGIES
+
+__all__ = [
+    "CATEGORIES",
+    "STRATEGIES",
+    "FREEZE_MODES",
+    "BALANCES",
+    "KEEP",
+    "FREEZE",
+    "check_ratio",
+    "check_strategy",
+    "check_seed",
+    "check_round",
+    "check_balance",
+    "check_freeze",
+    "check_freeze_non_layer",
+    "check_layers",
+]
+
+CATEGORIES = ("attention", "ffn", "norm", "router", "experts")
+FREEZE_MODES = ("requires_grad", "mask")
+BALANCES = ("count", "numel")
+KEEP = "keep"  # classify() result: always trainable
+FREEZE = "freeze"  # classify() result: always frozen
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _is_integer(value: Any) -> bool:
+    # bool is an int, but seed=True is a mistake, not the seed 1
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_ratio(ratio: Any) -> float:
+    """The share of each category that trains, as a float.
+
+    Args:
+        ratio: a number with ``0 < ratio <= 1``; not a bool.
+    """
+    try:
+        ok = not isinstance(ratio, bool) and 0.0 < float(ratio) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"Invalid ratio: {ratio!r}; allowed: 0 < ratio <= 1")
+    return float(ratio)
+
+
+def check_strategy(strategy: Any) -> str:
+    """The selection strategy.
+
+    Args:
+        strategy: one of :data:`STRATEGIES` (``"category"``, ``"layer"``, ``"model"``,
+            ``"parameter"``).
+    """
+    return _check_choice("strategy", strategy, STRATEGIES)
+
+
+def check_seed(seed: Any) -> int:
+    """The seed of the draws.
+
+    Args:
+        seed: an integer (negative allowed); not a bool.
+    """
+    if not _is_integer(seed):
+        raise ValueError(f"Invalid seed: {seed!r}; allowed: an integer")
+    return seed
+
+
+def check_round(round: Any) -> int:  # noqa: A002 - HFT's name for the training stage
+    """The HFT training round.
+
+    Args:
+        round: an integer ``>= 0``; not a bool.
+    """
+    if not _is_integer(round) or round < 0:
+        raise ValueError(f"Invalid round: {round!r}; allowed: an integer >= 0")
+    return round
+
+
+def check_balance(balance: Any) -> str:
+    """How the category rule balances its draw.
+
+    Args:
+        balance: one of :data:`BALANCES`: ``"count"`` (units drawn uniformly) or ``"numel"``
+            (of several draws, the one closest to ``ratio`` of the parameters).
+    """
+    return _check_choice("balance", balance, BALANCES)
+
+
+def check_freeze(freeze: Any) -> str:
+    """How a plan freezes the frozen half of a model.
+
+    Args:
+        freeze: one of :data:`FREEZE_MODES`: ``"requires_grad"`` or ``"mask"``.
+    """
+    return _check_choice("freeze", freeze, FREEZE_MODES)
+
+
+def check_freeze_non_layer(freeze_non_layer: Any) -> bool:
+    """Whether the parameters outside the layer stacks are frozen.
+
+    Args:
+        freeze_non_layer: ``True`` or ``False`` (a bool, not a truthy value).
+    """
+    # a membership test would let 1 and 0 through (1 == True)
+    if not isinstance(freeze_non_layer, bool):
+        raise ValueError(f"Invalid freeze_non_layer: {freeze_non_layer!r}; allowed values: True, False")
+    return freeze_non_layer
+
+
+def check_layers(layers: Any) -> tuple[str, ...] | None:
+    """The layer-stack prefixes that override the detection, as a tuple (None: detect).
+
+    Args:
+        layers: None, a prefix string such as ``"model.layers"``, or an iterable of them.
+    """
+    if layers is None:
+        return None
+    prefixes = (layers,) if isinstance(layers, str) else tuple(layers)
+    if not all(isinstance(p, str) for p in prefixes):
+        raise ValueError(f"Invalid layers: {layers!r}; allowed: a prefix string like 'model.layers' or a list of them")
+    return prefixes
