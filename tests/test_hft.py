@@ -7,6 +7,7 @@ import random
 from collections import Counter, defaultdict
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -512,6 +513,52 @@ def test_bad_strategy_and_options():
         freeze_half(tiny_llama(), freeze="mask")
 
 
+@pytest.mark.parametrize("call, shown", [
+    (lambda named: plan_half(named, layers=5), "5"),
+    (lambda named: find_layer_stacks(named, layers=5), "5"),
+    (lambda named: plan_half(named, strategy="model", layers=5.0), "5.0"),
+    (lambda named: plan_half(named, layers=["model.layers", 5]), "['model.layers', 5]"),
+])
+def test_bad_layers_names_the_argument_and_the_allowed_values(call, shown):
+    with pytest.raises(ValueError) as err:
+        call(_synthetic(2, 4, 3, 2))
+    assert str(err.value) == (
+        f"Invalid layers: {shown}; allowed: None, a prefix string such as 'model.layers', or a list of them")
+
+
+def test_layers_as_str_list_tuple_or_generator_give_the_same_plan():
+    named = _synthetic(3, 4, 3, 2)
+    want = plan_half(named, seed=2, layers="model.layers").trainable
+    for layers in (["model.layers"], ("model.layers",), (p for p in ["model.layers"])):
+        assert plan_half(named, seed=2, layers=layers).trainable == want
+    assert find_layer_stacks(named, layers=("model.layers",)) == {"model.layers": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("strategy", ["category", "model", "parameter"])
+def test_numpy_scalars_are_accepted_like_python_numbers(strategy):
+    named = _synthetic(4, 4, 3, 2)
+    want = plan_half(named, 0.5, strategy, 3, 1)
+    for ratio, seed, rnd in [(np.float64(0.5), np.int64(3), np.int64(1)),
+                             (np.float32(0.5), np.int32(3), np.uint8(1))]:
+        got = plan_half(named, ratio=ratio, strategy=strategy, seed=seed, round=rnd)
+        assert got.trainable == want.trainable and got.entry_masked == want.entry_masked
+        assert type(got.seed) is int and type(got.round) is int and type(got.ratio) is float
+        assert (got.seed, got.round, got.ratio) == (3, 1, 0.5)
+    assert plan_half(named, ratio=np.float64(0.3), seed=np.int64(-7)).trainable == \
+        plan_half(named, ratio=0.3, seed=-7).trainable
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(seed=True), "seed"), (dict(seed=np.True_), "seed"), (dict(seed=np.float64(2.0)), "seed"),
+    (dict(round=True), "round"), (dict(round=np.int64(-1)), "round"), (dict(round=2.0), "round"),
+    (dict(ratio=np.True_), "ratio"), (dict(ratio=np.float64(1.5)), "ratio"), (dict(ratio="0.5"), "ratio"),
+    (dict(freeze_non_layer=1), "freeze_non_layer"),
+])
+def test_bools_and_out_of_range_numbers_are_refused(kwargs, name):
+    with pytest.raises(ValueError, match=f"Invalid {name}: "):
+        plan_half(_synthetic(2, 4, 3, 2), **kwargs)
+
+
 class _CustomBlock(nn.Module):
     def __init__(self, d=8):
         super().__init__()
@@ -749,3 +796,4 @@ def test_a_wrapped_model_draws_the_same_half_as_the_bare_one():
                 wrapped = [(prefix + n, p) for n, p in bare]
                 got = plan_half(wrapped, strategy=strategy, seed=seed).trainable
                 assert {n[len(prefix):] for n in got} == set(want), (strategy, seed, prefix)
+

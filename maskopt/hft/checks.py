@@ -1,12 +1,14 @@
 """HFT's options: their allowed values, and one check per argument.
 
 Each check raises ``ValueError("Invalid <name>: <value>; allowed ...")`` and returns the value
-in the form the planner uses. ``plan_half``,
+in the form the planner uses (``check_seed(np.int64(3)) == 3``). ``plan_half``,
 ``freeze_half`` and ``HalfAdam`` share them, so an option means the same everywhere.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from typing import Any
 
 from .strategies import STRATEGIES
@@ -42,21 +44,17 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
 
 
 def _is_integer(value: Any) -> bool:
-    # bool is an int, but seed=True is a mistake, not the seed 1
-    return isinstance(value, int) and not isinstance(value, bool)
+    # bool is an Integral, but seed=True is a mistake, not the seed 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_ratio(ratio: Any) -> float:
     """The share of each category that trains, as a float.
 
     Args:
-        ratio: a number with ``0 < ratio <= 1``; not a bool.
+        ratio: a real number (Python or numpy) with ``0 < ratio <= 1``; not a bool.
     """
-    try:
-        ok = not isinstance(ratio, bool) and 0.0 < float(ratio) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"Invalid ratio: {ratio!r}; allowed: 0 < ratio <= 1")
     return float(ratio)
 
@@ -72,25 +70,25 @@ def check_strategy(strategy: Any) -> str:
 
 
 def check_seed(seed: Any) -> int:
-    """The seed of the draws.
+    """The seed of the draws, as a Python int.
 
     Args:
-        seed: an integer (negative allowed); not a bool.
+        seed: an integer (Python or numpy; negative allowed); not a bool.
     """
     if not _is_integer(seed):
         raise ValueError(f"Invalid seed: {seed!r}; allowed: an integer")
-    return seed
+    return int(seed)
 
 
 def check_round(round: Any) -> int:  # noqa: A002 - HFT's name for the training stage
-    """The HFT training round.
+    """The HFT training round, as a Python int.
 
     Args:
-        round: an integer ``>= 0``; not a bool.
+        round: an integer ``>= 0`` (Python or numpy); not a bool.
     """
     if not _is_integer(round) or round < 0:
         raise ValueError(f"Invalid round: {round!r}; allowed: an integer >= 0")
-    return round
+    return int(round)
 
 
 def check_balance(balance: Any) -> str:
@@ -128,11 +126,17 @@ def check_layers(layers: Any) -> tuple[str, ...] | None:
     """The layer-stack prefixes that override the detection, as a tuple (None: detect).
 
     Args:
-        layers: None, a prefix string such as ``"model.layers"``, or an iterable of them.
+        layers: None, a prefix string such as ``"model.layers"``, or a sequence (any
+            iterable) of such strings.
     """
     if layers is None:
         return None
-    prefixes = (layers,) if isinstance(layers, str) else tuple(layers)
-    if not all(isinstance(p, str) for p in prefixes):
-        raise ValueError(f"Invalid layers: {layers!r}; allowed: a prefix string like 'model.layers' or a list of them")
-    return prefixes
+    if isinstance(layers, str):
+        return (layers,)
+    if isinstance(layers, Iterable):
+        prefixes = tuple(layers)
+        if all(isinstance(p, str) for p in prefixes):
+            return prefixes
+    raise ValueError(
+        f"Invalid layers: {layers!r}; allowed: None, a prefix string such as 'model.layers', or a list of them"
+    )
