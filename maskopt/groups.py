@@ -6,14 +6,19 @@ from typing import Iterable
 
 import torch
 
-_NORM_HINTS = ("norm", "ln_", ".ln", "layernorm")
+from .hft.categories import is_norm_name
 
 
 def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
     """Biases, norm weights and other vectors: the entries the official MoFO code neither
-    filters nor decays."""
-    lowered = name.lower()
-    return param.ndim < 2 or lowered.endswith("bias") or any(h in lowered for h in _NORM_HINTS)
+    filters nor decays. A norm is recognised by its module's name with the same rule as HFT's
+    ``"norm"`` category (:func:`maskopt.hft.categories.is_norm_name`).
+
+    Args:
+        name: the parameter's name, e.g. ``"model.layers.0.input_layernorm.weight"``.
+        param: the parameter (any tensor with fewer than two dimensions counts as a vector).
+    """
+    return param.ndim < 2 or name.lower().endswith("bias") or is_norm_name(name)
 
 
 def mofo_param_groups(
@@ -26,6 +31,11 @@ def mofo_param_groups(
     here) and decayed; biases and norms unfiltered (``alpha=1.0``) and undecayed.
 
     ``MoFO(mofo_param_groups(model.named_parameters(), weight_decay=0.01), lr=2e-5, alpha=0.15)``
+
+    Args:
+        named_parameters: ``model.named_parameters()``; tensors without ``requires_grad`` are left out.
+        weight_decay: the matrices' weight decay (default 0.0); biases and norms get none.
+        alpha: the matrices' ``alpha`` (default None: the optimizer's own).
     """
     filtered, plain = [], []
     for name, param in named_parameters:

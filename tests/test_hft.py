@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from maskopt.groups import is_bias_or_norm
 from maskopt.hft import (
     HFTClassificationError,
     entry_mask,
@@ -21,6 +22,7 @@ from maskopt.hft import (
     plan_half,
     unfreeze,
 )
+from maskopt.hft.categories import is_norm_name
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -797,3 +799,50 @@ def test_a_wrapped_model_draws_the_same_half_as_the_bare_one():
                 got = plan_half(wrapped, strategy=strategy, seed=seed).trainable
                 assert {n[len(prefix):] for n in got} == set(want), (strategy, seed, prefix)
 
+
+# ---------------------------------------------------------------------------------------------
+# the one "is this a norm" rule: HFT's "norm" category and mofo_param_groups' unfiltered group
+# ---------------------------------------------------------------------------------------------
+
+# The module's own name decides (the token before .weight/.bias): a norm is "...norm..." or
+# "ln" followed by nothing or a non-letter. Matrices inside a container whose name mentions a
+# norm, or whose own name merely contains the letters "ln", are matrices.
+NORM_NAMES = [
+    ("model.layers.0.input_layernorm.weight", True),
+    ("model.layers.0.self_attn.q_norm.weight", True),
+    ("bert.encoder.layer.0.attention.output.LayerNorm.weight", True),
+    ("encoder.block.0.layer.1.layer_norm.weight", True),
+    ("transformer.h.0.ln_1.weight", True),
+    ("transformer.ln_f.bias", True),
+    ("blocks.3.ln.weight", True),
+    ("ln2.weight", True),
+    ("norm_weight", True),
+    ("model.layers.0.mlp.down_proj.weight", False),
+    ("model.layers.0.self_attn.o_proj.weight", False),
+    ("blocks.0.lnk_proj.weight", False),
+    ("blocks.0.kiln_proj.weight", False),
+    ("transformer_blocks.0.norm1.linear.weight", False),
+    ("model.norm_layers.0.dense.weight", False),
+]
+
+
+@pytest.mark.parametrize("name, is_norm", NORM_NAMES)
+def test_norm_rule_reads_the_module_name(name, is_norm):
+    assert is_norm_name(name) is is_norm
+    # a matrix: only the name can make it a norm
+    assert is_bias_or_norm(name, torch.empty(4, 4)) is (is_norm or name.endswith("bias"))
+    # vectors stay unfiltered whatever their name
+    assert is_bias_or_norm(name, torch.empty(4)) is True
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_hft_norm_category_and_mofo_groups_agree(arch):
+    model = ARCHS[arch]()
+    plan = plan_half(model)
+    params = dict(model.named_parameters())
+    for u in plan.units:
+        if u.stack is None:
+            continue
+        assert (u.category == "norm") == is_norm_name(u.key), u.key
+        if u.category == "norm":
+            assert all(is_bias_or_norm(n, params[n]) for n in u.names), u.key

@@ -51,8 +51,8 @@ options): it uses its own counter-based generator, never torch's or Python's glo
 Where each concept lives:
 
 * ``names`` -- unit keys, wrapper prefixes (DDP, torch.compile), layer-stack detection;
-* ``categories`` -- the built-in category rules, the ``classify=`` hook,
-  :class:`HFTClassificationError`;
+* ``categories`` -- the built-in category rules (including the one "is this a norm" rule),
+  the ``classify=`` hook, :class:`HFTClassificationError`;
 * ``units`` -- :class:`Unit`: a unit placed in its stack and layer, with its category;
 * ``strategies`` -- the four strategies, one function each, in a registry; :func:`entry_mask`;
 * ``rng`` -- :class:`~maskopt.hft.rng.CounterRng`, the counter-based generator;

@@ -13,9 +13,9 @@ from typing import Callable, Mapping, Sequence
 
 from torch import nn
 
-from .names import stack_of
+from .names import stack_of, unit_key
 
-__all__ = ["ClassifyHook", "HFTClassificationError", "is_norm_token", "builtin_category",
+__all__ = ["ClassifyHook", "HFTClassificationError", "is_norm_token", "is_norm_name", "builtin_category",
            "expert_id", "as_classify_hook", "unknown_units_message"]
 
 ClassifyHook = Callable[[str, "nn.Module | None"], "str | None"]
@@ -56,6 +56,18 @@ def is_norm_token(token: str) -> bool:
     """
     tok = token.lower()
     return "norm" in tok or (tok.startswith("ln") and (len(tok) == 2 or not tok[2].isalpha()))
+
+
+def is_norm_name(name: str) -> bool:
+    """Whether a parameter belongs to a norm, judged by its module's own name (the token
+    before ``.weight``/``.bias``), so a matrix inside a container called ``norm...``
+    (``norm1.linear.weight``) is not a norm. The one rule for HFT's ``"norm"`` category and
+    for :func:`maskopt.groups.is_bias_or_norm`.
+
+    Args:
+        name: a parameter name (``"transformer.h.0.ln_1.weight"``) or unit key.
+    """
+    return is_norm_token(unit_key(name).rpartition(".")[2])
 
 
 def _attn_or_ffn(tok: str) -> str | None:
