@@ -561,6 +561,17 @@ def test_bools_and_out_of_range_numbers_are_refused(kwargs, name):
         plan_half(_synthetic(2, 4, 3, 2), **kwargs)
 
 
+def test_check_plan_options_refuses_early_and_keeps_layers_reusable():
+    from maskopt.hft.checks import check_plan_options
+
+    kept = check_plan_options(layers=(p for p in ["model.layers"]), classify={r"\.m0$": "attention"})
+    assert kept["layers"] == ("model.layers",) and kept["balance"] == "count"
+    for bad, name in [(dict(layers=5), "layers"), (dict(classify=3), "classify"),
+                      (dict(freeze_non_layer="yes"), "freeze_non_layer"), (dict(balance="size"), "balance")]:
+        with pytest.raises(ValueError, match=f"Invalid {name}: "):
+            check_plan_options(**bad)
+
+
 class _CustomBlock(nn.Module):
     def __init__(self, d=8):
         super().__init__()

@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+from .categories import ClassifyHook, as_classify_hook
 from .strategies import STRATEGIES
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "check_freeze",
     "check_freeze_non_layer",
     "check_layers",
+    "check_classify",
+    "check_plan_options",
 ]
 
 CATEGORIES = ("attention", "ffn", "norm", "router", "experts")
@@ -140,3 +143,33 @@ def check_layers(layers: Any) -> tuple[str, ...] | None:
     raise ValueError(
         f"Invalid layers: {layers!r}; allowed: None, a prefix string such as 'model.layers', or a list of them"
     )
+
+
+def check_classify(classify: Any) -> ClassifyHook | None:
+    """The ``classify=`` hook as a callable (a dict ``{regex: category}`` becomes one).
+
+    Args:
+        classify: None, a callable ``(unit_path, module_or_None) -> category or None``, or a
+            dict ``{regex: category}``.
+    """
+    return as_classify_hook(classify)
+
+
+def check_plan_options(
+    *, classify: Any = None, layers: Any = None, freeze_non_layer: Any = False, balance: Any = "count"
+) -> dict[str, Any]:
+    """Check the planner options that an optimizer keeps and passes to ``plan_half`` every
+    round, so that a bad one fails when the optimizer is built, not at its first plan.
+
+    Returns the options to keep, with ``layers`` as a tuple: a generator passed as ``layers``
+    is read here, and would be empty by the next round.
+
+    Args:
+        classify: as :func:`check_classify` (default None).
+        layers: as :func:`check_layers` (default None: detect).
+        freeze_non_layer: as :func:`check_freeze_non_layer` (default False).
+        balance: as :func:`check_balance` (default ``"count"``).
+    """
+    check_classify(classify)
+    return dict(classify=classify, layers=check_layers(layers),
+                freeze_non_layer=check_freeze_non_layer(freeze_non_layer), balance=check_balance(balance))
