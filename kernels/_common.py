@@ -125,8 +125,9 @@ def hash_u(idx, skey, HUGE: tl.constexpr):
 
 @triton.jit
 def abs_key(x):
-    """Bits of |x| for fp32 x as uint32 (orders like |x|; NaN above inf)."""
-    return x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    """Bits of |x| for fp32 x as uint32: orders like |x|, and every NaN is the one key just
+    above inf (maskopt.selection.magnitude_keys), so NaN ranks largest and NaNs tie."""
+    return tl.minimum(x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0x7F800001)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import _hash
-from .selection import random_indices, topk_count, topk_indices
+from .selection import magnitude_keys, random_indices, topk_count, topk_indices
 
 _PASS_BITS = 8
 _BINS = 1 << _PASS_BITS
@@ -122,11 +122,11 @@ def check_block_alignment(shards: Sequence[tuple[torch.Tensor, Shard]], block_si
 # ------------------------------------------------------------------------------ radix select
 
 def _float_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Non-negative scores -> int64 keys with the same order (IEEE bit patterns), and their
-    bit width: 31 for float32 (and narrower floats, widened exactly), 63 for float64."""
-    if scores.dtype == torch.float64:
-        return scores.contiguous().view(torch.int64), 63
-    return scores.float().contiguous().view(torch.int32).to(torch.int64), 31
+    """Non-negative scores (or their integer keys) -> int64 keys with the same order, NaN
+    largest (selection.magnitude_keys), and their bit width: 31 for 32-bit keys, 63 for 64."""
+    if scores.is_floating_point():
+        (scores,) = magnitude_keys([scores])
+    return scores.to(torch.int64), 63 if scores.dtype == torch.int64 else 31
 
 
 def _global_topk(keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int],

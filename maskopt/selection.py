@@ -39,6 +39,44 @@ def topk_count(n: int, alpha: float) -> int:
     return min(n, max(1, math.floor(alpha * n + 0.5)))
 
 
+# Keys of non-negative scores: IEEE bit patterns order like the values, and every NaN maps to
+# the one key just above +inf, so NaN ranks as the largest score (as torch.topk ranks it) and
+# NaNs tie among themselves, which the lowest-index rule then orders. The Triton kernels
+# (kernels/_common.py abs_key) and the sharded path use the same keys.
+NAN_KEY32 = 0x7F800001
+NAN_KEY64 = 0x7FF0000000000001
+
+
+def magnitude_keys(magnitudes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Integer keys with the order of ``|x|`` values (already non-negative or NaN), NaN above
+    +inf. float32 and narrower give int32 keys, float64 int64 keys. The inputs are reused
+    in place when they are contiguous float32/float64 tensors."""
+    keys: list[torch.Tensor] = []
+    for m in magnitudes:
+        if m.dtype == torch.float64:
+            keys.append(m.contiguous().view(torch.int64))
+        else:
+            keys.append(m.float().contiguous().view(torch.int32))
+    for key_dtype, nan_key in ((torch.int32, NAN_KEY32), (torch.int64, NAN_KEY64)):
+        same = [k for k in keys if k.dtype == key_dtype]
+        if same:
+            torch._foreach_clamp_max_(same, nan_key)
+    return keys
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Signed float scores -> integer keys with the same order (-0.0 equal to +0.0), NaN
+    largest; integer scores are returned as they are."""
+    if not scores.is_floating_point():
+        return scores
+    wide = scores.dtype == torch.float64
+    x = (scores.double() if wide else scores.float()) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = x.view(torch.int64 if wide else torch.int32)
+    flip = (1 << 63) - 1 if wide else (1 << 31) - 1
+    keys = torch.where(bits < 0, bits ^ flip, bits)
+    return keys.masked_fill_(torch.isnan(x), NAN_KEY64 if wide else NAN_KEY32)
+
+
 def _kth_largest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Entries of each row kept by the exact top-k with lowest-index ties, as a bool mask."""
     rows, length = scores.shape
@@ -153,8 +191,15 @@ def topk_indices(
     """Sorted flat indices of the exact top-k of each tensor (per block of ``block_size``).
 
     ``k = topk_count(block_length, alpha)`` per block; exactly ``k`` entries are selected and
-    ties at the k-th value go to the lowest flat index.
+    ties at the k-th value go to the lowest flat index. NaN ranks as the largest score.
+
+    Args:
+        scores: one tensor per selection, any shape (read flat); floating or integer.
+        alpha: fraction of each block to select, ``0 < alpha <= 1``.
+        block_size: select per chunk of this many consecutive flat entries (the last chunk
+            may be shorter); None selects over the whole tensor.
     """
+    scores = [_order_keys(s) for s in scores]
     by_length: dict[int, list[tuple[int, int, int, torch.Tensor]]] = defaultdict(list)
     pieces: list[list[torch.Tensor | None]] = []
     for t, s in enumerate(scores):

@@ -95,7 +95,11 @@ def _grads(step):
     return out
 
 
-def _compare_direct(rank, world, make, steps=4, block_size=None, grads=None):
+def _equal_nan(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def _compare_direct(rank, world, make, steps=4, block_size=None, grads=None, equal=torch.equal):
     """Sharded DTensor params with the same gradients as a plain run: bitwise equal."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -112,10 +116,10 @@ def _compare_direct(rank, world, make, steps=4, block_size=None, grads=None):
         opt_sharded.step()
         for i, (p, q) in enumerate(zip(plain, sharded)):
             got = q.detach().full_tensor()
-            assert torch.equal(got, p.detach()), (
+            assert equal(got, p.detach()), (
                 f"step {step}, tensor {i} {tuple(p.shape)}: {(got != p).sum().item()} entries differ")
             m = opt_sharded.state[q]["exp_avg"].full_tensor()
-            assert torch.equal(m, opt_plain.state[p]["exp_avg"])
+            assert equal(m, opt_plain.state[p]["exp_avg"])
 
 
 def mofo_momentum(rank, world):
@@ -139,6 +143,29 @@ def mofo_float64(rank, world):
         _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3), steps=2, grads=grads)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def mofo_nan(rank, world):
+    """NaN ranks as the largest |m| on the sharded path too: the same entries move as in
+    one process, exactly k of them."""
+    from maskopt import MoFO, topk_count
+
+    def grads(step):
+        out = _grads(step)
+        for g in out:
+            g.view(-1)[1::4] = float("nan")
+        return out
+
+    before = [t.clone() for t in _full_params()]
+    _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.5), steps=1, grads=grads, equal=_equal_nan)
+    plain = [torch.nn.Parameter(t.clone()) for t in before]
+    opt = MoFO(plain, lr=1e-2, alpha=0.5)
+    for p, g in zip(plain, grads(0)):
+        p.grad = g
+    opt.step()
+    for p, p0 in zip(plain, before):
+        moved = (p.detach() != p0) | p.detach().isnan()
+        assert int(moved.sum()) == topk_count(p.numel(), 0.5)
 
 
 def mofo_gradient_small_alpha(rank, world):
@@ -321,7 +348,7 @@ def tensor_parallel_refused(rank, world):
 # ------------------------------------------------------------------------------ tests
 
 def test_sharded_dtensor_step_equals_single_process_bitwise():
-    _spawn("mofo_momentum,mofo_float64,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,"
+    _spawn("mofo_momentum,mofo_float64,mofo_nan,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,"
            "tensor_parallel_refused")
 
 
