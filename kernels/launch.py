@@ -378,24 +378,31 @@ def fused_adam_step_(
     exp_avg_sqs: Sequence[torch.Tensor],
     state_steps: Sequence[torch.Tensor],
     *,
-    selection: str,
-    alpha: float,
-    block_size: int | None,
+    policy,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     mask_weight_decay: bool,
-    seed: int,
     tensor_indices: Sequence[int],
-    hash_counter: int | None,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
 ) -> None:
-    """One masked-AdamW step of one parameter group (see DESIGN.md section 3), in place."""
+    """One masked-AdamW step of one parameter group (docs/semantics.md), in place.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs, state_steps: per-tensor lists on one CUDA device
+            (or CPU under TRITON_INTERPRET=1); contiguous; float32 moments and step counters.
+        policy: the ``maskopt.policy.SelectionPolicy`` shared by all the tensors.
+        lr, beta1, beta2, eps, weight_decay, mask_weight_decay: the AdamW hyperparameters.
+        tensor_indices: each tensor's index in its optimizer (keys the random masks).
+        grad_scale, found_inf: GradScaler's one-element tensors, or None.
+    """
     if len(params) == 0:
         return
+    selection = "all" if policy.moves_all else policy.kind
+    alpha, block_size, seed, hash_counter = policy.alpha, policy.block_size, policy.seed, policy.counter
     device = _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha,
                     block_size, tensor_indices, grad_scale, found_inf)
     check_device(device)

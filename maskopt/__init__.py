@@ -5,10 +5,12 @@
 - ``HalfAdam``: Half Fine-Tuning, a category-balanced half of every transformer layer per round.
 """
 
+from . import functional
 from .groups import mofo_param_groups
 from .half_adam import HalfAdam
 from .mofo import MoFO
 from .optimizer import MaskedAdam
+from .policy import SelectionPolicy
 from .random_bcd import RandomBCD
 from .selection import random_masks, topk_count, topk_masks
 from .telemetry import UpdateTelemetry
@@ -18,7 +20,9 @@ __all__ = [
     "MaskedAdam",
     "MoFO",
     "RandomBCD",
+    "SelectionPolicy",
     "UpdateTelemetry",
+    "functional",
     "mofo_param_groups",
     "random_masks",
     "topk_count",

@@ -1,7 +1,7 @@
 """The PyTorch path: masked Adam on a list of tensors (foreach ops, batched selection).
 
-Same arguments as the Triton launcher ``maskopt.kernels.fused_adam_step_`` so the optimizer
-dispatches to either without translating.
+Same arguments as the Triton launcher ``maskopt.kernels.fused_adam_step_``, so
+``maskopt.functional`` dispatches to either without translating.
 """
 
 from __future__ import annotations
@@ -11,50 +11,45 @@ from typing import Sequence
 import torch
 
 from . import _hash
-from .selection import ALL, RANDOM, RANDOM_EXACT, TOPK_GRADIENT, TOPK_MOMENTUM, random_indices, topk_indices
+from .policy import SelectionPolicy
+from .selection import RANDOM_EXACT, TOPK_MOMENTUM, magnitude_keys, random_indices, topk_indices
 
 
 def _select(
-    selection: str,
+    policy: SelectionPolicy,
     exp_avgs: list[torch.Tensor],
     grads32: list[torch.Tensor],
     step_values: list[float],
     *,
-    alpha: float,
-    block_size: int | None,
-    seed: int,
     tensor_indices: Sequence[int],
-    hash_counter: int | None,
     shards: Sequence | None = None,
 ) -> list[torch.Tensor | None]:
     """Sorted flat indices of the entries that move this step; None means the whole tensor.
 
     ``shards`` (maskopt.distributed.Shard or None per tensor) marks local shards of sharded
     tensors: their selection is computed over the whole tensor."""
-    if selection == ALL or (alpha >= 1.0 and selection in (TOPK_MOMENTUM, TOPK_GRADIENT, RANDOM_EXACT)):
+    if policy.moves_all:
         return [None] * len(exp_avgs)
     sharded = shards is not None and any(s is not None for s in shards)
-    if selection in (TOPK_MOMENTUM, TOPK_GRADIENT):
-        scores = torch._foreach_abs(exp_avgs if selection == TOPK_MOMENTUM else grads32)
+    if policy.is_topk:
+        scores = magnitude_keys(torch._foreach_abs(exp_avgs if policy.kind == TOPK_MOMENTUM else grads32))
         if sharded:
             from .distributed import topk_indices_sharded
 
-            return topk_indices_sharded(scores, shards, alpha, block_size)
-        return topk_indices(scores, alpha, block_size)
-    if selection in (RANDOM, RANDOM_EXACT):
-        keys = [
-            _hash.stream_key(seed, index, int(t) if hash_counter is None else hash_counter)
-            for index, t in zip(tensor_indices, step_values)
-        ]
+            return topk_indices_sharded(scores, shards, policy.alpha, policy.block_size)
+        return topk_indices(scores, policy.alpha, policy.block_size)
+    if policy.is_random:
+        keys = [_hash.stream_key(policy.seed, index, policy.hash_counter(t))
+                for index, t in zip(tensor_indices, step_values)]
+        exact = policy.kind == RANDOM_EXACT
         if sharded:
             from .distributed import random_indices_sharded
 
-            return random_indices_sharded([m.numel() for m in exp_avgs], shards, keys, alpha,
-                                          exact=selection == RANDOM_EXACT, device=exp_avgs[0].device)
-        return random_indices(
-            [m.shape for m in exp_avgs], keys, alpha, exact=selection == RANDOM_EXACT, device=exp_avgs[0].device
-        )
-    raise ValueError(f"unknown selection {selection!r}")
+            return random_indices_sharded([m.numel() for m in exp_avgs], shards, keys, policy.alpha,
+                                          exact=exact, device=exp_avgs[0].device)
+        return random_indices([m.shape for m in exp_avgs], keys, policy.alpha, exact=exact,
+                              device=exp_avgs[0].device)
+    raise ValueError(f"unknown selection {policy.kind!r}")
 
 
 def masked_adam_(
@@ -64,26 +59,30 @@ def masked_adam_(
     exp_avg_sqs: list[torch.Tensor],
     state_steps: list[torch.Tensor],
     *,
-    selection: str,
-    alpha: float,
-    block_size: int | None,
+    policy: SelectionPolicy,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     mask_weight_decay: bool,
-    seed: int,
     tensor_indices: Sequence[int],
-    hash_counter: int | None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     shards: Sequence | None = None,
 ) -> None:
-    """One masked-Adam step (DESIGN.md section 3) on all tensors of one param group.
+    """One masked-AdamW step (docs/semantics.md) on the tensors of one param group, in place.
 
-    The tensors are plain (local) tensors; ``shards`` says which are shards of a larger
-    tensor (maskopt.distributed), so that their selection is taken over the whole tensor."""
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs, state_steps: per-tensor lists (plain, local
+            tensors); the moments in float32 (float64 for float64 parameters).
+        policy: the ``SelectionPolicy`` shared by all the tensors.
+        lr, beta1, beta2, eps, weight_decay, mask_weight_decay: the AdamW hyperparameters.
+        tensor_indices: each tensor's index in its optimizer (keys the random masks).
+        grad_scale, found_inf: GradScaler's one-element tensors, or None.
+        shards: per tensor, a ``maskopt.distributed.Shard`` when it is the local shard of a
+            larger tensor (its selection is then taken over the whole tensor), else None.
+    """
     if not params:
         return
     if found_inf is not None and bool(found_inf.item()):
@@ -103,10 +102,7 @@ def masked_adam_(
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads32, grads32, 1 - beta2)
 
-    selected = _select(
-        selection, exp_avgs, grads32, step_values, alpha=alpha, block_size=block_size,
-        seed=seed, tensor_indices=tensor_indices, hash_counter=hash_counter, shards=shards,
-    )
+    selected = _select(policy, exp_avgs, grads32, step_values, tensor_indices=tensor_indices, shards=shards)
 
     step_sizes = [-lr / (1 - beta1**t) for t in step_values]
     bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in step_values]

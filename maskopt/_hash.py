@@ -57,6 +57,13 @@ def stream_key(seed: int, tensor_index: int, counter: int) -> int:
     return mix32_int(tensor_key(seed, tensor_index) ^ (int(counter) & MASK32) ^ _SALT_COUNTER)
 
 
+def stream_key_tensor(seed: int, tensor_index: int, counter: torch.Tensor) -> torch.Tensor:
+    """:func:`stream_key` with the counter a (float or int) tensor, as int32 bits on its device:
+    the fused path keeps step counters on the GPU, and this keys a mask without reading them."""
+    c = counter.detach().to(torch.int64).bitwise_and_(MASK32)
+    return mix32(int32_bits(c.bitwise_xor_(tensor_key(seed, tensor_index) ^ _SALT_COUNTER)))
+
+
 def threshold(alpha: float) -> int:
     """Keys below this are selected; alpha=1 gives 2**32, so every entry is."""
     return min(1 << 32, max(0, int(round(float(alpha) * 4294967296.0))))

@@ -4,21 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from .optimizer import MaskedAdam, check_choice, check_range
+from .optimizer import MaskedAdam, check_choice, check_int, check_range
+from .policy import SelectionPolicy, cached_policy
 from .selection import ALL, TOPK_GRADIENT, TOPK_MOMENTUM
 
 FILTERS = {"momentum": TOPK_MOMENTUM, "gradient": TOPK_GRADIENT}
 
 
 class MoFO(MaskedAdam):
-    """Momentum-Filtered Optimizer (MoFO paper, Algorithm 1), a drop-in for ``torch.optim.AdamW``.
+    r"""Momentum-Filtered Optimizer (MoFO paper, Algorithm 1), a drop-in for ``torch.optim.AdamW``.
 
-    Every step updates the moments of all entries, then moves only the ``k = topk_count(n, alpha)``
-    entries of each tensor (or of each ``block_size`` chunk) with the largest ``|exp_avg|``
-    (``filter="gradient"``: largest ``|grad|``, the paper's gradient-filtered BCD ablation).
-    Exactly ``k`` entries move; ties go to the lowest flat index. Decoupled weight decay
-    applies to the moved entries only, unless ``mask_weight_decay=False`` (all entries, as the
-    official MoFO code does). ``alpha=1.0`` is AdamW.
+    For every tensor :math:`\theta` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \quad\text{(every entry)} \\
+        S_t &= \text{the } k = \mathrm{topk\_count}(n, \alpha) \text{ entries with the largest } |m_t|
+               \text{ (per block of } \texttt{block\_size}\text{)} \\
+        \theta_{t,i} &= \theta_{t-1,i}(1 - \eta\lambda) - \eta\,
+               \frac{m_{t,i}/(1-\beta_1^t)}{\sqrt{v_{t,i}}/\sqrt{1-\beta_2^t} + \epsilon}
+               \quad\text{for } i \in S_t; \text{ other entries keep their exact bits.}
+
+    Exactly ``k = min(n, max(1, floor(alpha * n + 0.5)))`` entries move; ties at the k-th value
+    go to the lowest flat index, and NaN ranks as the largest ``|m|``. ``alpha=1.0`` is AdamW
+    (bit for bit on the PyTorch path). The full semantics: docs/semantics.md.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts
+            (see :func:`maskopt.mofo_param_groups` for the official MoFO grouping).
+        lr: learning rate :math:`\eta` (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default (0.9, 0.999)).
+        eps: :math:`\epsilon` added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda` (default 0.0).
+        alpha: fraction of each tensor's entries that move, ``0 < alpha <= 1`` (default 0.1;
+            the paper uses 5-15 %).
+        filter: ``"momentum"`` (default: largest ``|exp_avg|``, the paper) or ``"gradient"``
+            (largest ``|grad|``: the paper's gradient-filtered ablation).
+        mask_weight_decay: decay only the entries that move (default True); False decays every
+            entry, as the official MoFO code does.
+        block_size: select per chunk of this many consecutive flat entries instead of per
+            tensor (an integer >= 1, or None: per tensor, the default).
+        foreach: None/True batch tensors with foreach ops on the PyTorch path; False steps one
+            tensor at a time.
+        fused: None (default) takes the Triton path for CUDA float32/bf16/fp16 tensors when
+            Triton is installed, the PyTorch path otherwise; True requires the Triton path;
+            False always takes the PyTorch path.
+        maximize: maximize the objective instead of minimising it (default False).
     """
 
     def __init__(
@@ -34,10 +65,13 @@ class MoFO(MaskedAdam):
         block_size: int | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, filter=filter,
             mask_weight_decay=mask_weight_decay, block_size=block_size, foreach=foreach, fused=fused,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
 
@@ -45,10 +79,11 @@ class MoFO(MaskedAdam):
         super()._check_group(group)
         check_range("alpha", group["alpha"], 0.0, 1.0, low_open=True)
         check_choice("filter", group["filter"], tuple(FILTERS))
-        block_size = group.get("block_size")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(f"Invalid block_size: {block_size!r}; allowed: None or an integer >= 1")
+        check_int("block_size", group.get("block_size"), low=1, allow_none=True)
 
-    def _selection_of(self, group, param, index):
+    def _policy(self, group, param) -> SelectionPolicy:
         alpha = float(group["alpha"])
-        return (ALL if alpha >= 1.0 else FILTERS[group["filter"]], alpha, None)
+        if alpha >= 1.0:
+            return cached_policy(ALL)
+        block_size = group.get("block_size")
+        return cached_policy(FILTERS[group["filter"]], alpha, None if block_size is None else int(block_size))

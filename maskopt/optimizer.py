@@ -1,41 +1,35 @@
 """``MaskedAdam``: the one base class behind MoFO, RandomBCD and HalfAdam.
 
-It owns argument checks, optimizer state, ``step()`` and dispatch between the Triton path
-(``maskopt.kernels``) and the PyTorch path (``maskopt._functional``). A subclass only says,
-per tensor, how the entries to update are selected (``_selection_of``).
-
-State semantics (the same on every path):
+It owns argument checks, optimizer state and planning a step; the math runs in
+:func:`maskopt.functional.masked_adamw`. A subclass only says, per tensor, which entries move
+(:meth:`MaskedAdam.selection_policy`). The exact semantics are in docs/semantics.md:
 - ``step``, ``exp_avg``, ``exp_avg_sq``: torch AdamW's keys. Moments are float32 whatever the
-  parameter dtype, and are updated for *every* entry of a stepped tensor; only the parameter
-  update is masked. A tensor that is skipped (no grad, or frozen by HalfAdam) keeps its state
-  untouched, step counter included.
+  parameter dtype (float64 for float64 parameters) and are updated for *every* entry of a
+  stepped tensor; only the parameter update is masked. A tensor that is skipped (no grad, or
+  frozen by HalfAdam) keeps its state untouched, step counter included.
 - An AdamW state dict loads into these optimizers and theirs into AdamW.
+- Every group value a step uses is checked before anything changes: at construction, in
+  ``add_param_group``, in ``load_state_dict`` (on a copy) and at the start of ``step()``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.optim import Optimizer
 
 from . import distributed
-from ._functional import masked_adam_
-from .selection import ALL, TOPK_GRADIENT, TOPK_MOMENTUM
+from ._checks import as_float as _as_float, check_choice, check_int, check_range  # noqa: F401 (re-exported)
+from .functional import FUSED_DTYPES, fused_available, fused_by_default, masked_adamw
+from .policy import SelectionPolicy
 
 _FUSED_HINT = (
     "fused=True needs CUDA tensors and Triton installed (`pip install maskopt[triton]`); "
     "on CPU it runs only under TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
 )
-
-
-# fused=None picks the Triton path on CUDA (DESIGN.md). This waited until the kernel tests
-# had passed on a GPU (an H100, 2026-11-24: benchmarks/RESULTS.md), where the fused MoFO
-# step also measured about 4x faster than the PyTorch path.
-FUSED_BY_DEFAULT_ON_CUDA = True
-
 
 # DeepSpeed ZeRO (stages 1-3) puts flat fp32 partitions of many tensors into the client
 # optimizer's param_groups; accelerate does the same with FSDP1's flat parameters. A per-tensor
@@ -48,77 +42,61 @@ _REPLACED_PARAMS = (
     "ZeRO stage 0. To add parameters, use add_param_group()."
 )
 
+# torch's Optimizer adds this key to `defaults` when it unpickles or loads a state dict; it
+# is not one of our hyperparameters (steps never build an autograd graph), so it must not be
+# copied into the groups.
+_TORCH_ONLY_DEFAULTS = ("differentiable",)
 
-def _moment_dtype(param: torch.Tensor) -> torch.dtype:
-    """float32 moments for fp32/bf16/fp16 parameters (DESIGN.md), float64 for float64 ones."""
+
+def moment_dtype(param: torch.Tensor) -> torch.dtype:
+    """float32 moments for fp32/bf16/fp16 parameters, float64 for float64 ones."""
     return torch.promote_types(param.dtype, torch.float32)
 
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# -- argument checks ----------------------------------------------------------------------------
 
 
-def _fused_kernels():
-    try:
-        from maskopt import kernels
-    except ImportError:  # pragma: no cover - kernels ship with the package
-        return None
-    return kernels if hasattr(kernels, "fused_adam_step_") else None
+def _check_adamw_keys(group: dict[str, Any]) -> None:
+    """Keys of torch.optim.AdamW/Adam groups (an AdamW state dict brings them along): the ones
+    whose value would change the math are supported (maximize) or refused, never ignored.
+    ``capturable`` changes no result, and torch.compile sets it on an optimizer it traces,
+    so it is left alone."""
+    if group.get("amsgrad", False) is not False:
+        raise ValueError(f"Invalid amsgrad: {group['amsgrad']!r}; allowed values: False "
+                         "(maskopt's optimizers have no AMSGrad variant)")
+    if group.get("differentiable", False) is not False:
+        raise ValueError(f"Invalid differentiable: {group['differentiable']!r}; allowed values: False "
+                         "(a maskopt step is not differentiable)")
+    if group.get("decoupled_weight_decay", True) is not True and _as_float(group.get("weight_decay", 0), "weight_decay"):
+        raise ValueError("Invalid decoupled_weight_decay: False with weight_decay != 0; allowed values: True "
+                         "(maskopt's weight decay is AdamW's decoupled decay, not Adam's L2 penalty)")
 
 
-def fused_available(device: torch.device) -> bool:
-    kernels = _fused_kernels()
-    return kernels is not None and bool(kernels.is_available(device))
+# -- a planned step ------------------------------------------------------------------------------
 
 
-def _as_float(value: Any, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid {name}: expected a number, got {value!r}") from None
+@dataclass
+class _Bucket:
+    """Tensors of one group that share a selection policy, checked and ready to step."""
 
-
-def check_range(name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
-    """Raise ValueError naming ``name`` unless ``low (<|<=) value (<|<=) high``."""
-    x = _as_float(value, name)
-    ok = not math.isnan(x)
-    ok = ok and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
-    if not ok:
-        lo = f"{low} {'<' if low_open else '<='} " if low != -math.inf else ""
-        hi = f" {'<' if high_open else '<='} {high}" if high != math.inf else ""
-        raise ValueError(f"Invalid {name}: {value!r}; allowed: {lo}{name}{hi}")
-
-
-def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(map(repr, allowed))}")
-
-
-_BATCH_ENTRIES = 1 << 16
-
-
-def _batches(sizes: list[int], limit: int) -> list[list[int]]:
-    """Consecutive index runs whose sizes add up to at most ``limit`` (a bigger item alone)."""
-    batches: list[list[int]] = [[]]
-    total = 0
-    for i, size in enumerate(sizes):
-        if batches[-1] and total + size > limit:
-            batches.append([])
-            total = 0
-        batches[-1].append(i)
-        total += size
-    return batches
+    group: dict[str, Any]
+    policy: SelectionPolicy
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    shards: list[Any] = field(default_factory=list)
 
 
 class MaskedAdam(Optimizer):
     """AdamW whose parameter update lands only on a selected set of entries.
 
-    Subclasses implement :meth:`_selection_of`. Group keys shared by all: ``lr``, ``betas``,
-    ``eps``, ``weight_decay``, ``mask_weight_decay``, ``foreach``, ``fused``.
+    Subclasses implement :meth:`selection_policy` (and extend :meth:`_check_group`). Group
+    keys shared by all: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``mask_weight_decay``,
+    ``maximize``, ``foreach``, ``fused``.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
+        defaults: the default value of every group key (the subclass's arguments).
     """
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
@@ -135,14 +113,15 @@ class MaskedAdam(Optimizer):
         # instead of unscaling the gradients itself; the PyTorch path honours them as well.
         params = [p for g in self.param_groups for p in g["params"]]
         self._step_supports_amp_scaling = bool(params) and all(
-            g.get("fused") or (g.get("fused") is None and all(self._fused_by_default(p) for p in g["params"]))
+            g.get("fused") or (g.get("fused") is None and all(fused_by_default(p) for p in g["params"]))
             for g in self.param_groups
         )
 
     # -- arguments -------------------------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        """ValueError naming the argument for any out-of-range hyperparameter."""
+        """ValueError naming the argument for any value of ``group`` that a step would use
+        and that is out of range or of the wrong type. Subclasses extend it."""
         check_range("lr", group["lr"], 0.0, math.inf)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -151,18 +130,30 @@ class MaskedAdam(Optimizer):
         check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_range("eps", group["eps"], 0.0, math.inf)
         check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
-        if "mask_weight_decay" in group:
-            check_choice("mask_weight_decay", group["mask_weight_decay"], (True, False))
+        for key in ("mask_weight_decay", "maximize"):
+            if key in group:
+                check_choice(key, group[key], (True, False))
         foreach, fused = group.get("foreach"), group.get("fused")
         check_choice("foreach", foreach, (None, True, False))
         check_choice("fused", fused, (None, True, False))
         if foreach and fused:
             raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot both be set")
+        _check_adamw_keys(group)
+
+    def _check_groups(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Check every group, and what must agree between groups (subclasses extend it)."""
+        for group in groups:
+            self._check_group(group)
+
+    def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
+        """``group``'s hyperparameters with the missing ones taken from the defaults."""
+        filled = {k: v for k, v in self.defaults.items() if k not in _TORCH_ONLY_DEFAULTS}
+        filled.update((k, v) for k, v in group.items() if k != "params")
+        return filled
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
-            merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-            self._check_group(merged)
+            self._check_groups([*getattr(self, "param_groups", []), self._with_defaults(param_group)])
         super().add_param_group(param_group)
         self._tensor_index = None
         self._registered.update(self.param_groups[-1]["params"])
@@ -174,25 +165,34 @@ class MaskedAdam(Optimizer):
         # A state dict from torch.optim.AdamW lacks our keys: fill them from our defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key not in _TORCH_ONLY_DEFAULTS:
+                    group.setdefault(key, value)
 
     # -- selection (subclasses) ---------------------------------------------------------------
 
-    def _selection_of(self, group: dict[str, Any], param: torch.Tensor, index: int):
-        """``(kind, alpha, hash_counter)`` for this tensor, or None to leave it untouched.
+    def selection_policy(self, param: torch.Tensor, group: dict[str, Any] | None = None) -> SelectionPolicy | None:
+        """Which entries of ``param`` move in this step (None: the tensor is left untouched).
 
-        ``kind`` is one of maskopt.selection.KINDS; ``hash_counter`` replaces the step as the
-        hash counter of the random kinds (None: use the step)."""
+        Args:
+            param: one of the optimizer's parameters.
+            group: its param group (found when not given).
+        """
+        if group is None:
+            group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        return self._policy(group, param)
+
+    def _policy(self, group: dict[str, Any], param: torch.Tensor) -> SelectionPolicy | None:
         raise NotImplementedError
-
-    def _hash_seed(self, group: dict[str, Any]) -> int:
-        return int(group.get("seed", 0))
 
     # -- state ---------------------------------------------------------------------------------
 
     def tensor_index(self, param: torch.Tensor) -> int:
         """Position of ``param`` among all the optimizer's parameters (group order); it keys
-        the random masks, so it must not change across a resume."""
+        the random masks, so it must not change across a resume.
+
+        Args:
+            param: one of the optimizer's parameters.
+        """
         if self._tensor_index is None:
             params = [p for g in self.param_groups for p in g["params"]]
             self._tensor_index = {p: i for i, p in enumerate(params)}
@@ -200,7 +200,7 @@ class MaskedAdam(Optimizer):
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
-        moments = _moment_dtype(param)
+        moments = moment_dtype(param)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
@@ -213,142 +213,147 @@ class MaskedAdam(Optimizer):
                     state[key] = state[key].to(moments)
         return state
 
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state dict whose groups or moments this optimizer could not step with,
+        before anything is installed."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            found = len(groups) if isinstance(groups, list) else groups
+            raise ValueError(f"Invalid state_dict: it has {found} param groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        self._check_groups([self._with_defaults(g) for g in groups])
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [pid for group in groups for pid in group["params"]]
+        for pid, param in zip(ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(value):
+                    shapes = {tuple(param.shape), tuple(distributed.local(param).shape)}
+                    if tuple(value.shape) not in shapes:
+                        raise ValueError(f"Invalid state_dict: state[{pid!r}][{key!r}] has shape "
+                                         f"{tuple(value.shape)}, its parameter has {tuple(param.shape)}")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_state_dict(state_dict)
         # torch casts loaded moments to the parameter dtype; ours stay float32, so keep the
-        # saved tensors and restore them at full precision after the stock load.
+        # saved tensors and restore them at full precision after the stock load. Copies, so
+        # that a state dict taken from a live optimizer shares no tensor with it.
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         saved = {
             pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
-                  if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(v) and v.is_floating_point()}
+                  if k in ("exp_avg", "exp_avg_sq", "step") and torch.is_tensor(v) and v.is_floating_point()}
             for pid in ids
         }
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(ids, params):
             for key, value in saved[pid].items():
-                self.state[param][key] = value.to(device=param.device, dtype=_moment_dtype(param), copy=True)
-        for group in self.param_groups:
-            self._check_group(group)
+                if key == "step":
+                    self.state[param][key] = value.clone()
+                else:
+                    self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param), copy=True)
 
     # -- step -----------------------------------------------------------------------------------
 
-    def _fused_by_default(self, param: torch.Tensor) -> bool:
-        return (FUSED_BY_DEFAULT_ON_CUDA and param.is_cuda and param.dtype in _FUSED_DTYPES
-                and fused_available(param.device))
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """One optimizer step; calls ``closure`` (with grad enabled) first if given, returns its loss."""
+        """One optimizer step; calls ``closure`` (with grad enabled) first if given, returns its loss.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        # Plan every group before touching anything, so a bad gradient raises with no
-        # parameter or state changed.
-        plans = []
-        blocked: dict[int, list] = {}  # (local tensor, shard) selected per block, by block_size
-        for group in self.param_groups:
-            buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-            for p in group["params"]:
-                if p not in self._registered:
-                    raise RuntimeError(_REPLACED_PARAMS.format(name=type(self).__name__))
-                if p.grad is None:
-                    continue
-                index = self.tensor_index(p)
-                selection = self._selection_of(group, p, index)
-                if selection is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if torch.is_complex(p) or torch.is_complex(grad):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters or gradients")
-                if not p.is_floating_point():
-                    raise RuntimeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
-                shard = distributed.shard_of(p, type(self).__name__)  # unsupported placements raise
-                if shard is not None:
-                    if selection[0] != ALL and group.get("fused"):
-                        raise ValueError(
-                            f"{type(self).__name__}: fused=True does not support sharded (FSDP2/DTensor) "
-                            f"parameters with the {selection[0]!r} selection yet; use fused=None or fused=False"
-                        )
-                    if group.get("block_size") and selection[0] in (TOPK_MOMENTUM, TOPK_GRADIENT):
-                        blocked.setdefault(group["block_size"], []).append((distributed.local(p), shard))
-                bucket = buckets[selection]
-                bucket["params"].append(p)
-                bucket["grads"].append(grad)
-                bucket["indices"].append(index)
-                bucket["shards"].append(shard)
-            plans.append((group, buckets))
-        for block_size, sharded in sorted(blocked.items()):
-            distributed.check_block_alignment(sharded, block_size, type(self).__name__)
-
+        # Every check runs before the first tensor changes: a refused step changes nothing.
+        self._check_groups(self.param_groups)
+        buckets = self._plan_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group, buckets in plans:
-            for (kind, alpha, hash_counter), bucket in buckets.items():
-                params = bucket["params"]
-                states = [self._state_for(p) for p in params]
-                self._run(
-                    group, params, bucket["grads"], states,
-                    selection=kind, alpha=alpha, hash_counter=hash_counter,
-                    tensor_indices=bucket["indices"], shards=bucket["shards"], grad_scale=grad_scale,
-                    found_inf=found_inf,
-                )
+        for bucket in buckets:
+            self._run(bucket, grad_scale, found_inf)
         return loss
 
-    def _run(self, group, params, grads, states, *, selection, alpha, hash_counter, tensor_indices,
-             shards, grad_scale, found_inf) -> None:
-        fused = group.get("fused")
-        orig_params = params
-        # batches are cut by whole-tensor sizes, so every rank of a sharded run makes the same calls
-        numels = [p.numel() for p in params]
-        if all(s is None for s in shards):
-            shards = None
-        elif selection != ALL:
-            fused = False  # the sharded selection has no Triton version (fused=True refused in step())
+    def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        name = type(self).__name__
+        if grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if torch.is_complex(p) or torch.is_complex(grad):
+            raise RuntimeError(f"{name} does not support complex parameters or gradients")
+        if not p.is_floating_point():
+            raise RuntimeError(f"{name} needs floating-point parameters, got {p.dtype}")
+        if grad.shape != p.shape or grad.device != p.device:
+            raise RuntimeError(f"{name}: the gradient of parameter {self.tensor_index(p)} has shape "
+                               f"{tuple(grad.shape)} on {grad.device}; the parameter has shape "
+                               f"{tuple(p.shape)} on {p.device}")
+        moment = self.state[p].get("exp_avg") if p in self.state else None
+        if torch.is_tensor(moment) and moment.shape != p.shape:
+            raise RuntimeError(f"{name}: parameter {self.tensor_index(p)} has shape {tuple(p.shape)} but its "
+                               f"optimizer state has shape {tuple(moment.shape)} (was the parameter replaced?)")
+
+    def _plan_step(self) -> list[_Bucket]:
+        """Group the tensors to step by (group, policy), checking everything that could fail."""
+        name = type(self).__name__
+        buckets: list[_Bucket] = []
+        blocked: dict[int, list] = {}  # (local tensor, shard) selected per block, by block_size
+        for group in self.param_groups:
+            by_policy: dict[SelectionPolicy, _Bucket] = {}
+            for p in group["params"]:
+                if p not in self._registered:
+                    raise RuntimeError(_REPLACED_PARAMS.format(name=name))
+                if p.grad is None:
+                    continue
+                policy = self._policy(group, p)
+                if policy is None:
+                    continue
+                self._check_grad(p, p.grad)
+                shard = distributed.shard_of(p, name)  # unsupported placements raise
+                if shard is not None:
+                    if not policy.moves_all and group.get("fused"):
+                        raise ValueError(
+                            f"{name}: fused=True does not support sharded (FSDP2/DTensor) parameters with "
+                            f"the {policy.kind!r} selection yet; use fused=None or fused=False"
+                        )
+                    if policy.block_size and policy.is_topk:
+                        blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
+                if group.get("fused") and not fused_available(p.device):
+                    raise RuntimeError(f"{name}: {_FUSED_HINT}")
+                bucket = by_policy.setdefault(policy, _Bucket(group, policy))
+                bucket.params.append(p)
+                bucket.grads.append(p.grad)
+                bucket.indices.append(self.tensor_index(p))
+                bucket.shards.append(shard)
+            buckets += by_policy.values()
+        for block_size, sharded in sorted(blocked.items()):
+            distributed.check_block_alignment(sharded, block_size, name)
+        return buckets
+
+    def _run(self, bucket: _Bucket, grad_scale, found_inf) -> None:
+        group, params = bucket.group, bucket.params
+        states = [self._state_for(p) for p in params]
+        shards = bucket.shards if any(s is not None for s in bucket.shards) else None
+        grads = bucket.grads
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         if any(distributed.is_dtensor(p) for p in params):
             # FSDP2 / DTensor: the math runs on the local shards; a selection that needs the
             # whole tensor (top-k, the hash's global indices) is computed across the shards.
-            params = [distributed.local(p) for p in params]
-            grads = [distributed.local(g) for g in grads]
-            states = [dict(s, exp_avg=distributed.local(s["exp_avg"]), exp_avg_sq=distributed.local(s["exp_avg_sq"]))
-                      for s in states]
-        use_fused = all(self._fused_by_default(p) for p in params) if fused is None else fused
-        if use_fused and not all(fused_available(p.device) for p in params):
-            raise RuntimeError(f"{type(self).__name__}: {_FUSED_HINT}")
-        beta1, beta2 = (_as_float(b, "betas") for b in group["betas"])
-        hyper = dict(
-            selection=selection, alpha=alpha, block_size=group.get("block_size"),
-            lr=_as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], mask_weight_decay=group.get("mask_weight_decay", True),
-            seed=self._hash_seed(group), hash_counter=hash_counter,
-            grad_scale=grad_scale, found_inf=found_inf,
-        )
-        lists = (
-            params, grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-        )
-        if use_fused:
+            params, grads, exp_avgs, exp_avg_sqs = (
+                [distributed.local(x) for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs))
+        fused = group.get("fused")
+        if fused is None and all(fused_by_default(p) for p in params) and (shards is None or bucket.policy.moves_all):
+            fused = True
+        if fused:
+            # the fused path keeps the step counters on the device
             for s, p in zip(states, params):
                 if s["step"].device != p.device:
                     s["step"] = s["step"].to(p.device)
-            lists = lists[:4] + ([s["step"] for s in states],)
-            if shards is not None:
-                # the step counters moved to the device on the local copies of the state dicts
-                for s_local, p_orig in zip(states, orig_params):
-                    self.state[p_orig]["step"] = s_local["step"]
-            _fused_kernels().fused_adam_step_(*lists, tensor_indices=tensor_indices, **hyper)
-        elif group.get("foreach") is False:
-            for i in range(len(params)):
-                masked_adam_(*([x[i]] for x in lists), tensor_indices=[tensor_indices[i]],
-                             shards=None if shards is None else [shards[i]], **hyper)
-        else:
-            # Tensors go through in batches of about _BATCH_ENTRIES entries: each batch still
-            # takes foreach ops and a batched selection, and its m/v/p are still in cache
-            # when the selection and the update read them again.
-            for batch in _batches(numels, _BATCH_ENTRIES):
-                masked_adam_(*([x[i] for i in batch] for x in lists),
-                             tensor_indices=[tensor_indices[i] for i in batch],
-                             shards=None if shards is None else [shards[i] for i in batch], **hyper)
+        beta1, beta2 = (_as_float(b, "betas") for b in group["betas"])
+        masked_adamw(
+            params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states],
+            policy=bucket.policy, lr=_as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2,
+            eps=_as_float(group["eps"], "eps"), weight_decay=_as_float(group["weight_decay"], "weight_decay"),
+            mask_weight_decay=group.get("mask_weight_decay", True), maximize=group.get("maximize", False),
+            tensor_indices=bucket.indices, grad_scale=grad_scale, found_inf=found_inf, shards=shards,
+            foreach=group.get("foreach"), fused=bool(fused),
+        )

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from .optimizer import MaskedAdam, check_choice, check_range
+from .optimizer import MaskedAdam, check_choice, check_int, check_range
+from .policy import SelectionPolicy, cached_policy
 from .selection import ALL, RANDOM, RANDOM_EXACT
 
 
 class RandomBCD(MaskedAdam):
-    """Randomized block coordinate descent with Adam (the MoFO paper's ablation, Table 6).
+    r"""Randomized block coordinate descent with Adam (the MoFO paper's ablation, Table 6).
 
-    Each entry moves with probability ``alpha``, drawn from a counter-based hash of
-    (seed, tensor index, step, flat index): reproducible after resume, identical on the
-    PyTorch and Triton paths, nothing mask-sized stored. ``exact=True`` moves exactly
-    ``topk_count(n, alpha)`` entries (those with the largest hash keys).
+    The AdamW step of :class:`maskopt.MoFO` with a random set of entries in place of the
+    top-k: each entry moves with probability ``alpha``, drawn from a counter-based hash of
+    (seed, tensor index, step, flat index) (``maskopt._hash`` states it) -- reproducible after a
+    resume, identical on the PyTorch and Triton paths, nothing mask-sized stored. Moments
+    advance for every entry. Semantics: docs/semantics.md.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
+        lr: learning rate (default 1e-3).
+        betas: ``(beta1, beta2)``, each in [0, 1) (default (0.9, 0.999)).
+        eps: term added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay (default 0.0).
+        alpha: probability that an entry moves in a step, ``0 < alpha <= 1`` (default 0.1).
+        seed: integer seed of the hash (default 0).
+        exact: move exactly ``topk_count(n, alpha)`` entries per tensor (those with the
+            largest hash values) instead of each with probability ``alpha`` (default False).
+        mask_weight_decay: decay only the entries that move (default True).
+        foreach: None/True batch tensors on the PyTorch path; False steps one at a time.
+        fused: None (default): the Triton path on CUDA when available; True: require it;
+            False: the PyTorch path.
+        maximize: maximize the objective instead of minimising it (default False).
     """
 
     def __init__(
@@ -30,10 +48,12 @@ class RandomBCD(MaskedAdam):
         mask_weight_decay: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, seed=seed, exact=exact,
-            mask_weight_decay=mask_weight_decay, foreach=foreach, fused=fused,
+            mask_weight_decay=mask_weight_decay, foreach=foreach, fused=fused, maximize=maximize,
         )
         super().__init__(params, defaults)
 
@@ -41,12 +61,10 @@ class RandomBCD(MaskedAdam):
         super()._check_group(group)
         check_range("alpha", group["alpha"], 0.0, 1.0, low_open=True)
         check_choice("exact", group["exact"], (True, False))
-        seed = group["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid seed: {seed!r}; allowed: an integer")
+        check_int("seed", group["seed"])
 
-    def _selection_of(self, group, param, index):
+    def _policy(self, group, param) -> SelectionPolicy:
         alpha = float(group["alpha"])
         if alpha >= 1.0:
-            return (ALL, alpha, None)
-        return (RANDOM_EXACT if group["exact"] else RANDOM, alpha, None)
+            return cached_policy(ALL)
+        return cached_policy(RANDOM_EXACT if group["exact"] else RANDOM, alpha, seed=int(group["seed"]))

@@ -39,14 +39,7 @@ import torch
 
 from . import _hash
 from .optimizer import MaskedAdam
-from .selection import (
-    ALL,
-    RANDOM,
-    RANDOM_EXACT,
-    TOPK_GRADIENT,
-    TOPK_MOMENTUM,
-    topk_count,
-)
+from .selection import RANDOM
 
 # UpdateTelemetryCallback is built on first access (module __getattr__), as it needs transformers.
 __all__ = ["UpdateTelemetry", "to_floats", "unwrap_optimizer"]
@@ -72,25 +65,6 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 # -- counts ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4096)
-def _topk_entries(n: int, alpha: float, block_size: int | None) -> int:
-    """Entries an exact top-k selection updates in a tensor of n (per block of block_size)."""
-    if n == 0:
-        return 0
-    block = n if block_size is None else min(int(block_size), n)
-    full, rest = divmod(n, block)
-    return full * topk_count(block, alpha) + (topk_count(rest, alpha) if rest else 0)
-
-
-def _stream_key_on_device(seed: int, tensor_index: int, counter: torch.Tensor) -> torch.Tensor:
-    """``_hash.stream_key`` with the counter a (float or int) tensor, as int32 bits on its device.
-
-    The fused path keeps the step counters on the GPU; this builds the mask key from them
-    without reading them on the host."""
-    c = counter.detach().to(torch.int64).bitwise_and_(_hash.MASK32)
-    return _hash.mix32(_hash.int32_bits(c.bitwise_xor_(_hash.tensor_key(seed, tensor_index) ^ _hash._SALT_COUNTER)))
-
-
 class _HashMask:
     """One tensor's RandomBCD-style selection this step; its size is computed when read."""
 
@@ -108,7 +82,7 @@ class _HashMask:
         if limit >= 1 << 31:  # alpha == 1: every entry
             return self.numel
         if torch.is_tensor(self.counter):
-            key = _stream_key_on_device(self.seed, self.index, self.counter)
+            key = _hash.stream_key_tensor(self.seed, self.index, self.counter)
         else:
             key = _hash.stream_key(self.seed, self.index, self.counter)
         total = None
@@ -271,21 +245,16 @@ class UpdateTelemetry:
                     records.append(n)
                     continue
                 index = opt.tensor_index(p)
-                selection = opt._selection_of(group, p, index)
-                if selection is None:
+                policy = opt.selection_policy(p, group)
+                if policy is None:
                     records.append(0)
                     continue
-                kind, alpha, hash_counter = selection
-                alpha = float(alpha)
-                if kind == ALL or alpha >= 1.0 or decays_all:
-                    records.append(n)
-                elif kind in (TOPK_MOMENTUM, TOPK_GRADIENT):
-                    records.append(_topk_entries(n, alpha, group.get("block_size")))
-                elif kind == RANDOM_EXACT:
-                    records.append(topk_count(n, alpha))
-                elif kind == RANDOM:
-                    counter = hash_counter
-                    mask = _HashMask(n, alpha, opt._hash_seed(group), index, None, p.device)
+                count = n if decays_all else policy.count(n)
+                if count is not None:
+                    records.append(count)
+                elif policy.kind == RANDOM:
+                    counter = policy.counter
+                    mask = _HashMask(n, policy.alpha, policy.seed, index, None, p.device)
                     if counter is None:
                         step = opt.state[p]["step"]
                         if torch.is_tensor(step) and step.device.type != "cpu":
@@ -295,7 +264,7 @@ class UpdateTelemetry:
                     mask.counter = counter
                     records.append(mask)
                 else:
-                    warnings.warn(f"UpdateTelemetry: unknown selection kind {kind!r}; counted as unknown")
+                    warnings.warn(f"UpdateTelemetry: unknown selection kind {policy.kind!r}; counted as unknown")
                     records.append(None)
         # Device step counters (the fused path) move on in place each step: one stacked
         # copy per device keeps this step's values.

@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 
 from maskopt import _hash  # noqa: E402
 from maskopt._functional import masked_adam_  # noqa: E402
+from maskopt.policy import SelectionPolicy  # noqa: E402
 from maskopt.kernels import fused_adam_step_, is_available  # noqa: E402
 from maskopt.reference import reference_step  # noqa: E402
 from maskopt.selection import topk_count  # noqa: E402
@@ -107,10 +108,10 @@ def _grads(ps, seed, kind="normal"):
 
 def _run(selection, ps, ms, vs, steps, grads, *, alpha=0.1, block_size=None, mwd=True,
          hash_counter=None, seed=7, grad_scale=None, found_inf=None, hp=HP, fn=None):
+    policy = SelectionPolicy(selection, alpha, block_size, seed, hash_counter)
     (fn or fused_adam_step_)(
-        ps, grads, ms, vs, steps, selection=selection, alpha=alpha, block_size=block_size,
-        mask_weight_decay=mwd, seed=seed, tensor_indices=[3 * i + 1 for i in range(len(ps))],
-        hash_counter=hash_counter, grad_scale=grad_scale, found_inf=found_inf, **hp)
+        ps, grads, ms, vs, steps, policy=policy, mask_weight_decay=mwd,
+        tensor_indices=[3 * i + 1 for i in range(len(ps))], grad_scale=grad_scale, found_inf=found_inf, **hp)
 
 
 def _compare_with_reference(selection, shapes, *, dtype=torch.float32, steps_n=2, alpha=0.1,
@@ -363,6 +364,35 @@ def test_argument_errors():
         _run("all", ps, ms, vs, steps, [g.contiguous().half()])
     with pytest.raises(ValueError, match="alpha"):
         _run("random", ps, ms, vs, steps, [g.contiguous()], alpha=0.0)
+
+
+@pytest.mark.parametrize("selection", ["topk_momentum", "topk_gradient"])
+@pytest.mark.parametrize("knobs", [SMALL, MULTI], ids=["single", "multi"])
+def test_nan_ranks_largest_and_exactly_k_move(selection, knobs):
+    """NaN scores rank above every number (all NaNs tie, lowest index first): exactly k
+    entries move, NaN ones first, and the PyTorch path selects the same entries."""
+    shapes = [(3000,), (5, 123), (16,)]
+    a, b = _tensors(shapes), _tensors(shapes)
+    grads = _grads(a[0], 0)
+    for g in grads:  # NaNs of different payloads, more of them than k in the last tensor
+        flat = g.view(-1)
+        flat[: max(1, flat.numel() // 20)] = float("nan")
+        flat[-3:] = -float("nan")
+        flat[1] = float("inf")
+    grads[2].view(-1)[:12] = float("nan")
+    with launch.config(**knobs):
+        before = [p.detach().cpu().clone() for p in a[0]]
+        _run(selection, *a, grads, alpha=0.25)
+        _run(selection, *b, grads, alpha=0.25, fn=masked_adam_)
+    for i, (pa, pb, p0) in enumerate(zip(a[0], b[0], before)):
+        moved_a = (pa.cpu() != p0) | pa.cpu().isnan()
+        moved_b = (pb.cpu() != p0) | pb.cpu().isnan()
+        assert torch.equal(moved_a, moved_b), f"tensor {i}: the two paths moved different entries"
+        k = topk_count(p0.numel(), 0.25)
+        assert int(moved_a.sum()) == k, f"tensor {i}: {int(moved_a.sum())} entries moved, expected {k}"
+        nan_at = grads[i].cpu().view(-1).isnan().nonzero().view(-1)
+        expected_nan_moves = nan_at[:k]
+        assert bool(moved_a.view(-1)[expected_nan_moves].all()), f"tensor {i}: a NaN entry was not selected first"
 
 
 # --------------------------------------------------------------------------------------- optimizers

@@ -220,7 +220,7 @@ def test_hook_and_summary_never_read_device_values(monkeypatch):
 
 def test_device_key_path_matches_host_hash():
     for seed, index, counter in [(0, 0, 1), (7, 3, 12), (2**40 + 5, 123, 2**24 - 1)]:
-        key = tm._stream_key_on_device(seed, index, torch.tensor(float(counter)))
+        key = _hash.stream_key_tensor(seed, index, torch.tensor(float(counter)))
         assert key.dtype == torch.int32
         assert int(key) & _hash.MASK32 == _hash.stream_key(seed, index, counter)
         host = _hash.stream_key(seed, index, counter)

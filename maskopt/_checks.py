@@ -1,0 +1,86 @@
+"""Argument checks shared by the optimizers and the HFT planner: each raises
+``ValueError("Invalid <name>: <value>; allowed ...")`` naming the argument and what it allows."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable
+
+import torch
+
+
+def as_float(value: Any, name: str) -> float:
+    """``value`` as a float: a real number (Python or NumPy, not a bool) or a one-element
+    tensor; anything else is a ValueError naming ``name``.
+
+    Args:
+        value: the value to convert.
+        name: the argument's name, used in the message.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)} "
+                             f"and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {name}: expected a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a real number (or a one-element
+    tensor) with ``low (<|<=) value (<|<=) high``.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check.
+        low, high: the bounds (``-math.inf`` / ``math.inf`` for none).
+        low_open, high_open: exclude the bound itself.
+    """
+    lo = f"{low:g} {'<' if low_open else '<='} " if low != -math.inf else ""
+    hi = f" {'<' if high_open else '<='} {high:g}" if high != math.inf else ""
+    try:
+        x = as_float(value, name)
+    except ValueError:
+        x = math.nan
+    ok = not math.isnan(x)
+    ok = ok and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: a number with {lo}{name}{hi}")
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``allowed``, else a ValueError naming ``name`` and listing them.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check; ``True``/``False`` only match booleans (``1`` is not ``True``).
+        allowed: the allowed values.
+    """
+    allowed = tuple(allowed)
+    ok = any(value is a if isinstance(a, bool) or a is None else (not isinstance(value, bool) and value == a)
+             for a in allowed)
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, allow_none: bool = False) -> int | None:
+    """``value`` as a Python int if it is an integer (Python or NumPy, not a bool) ``>= low``
+    (or None when ``allow_none``), else a ValueError naming ``name``.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check.
+        low: the smallest allowed value (None: no bound).
+        allow_none: whether None is allowed.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        allowed = "an integer" + (f" >= {low}" if low is not None else "")
+        raise ValueError(f"Invalid {name}: {value!r}; allowed: {'None or ' if allow_none else ''}{allowed}")
+    return int(value)
+
+

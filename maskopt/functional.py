@@ -1,0 +1,148 @@
+"""The functional form of the masked AdamW step, in the spirit of ``torch.optim``'s functional
+AdamW: lists of tensors in, updated in place, no optimizer object.
+
+:func:`masked_adamw` picks the path: the Triton kernels (``maskopt.kernels``, CUDA) or the
+PyTorch path (``maskopt._functional``, any device). The optimizer classes keep the state,
+check the arguments and plan the step, then call this.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._functional import masked_adam_
+from .policy import SelectionPolicy
+
+__all__ = ["masked_adamw", "fused_available"]
+
+# fused=None picks the Triton path on CUDA (docs/performance.md has the measurements).
+FUSED_BY_DEFAULT_ON_CUDA = True
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_FUSED_HINT = (
+    "fused=True needs CUDA tensors and Triton installed (`pip install maskopt[triton]`); "
+    "on CPU it runs only under TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
+)
+
+# Tensors go through the PyTorch path in batches of about this many entries: each batch
+# still takes foreach ops and a batched selection, and its m/v/p are still in cache when the
+# selection and the update read them again.
+_BATCH_ENTRIES = 1 << 16
+
+
+def _kernels():
+    try:
+        from maskopt import kernels
+    except ImportError:  # pragma: no cover - kernels ship with the package
+        return None
+    return kernels if hasattr(kernels, "fused_adam_step_") else None
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the Triton path can run on ``device``.
+
+    Args:
+        device: a torch device (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+    """
+    kernels = _kernels()
+    return kernels is not None and bool(kernels.is_available(device))
+
+
+def fused_by_default(param: torch.Tensor) -> bool:
+    """Whether ``fused=None`` takes the Triton path for ``param``.
+
+    Args:
+        param: a (local) parameter tensor.
+    """
+    return (FUSED_BY_DEFAULT_ON_CUDA and param.is_cuda and param.dtype in FUSED_DTYPES
+            and fused_available(param.device))
+
+
+def _batches(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive index runs whose sizes add up to at most ``limit`` (a bigger item alone)."""
+    batches: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if batches[-1] and total + size > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(i)
+        total += size
+    return batches
+
+
+def masked_adamw(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    policy: SelectionPolicy,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    mask_weight_decay: bool = True,
+    maximize: bool = False,
+    tensor_indices: Sequence[int] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    shards: Sequence | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> None:
+    """One masked AdamW step on lists of tensors, in place (docs/semantics.md).
+
+    Moments and step counters advance for every tensor given; the parameter update lands on
+    the entries ``policy`` selects. Every tensor shares ``policy`` and the hyperparameters.
+
+    Args:
+        params: parameters (plain tensors; the local shards of sharded ones).
+        grads: their gradients, same shapes.
+        exp_avgs, exp_avg_sqs: first and second moments, float32 (float64 for float64 params).
+        state_steps: one-element float32 step counters, incremented here.
+        policy: which entries move (:class:`maskopt.policy.SelectionPolicy`).
+        lr, beta1, beta2, eps, weight_decay: AdamW's hyperparameters.
+        mask_weight_decay: decay only the entries that move (default); False decays all.
+        maximize: ascend instead of descend (the gradient is negated, as in torch's AdamW).
+        tensor_indices: each tensor's index in its optimizer, keying the random masks
+            (default ``0..len(params)-1``).
+        grad_scale, found_inf: GradScaler's one-element tensors: gradients are divided by
+            ``grad_scale``, and a nonzero ``found_inf`` makes the step change nothing.
+        shards: per tensor, a ``maskopt.distributed.Shard`` for the local shard of a larger
+            tensor (the selection is then exact over the whole tensor), or None.
+        foreach: False steps one tensor at a time on the PyTorch path; None/True batch them.
+        fused: True takes the Triton path, False the PyTorch path, None the Triton path when
+            every tensor is a CUDA float32/bfloat16/float16 tensor and Triton is installed.
+    """
+    if not params:
+        return
+    if tensor_indices is None:
+        tensor_indices = list(range(len(params)))
+    sharded_selection = shards is not None and any(s is not None for s in shards) and not policy.moves_all
+    if fused is None:
+        fused = all(fused_by_default(p) for p in params) and not sharded_selection
+    if fused:
+        if not all(fused_available(p.device) for p in params):
+            raise RuntimeError(f"masked_adamw: {_FUSED_HINT}")
+        if sharded_selection:
+            raise ValueError(f"masked_adamw: fused=True does not support sharded tensors with the "
+                             f"{policy.kind!r} selection yet; use fused=None or fused=False")
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    hyper = dict(policy=policy, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 mask_weight_decay=mask_weight_decay, grad_scale=grad_scale, found_inf=found_inf)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if fused:
+        _kernels().fused_adam_step_(*lists, tensor_indices=tensor_indices, **hyper)
+        return
+    # batches are cut by whole-tensor sizes, so every rank of a sharded run makes the same calls
+    numels = [p.numel() if s is None else s.numel for p, s in zip(params, shards or [None] * len(params))]
+    runs = [[i] for i in range(len(params))] if foreach is False else _batches(numels, _BATCH_ENTRIES)
+    for run in runs:
+        masked_adam_(*([x[i] for i in run] for x in lists), tensor_indices=[tensor_indices[i] for i in run],
+                     shards=None if shards is None else [shards[i] for i in run], **hyper)
