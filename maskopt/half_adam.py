@@ -1,45 +1,80 @@
-"""HalfAdam: Half Fine-Tuning (HFT) as an optimizer — AdamW on a fixed half per training round."""
+"""HalfAdam: Half Fine-Tuning (HFT) as an optimizer -- AdamW on a fixed half per training round."""
 
 from __future__ import annotations
 
-import random
+import hashlib
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from .optimizer import MaskedAdam, check_choice, check_range
+from . import hft
+from .hft import checks
+from .optimizer import MaskedAdam
+from .policy import SelectionPolicy, cached_policy
 from .selection import ALL, RANDOM
 
-STRATEGIES = ("category", "layer", "model", "parameter")
-FREEZE_MODES = ("requires_grad", "mask")
 # Keys that describe the round's selection: one value for the whole optimizer.
-_ROUND_KEYS = ("ratio", "strategy", "seed", "freeze")
+_ROUND_KEYS = ("ratio", "strategy", "seed", "freeze", "round")
+# The state-dict key recording which tensors the saved round trained (see load_state_dict).
+DIGEST_KEY = "selection_digest"
 
 _WHOLE = "whole"
 _ENTRIES = "entries"
+# Set on a tensor while a HalfAdam holds it frozen, so that a tensor with requires_grad=False
+# can be told apart from one the user froze (which HalfAdam never unfreezes).
+_FROZEN_MARK = "_maskopt_frozen_by_half"
+
+
+def _user_frozen(p: torch.Tensor) -> bool:
+    return not p.requires_grad and not getattr(p, _FROZEN_MARK, False)
+
+
+def _digest(params: list[torch.Tensor], mode: dict[torch.Tensor, str]) -> str:
+    """A short fingerprint of which tensors (by position) train and how."""
+    text = ";".join(f"{i}:{mode[p]}" for i, p in enumerate(params) if p in mode)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 class HalfAdam(MaskedAdam):
-    """AdamW on a ``ratio`` share of the model, reselected per training round (HFT, Algorithm 1).
+    r"""AdamW on a ``ratio`` share of the model, reselected per training round (HFT, Algorithm 1).
 
-    Pass ``model.named_parameters()`` so the half can be chosen per transformer layer and
+    In round :math:`r` a set :math:`T_r` of tensors is trained with the plain AdamW step and
+    every other tensor is frozen (no update, no optimizer state). Pass
+    ``model.named_parameters()`` so that :math:`T_r` is chosen per transformer layer and
     category (attention / feed-forward / norm) by :func:`maskopt.hft.plan_half`; embeddings,
     lm_head and everything outside the layer stack stay trainable. Without names it falls back
-    to a random ``ratio`` share of the tensors (and warns).
+    to a random ``ratio`` share of the tensors (and warns). :meth:`new_round` draws the next
+    half from ``(seed, round)`` and resets the optimizer state, as a new fine-tuning stage does.
+    A tensor the user had frozen (``requires_grad=False``) stays frozen and out of the plan.
+    How the half is chosen: docs/hft.md; the step's semantics: docs/semantics.md.
 
-    ``freeze="requires_grad"`` sets ``requires_grad=False`` on the frozen tensors, so autograd
-    skips their weight gradients (HFT's time saving); ``freeze="mask"`` leaves ``requires_grad``
-    alone and simply does not step them (for DDP, where toggling it mid-run breaks).
-    Frozen tensors hold no optimizer state. :meth:`new_round` draws the next half from
-    ``(seed, round)`` and resets the optimizer state, as a new fine-tuning stage does.
-
-    Keyword-only planner options, passed to :func:`maskopt.hft.plan_half`: ``classify`` (a hook
-    or ``{regex: category}`` for units the built-in rules don't know), ``layers`` (the layer
-    stack prefix, overriding detection), ``freeze_non_layer`` (also freeze embeddings, lm_head
-    and other non-layer tensors) and ``balance`` (``"count"``, the paper, or ``"numel"``).
-    ``round`` starts the optimizer in that round: torch.distributed.checkpoint creates state
-    (a zero step) before it loads, so a resumed HalfAdam must already hold the saved round.
+    Args:
+        params: ``model.named_parameters()`` (for HFT's selection), an iterable of tensors, or
+            param-group dicts (with ``"params"`` as ``(name, tensor)`` pairs for names).
+        lr: learning rate (default 1e-3).
+        betas: ``(beta1, beta2)``, each in [0, 1) (default (0.9, 0.999)).
+        eps: term added to the denominator (default 1e-8).
+        weight_decay: decoupled weight decay of the trained tensors (default 0.0).
+        ratio: share of each category's units that trains, ``0 < ratio <= 1`` (default 0.5).
+        strategy: ``"category"`` (default; the paper), ``"layer"``, ``"model"`` or
+            ``"parameter"`` (see :func:`maskopt.hft.plan_half`).
+        seed: integer >= 0; the half is a pure function of (names, sizes, seed, round, options).
+        freeze: ``"requires_grad"`` (default) sets ``requires_grad=False`` on the frozen half so
+            autograd skips their weight gradients (HFT's time saving); ``"mask"`` leaves
+            ``requires_grad`` alone and just does not step them (for DDP).
+        foreach: None/True batch tensors on the PyTorch path; False steps one at a time.
+        fused: None (default): the Triton path on CUDA when available; True: require it;
+            False: the PyTorch path.
+        classify: planner hook for units the built-in rules do not know: a callable
+            ``(unit_path, module_or_None) -> category | None`` or a dict ``{regex: category}``.
+        layers: the layer stack prefix(es), e.g. ``"model.layers"``, overriding detection.
+        freeze_non_layer: also freeze embeddings, lm_head and other non-layer tensors
+            (default False, as in the paper).
+        balance: ``"count"`` (default; the paper) or ``"numel"`` (balance parameter counts).
+        round: the round to start in (default 0). torch.distributed.checkpoint creates state
+            before it loads, so a resumed HalfAdam must already hold the saved round.
+        maximize: maximize the objective instead of minimising it (default False).
     """
 
     def __init__(
@@ -61,44 +96,76 @@ class HalfAdam(MaskedAdam):
         freeze_non_layer: bool = False,
         balance: str = "count",
         round: int = 0,  # noqa: A002 - the param-group key of the same name
+        maximize: bool = False,
     ) -> None:
         # Planner options live on the optimizer, not in param_groups: a callable `classify`
         # would stop the state dict from loading with torch.load(weights_only=True).
-        self._plan_options = dict(classify=classify, layers=layers, freeze_non_layer=freeze_non_layer, balance=balance)
+        self._plan_options = hft.check_plan_options(
+            classify=classify, layers=layers, freeze_non_layer=freeze_non_layer, balance=balance)
         self._built = False
+        self._mode: dict[torch.Tensor, str] = {}
+        self._kept_frozen: set[torch.Tensor] = set()
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ratio=ratio, strategy=strategy,
-            seed=seed, freeze=freeze, round=round, foreach=foreach, fused=fused,
+            seed=seed, freeze=freeze, round=round, foreach=foreach, fused=fused, maximize=maximize,
         )
-        self._mode: dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
         self.plan = None
+        drawn = self._draw(self.param_groups[0])
         self._built = True
-        self._apply_round()
+        self._install(*drawn)
+
+    # -- arguments ---------------------------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_range("ratio", group["ratio"], 0.0, 1.0, low_open=True)
-        check_choice("strategy", group["strategy"], STRATEGIES)
-        check_choice("freeze", group["freeze"], FREEZE_MODES)
-        for key in ("seed", "round"):
-            value = group[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid {key}: {value!r}; allowed: an integer >= 0")
-        for key in _ROUND_KEYS + ("round",):
-            if key in group and getattr(self, "param_groups", None) and group[key] != self.param_groups[0][key]:
-                raise ValueError(
-                    f"Invalid {key}: {group[key]!r}; HalfAdam selects one half for the whole model, so "
-                    f"every param group must use {key}={self.param_groups[0][key]!r}"
-                )
+        checks.check_ratio(group["ratio"])
+        checks.check_strategy(group["strategy"])
+        checks.check_freeze(group["freeze"])
+        checks.check_seed(group["seed"])
+        checks.check_round(group["round"])
+
+    def _check_groups(self, groups) -> None:
+        super()._check_groups(groups)
+        for group in groups[1:]:
+            for key in _ROUND_KEYS:
+                if group[key] != groups[0][key]:
+                    raise ValueError(
+                        f"Invalid {key}: {group[key]!r}; HalfAdam selects one half for the whole model, so "
+                        f"every param group must use {key}={groups[0][key]!r}"
+                    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._kept_frozen.update(p for p in self.param_groups[-1]["params"] if _user_frozen(p))
         if getattr(self, "_built", False):  # a group added later joins the current round
-            self._apply_round()
+            self._install(*self._draw(self.param_groups[0]))
+
+    # -- copies ------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        params = [p for g in self.param_groups for p in g["params"]]
+        state["_plan_options"] = self._plan_options
+        state["_kept_frozen_at"] = [i for i, p in enumerate(params) if p in self._kept_frozen]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        options = state.pop("_plan_options", None)
+        kept_at = state.pop("_kept_frozen_at", None)
+        super().__setstate__(state)
+        if options is not None:  # a copy or an unpickled object, not a load_state_dict
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._plan_options = options
+            self._kept_frozen = {params[i] for i in kept_at}
+            self._built = True
+            self._install(*self._draw(self.param_groups[0]))
+
+    # -- rounds -------------------------------------------------------------------------------
 
     @property
     def round(self) -> int:
+        """The current training round (0 for the first)."""
         return int(self.param_groups[0]["round"])
 
     def new_round(self) -> None:
@@ -106,60 +173,103 @@ class HalfAdam(MaskedAdam):
         for group in self.param_groups:
             group["round"] += 1
         self.state.clear()
-        self._apply_round()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._apply_round()
+        self._install(*self._draw(self.param_groups[0]))
 
     def is_trainable(self, param: torch.Tensor) -> bool:
-        """Whether ``param`` (or some of its entries) is trained in the current round."""
+        """Whether ``param`` (or some of its entries) is trained in the current round.
+
+        Args:
+            param: one of the optimizer's parameters.
+        """
         return param in self._mode
 
-    def _apply_round(self) -> None:
-        group0 = self.param_groups[0]
-        ratio, strategy, seed, rnd = float(group0["ratio"]), group0["strategy"], int(group0["seed"]), self.round
-        params = [p for g in self.param_groups for p in g["params"]]
-        if all("param_names" in g for g in self.param_groups):
-            from .hft import plan_half
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict (HalfAdam's, AdamW's, MoFO's, ...), refusing one saved by a HalfAdam
+        that trained other tensors in that round.
 
-            names = [n for g in self.param_groups for n in g["param_names"]]
-            self.plan = plan_half(
-                list(zip(names, params)), ratio=ratio, strategy=strategy, seed=seed, round=rnd, **self._plan_options
+        Args:
+            state_dict: as returned by ``state_dict()``.
+        """
+        self._check_state_dict(state_dict)
+        saved = self._with_defaults(state_dict["param_groups"][0])
+        mode, plan = self._draw(saved)
+        recorded = state_dict["param_groups"][0].get(DIGEST_KEY)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if recorded is not None and recorded != _digest(params, mode):
+            raise ValueError(
+                f"HalfAdam.load_state_dict: the saved optimizer trained a different set of tensors in round "
+                f"{saved['round']} than this one would ({DIGEST_KEY} {recorded!r} != {_digest(params, mode)!r}). "
+                "Build the optimizer as the saving run did: the same parameters in the same order, with names "
+                "(model.named_parameters()) or without them as there, the same planner options (classify, layers, "
+                "freeze_non_layer, balance) and the same tensors frozen by hand."
             )
-            self._mode = {}
+        super().load_state_dict(state_dict)
+        self._install(mode, plan)
+        # a frozen tensor has no state (a MoFO or AdamW state dict has state for every tensor)
+        for p in params:
+            if p not in self._mode:
+                self.state.pop(p, None)
+
+    def _draw(self, settings: Mapping[str, Any]) -> tuple[dict[torch.Tensor, str], Any]:
+        """Which tensors train (and how) for the round and options in ``settings``; changes nothing."""
+        ratio, strategy, seed, rnd = float(settings["ratio"]), settings["strategy"], int(settings["seed"]), int(settings["round"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        mode: dict[torch.Tensor, str] = {}
+        plan = None
+        if all("param_names" in g for g in self.param_groups):
+            names = [n for g in self.param_groups for n in g["param_names"]]
+            plan = hft.plan_half(list(zip(names, params)), ratio=ratio, strategy=strategy, seed=seed, round=rnd,
+                                 **self._plan_options)
+            kept = {n for n, p in zip(names, params) if p in self._kept_frozen}
+            if kept:
+                plan = plan.without(kept)
             for name, p in zip(names, params):
-                if name in self.plan.trainable:
-                    self._mode[p] = _WHOLE
-                elif name in self.plan.entry_masked:
-                    self._mode[p] = _ENTRIES
+                if name in plan.trainable:
+                    mode[p] = _WHOLE
+                elif name in plan.entry_masked:
+                    mode[p] = _ENTRIES
         else:
-            if rnd == 0:
+            if rnd == 0 and not self._built:
                 warnings.warn(
                     "HalfAdam got parameters without names, so it cannot pick a category-balanced half of "
                     f"each transformer layer; it trains a random {ratio:.0%} share of the tensors instead. "
                     "Pass model.named_parameters() for HFT's selection.",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-            self.plan = None
             if strategy == "parameter":
-                self._mode = {p: _ENTRIES for p in params}
+                mode = {p: _ENTRIES for p in params}
             else:
-                chosen = random.Random(f"maskopt.HalfAdam:{seed}:{rnd}").sample(
-                    range(len(params)), min(len(params), max(1, round(ratio * len(params))))
-                )
-                self._mode = {params[i]: _WHOLE for i in chosen}
-        if group0["freeze"] == "requires_grad":
+                count = min(len(params), max(1, round(ratio * len(params))))
+                chosen = hft.CounterRng(seed, rnd, "HalfAdam.unnamed").sample(range(len(params)), count)
+                mode = {params[i]: _WHOLE for i in chosen}
+            mode = {p: m for p, m in mode.items() if p not in self._kept_frozen}
+        return mode, plan
+
+    def _install(self, mode: dict[torch.Tensor, str], plan) -> None:
+        """Make ``mode`` the current round's selection (and ``requires_grad`` follow it)."""
+        self._mode, self.plan = mode, plan
+        params = [p for g in self.param_groups for p in g["params"]]
+        digest = _digest(params, mode)
+        for group in self.param_groups:
+            group[DIGEST_KEY] = digest
+        if self.param_groups[0]["freeze"] == "requires_grad":
             for p in params:
-                trainable = p in self._mode
+                if p in self._kept_frozen:
+                    continue
+                trainable = p in mode
                 p.requires_grad_(trainable)
-                if not trainable:
+                if trainable:
+                    if getattr(p, _FROZEN_MARK, False):
+                        delattr(p, _FROZEN_MARK)
+                else:
+                    setattr(p, _FROZEN_MARK, True)
                     p.grad = None
 
-    def _selection_of(self, group, param, index):
+    def _policy(self, group, param) -> SelectionPolicy | None:
         mode = self._mode.get(param)
         if mode is None:
             return None
-        if mode == _ENTRIES and float(group["ratio"]) < 1.0:
-            return (RANDOM, float(group["ratio"]), self.round)
-        return (ALL, 1.0, None)
+        ratio = float(group["ratio"])
+        if mode == _ENTRIES and ratio < 1.0:
+            return cached_policy(RANDOM, ratio, seed=int(group["seed"]), counter=self.round)
+        return cached_policy(ALL)

@@ -73,12 +73,11 @@ from .units import Unit
 
 # Importable from maskopt.hft though not in __all__: the classify() results and hook type and
 # the unit key rule, which callers use to write classify hooks; and what HalfAdam shares with
-# the planner (its option checks, its count rounding, the generator of its unnamed fallback).
+# the planner (its option checks and the generator of its unnamed fallback).
 from .categories import ClassifyHook  # noqa: F401
 from .checks import FREEZE, KEEP, check_plan_options  # noqa: F401
 from .names import unit_key  # noqa: F401
 from .rng import CounterRng  # noqa: F401
-from .strategies import as_fraction, round_half_down  # noqa: F401
 
 __all__ = [
     "CATEGORIES",

@@ -7,10 +7,10 @@ in the form the planner uses (``check_seed(np.int64(3)) == 3``). ``plan_half``,
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
+from .._checks import check_choice, check_int, check_range
 from .categories import ClassifyHook, as_classify_hook
 from .strategies import STRATEGIES
 
@@ -40,25 +40,13 @@ KEEP = "keep"  # classify() result: always trainable
 FREEZE = "freeze"  # classify() result: always frozen
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(map(repr, allowed))}")
-    return value
-
-
-def _is_integer(value: Any) -> bool:
-    # bool is an Integral, but seed=True is a mistake, not the seed 1
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_ratio(ratio: Any) -> float:
     """The share of each category that trains, as a float.
 
     Args:
         ratio: a real number (Python or numpy) with ``0 < ratio <= 1``; not a bool.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"Invalid ratio: {ratio!r}; allowed: 0 < ratio <= 1")
+    check_range("ratio", ratio, 0.0, 1.0, low_open=True)
     return float(ratio)
 
 
@@ -69,7 +57,7 @@ def check_strategy(strategy: Any) -> str:
         strategy: one of :data:`STRATEGIES` (``"category"``, ``"layer"``, ``"model"``,
             ``"parameter"``).
     """
-    return _check_choice("strategy", strategy, STRATEGIES)
+    return check_choice("strategy", strategy, STRATEGIES)
 
 
 def check_seed(seed: Any) -> int:
@@ -78,9 +66,7 @@ def check_seed(seed: Any) -> int:
     Args:
         seed: an integer (Python or numpy; negative allowed); not a bool.
     """
-    if not _is_integer(seed):
-        raise ValueError(f"Invalid seed: {seed!r}; allowed: an integer")
-    return int(seed)
+    return check_int("seed", seed)
 
 
 def check_round(round: Any) -> int:  # noqa: A002 - HFT's name for the training stage
@@ -89,9 +75,7 @@ def check_round(round: Any) -> int:  # noqa: A002 - HFT's name for the training 
     Args:
         round: an integer ``>= 0`` (Python or numpy); not a bool.
     """
-    if not _is_integer(round) or round < 0:
-        raise ValueError(f"Invalid round: {round!r}; allowed: an integer >= 0")
-    return int(round)
+    return check_int("round", round, low=0)
 
 
 def check_balance(balance: Any) -> str:
@@ -101,7 +85,7 @@ def check_balance(balance: Any) -> str:
         balance: one of :data:`BALANCES`: ``"count"`` (units drawn uniformly) or ``"numel"``
             (of several draws, the one closest to ``ratio`` of the parameters).
     """
-    return _check_choice("balance", balance, BALANCES)
+    return check_choice("balance", balance, BALANCES)
 
 
 def check_freeze(freeze: Any) -> str:
@@ -110,7 +94,7 @@ def check_freeze(freeze: Any) -> str:
     Args:
         freeze: one of :data:`FREEZE_MODES`: ``"requires_grad"`` or ``"mask"``.
     """
-    return _check_choice("freeze", freeze, FREEZE_MODES)
+    return check_choice("freeze", freeze, FREEZE_MODES)
 
 
 def check_freeze_non_layer(freeze_non_layer: Any) -> bool:
@@ -119,10 +103,7 @@ def check_freeze_non_layer(freeze_non_layer: Any) -> bool:
     Args:
         freeze_non_layer: ``True`` or ``False`` (a bool, not a truthy value).
     """
-    # a membership test would let 1 and 0 through (1 == True)
-    if not isinstance(freeze_non_layer, bool):
-        raise ValueError(f"Invalid freeze_non_layer: {freeze_non_layer!r}; allowed values: True, False")
-    return freeze_non_layer
+    return check_choice("freeze_non_layer", freeze_non_layer, (True, False))
 
 
 def check_layers(layers: Any) -> tuple[str, ...] | None:

@@ -122,6 +122,18 @@ class HalfPlan:
         return entry_mask(shape, ratio=self.ratio, seed=self.seed, tensor_index=self.tensor_index(name),
                           round=self.round, device=device)
 
+    def without(self, names: Iterable[str]) -> "HalfPlan":
+        """This plan with ``names`` frozen (e.g. tensors frozen by hand, which a plan must
+        never train); the draw for every other tensor is unchanged.
+
+        Args:
+            names: parameter names to move to ``frozen``.
+        """
+        drop = frozenset(names)
+        return HalfPlan(names=self.names, numel=self.numel, units=self.units, stacks=self.stacks,
+                        trainable=self.trainable - drop, entry_masked=self.entry_masked - drop,
+                        options=self.options)
+
     def counts(self) -> dict[str, Any]:
         """Exact parameter counts: ``layers`` and ``all`` as (trainable, total), ``categories``
         as {category: (trainable, total)}, ``outside`` (trainable, total). Entry-masked tensors
