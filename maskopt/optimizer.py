@@ -49,7 +49,12 @@ _TORCH_ONLY_DEFAULTS = ("differentiable",)
 
 
 def moment_dtype(param: torch.Tensor) -> torch.dtype:
-    """float32 moments for fp32/bf16/fp16 parameters, float64 for float64 ones."""
+    """The dtype of ``param``'s moments: float32 for fp32/bf16/fp16 parameters, float64 for
+    float64 ones.
+
+    Args:
+        param: a floating-point parameter.
+    """
     return torch.promote_types(param.dtype, torch.float32)
 
 

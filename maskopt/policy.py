@@ -67,7 +67,11 @@ class SelectionPolicy:
 
     def count(self, n: int) -> int | None:
         """Entries that move in a tensor of ``n`` entries, or None where the hash decides it
-        (kind ``"random"``; its expected value is :meth:`expected_count`)."""
+        (kind ``"random"``; its expected value is :meth:`expected_count`).
+
+        Args:
+            n: the tensor's number of entries.
+        """
         if n == 0 or self.moves_all:
             return n
         if self.is_topk:
@@ -79,12 +83,20 @@ class SelectionPolicy:
         return None
 
     def expected_count(self, n: int) -> float:
-        """The expected number of entries that move in a tensor of ``n``."""
+        """The expected number of entries that move in a tensor of ``n``.
+
+        Args:
+            n: the tensor's number of entries.
+        """
         exact = self.count(n)
         return float(exact) if exact is not None else self.alpha * n
 
     def hash_counter(self, step: float | int) -> int:
-        """The counter the random kinds hash with, given the tensor's step counter."""
+        """The counter the random kinds hash with.
+
+        Args:
+            step: the tensor's step counter after this step's increment.
+        """
         return int(step) if self.counter is None else int(self.counter)
 
     def __str__(self) -> str:
