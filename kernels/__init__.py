@@ -34,6 +34,12 @@ def is_available(device=None) -> bool:
 
     True for CUDA devices when Triton is importable and CUDA is available, and for CPU only
     under the Triton interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+    False for CUDA while ``TRITON_INTERPRET`` is set, for other device types, and whenever
+    Triton cannot be imported.
+
+    Args:
+        device: the device the tensors to step live on: a ``torch.device`` or a string such
+            as ``"cuda:0"`` or ``"cpu"``; None (default) means ``"cuda"``.
     """
     import torch
 
@@ -52,9 +58,37 @@ def is_available(device=None) -> bool:
 def fused_adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs) -> None:
     """One fused masked-AdamW step of one parameter group, in place.
 
-    See ``maskopt.kernels.launch.fused_adam_step_`` for the keyword arguments
-    (selection, alpha, block_size, lr, beta1, beta2, eps, weight_decay, mask_weight_decay,
-    seed, tensor_indices, hash_counter, grad_scale, found_inf).
+    The step counters and moments of every tensor advance; the parameter update lands on
+    the entries ``policy`` selects (docs/semantics.md). The arguments are
+    those of ``maskopt.kernels.launch.fused_adam_step_``, which checks them and raises
+    ValueError/TypeError before anything changes. An empty ``params`` does nothing.
+
+    Args:
+        params: the parameters, float32, bfloat16 or float16, contiguous, all on one CUDA
+            device (or the CPU under ``TRITON_INTERPRET=1``, see :func:`is_available`).
+        grads: their dense gradients, same dtype and shape as each parameter.
+        exp_avgs: first moments, float32, shape of each parameter.
+        exp_avg_sqs: second moments, float32, shape of each parameter.
+        state_steps: one-element float32 step counters on the parameters' device,
+            incremented in place (they also key the random masks when ``policy.counter`` is
+            None).
+        **kwargs: keyword-only, all required:
+
+            - ``policy``: the ``maskopt.policy.SelectionPolicy`` shared by all the tensors
+              (kind, alpha, block_size, seed, counter).
+            - ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``: AdamW's
+              hyperparameters (floats; decoupled weight decay).
+            - ``mask_weight_decay``: True decays only the entries that move; False decays
+              every entry.
+            - ``tensor_indices``: each tensor's index in its optimizer, keying the random
+              masks (read for the random kinds only; one per parameter).
+            - ``grad_scale``: GradScaler's one-element scale tensor on the parameters'
+              device (gradients are divided by it), or None.
+            - ``found_inf``: GradScaler's one-element flag tensor on the parameters' device
+              (nonzero: the step changes nothing, step counters included), or None.
+
+    Raises:
+        RuntimeError: Triton is not installed, or the device cannot run the kernels.
     """
     if not triton_available():
         raise RuntimeError("maskopt's fused path needs Triton (pip install triton), or use fused=False")

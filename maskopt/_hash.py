@@ -30,7 +30,14 @@ _SALT_COUNTER = 0x13198A2E
 
 
 def mix32_int(x: int) -> int:
-    """lowbias32 on a Python int (modulo 2**32)."""
+    """lowbias32 on a Python int (modulo 2**32).
+
+    Args:
+        x: any Python int; only its low 32 bits are used.
+
+    Returns:
+        The mixed value, an int in [0, 2**32).
+    """
     x &= MASK32
     x ^= x >> 16
     x = (x * _M1) & MASK32
@@ -41,31 +48,74 @@ def mix32_int(x: int) -> int:
 
 
 def fold_seed(seed: int) -> int:
+    """A seed folded to 32 bits: the XOR of the high and low halves of its 64 bits.
+
+    Args:
+        seed: any int (or int-convertible value); taken modulo 2**64, so negative seeds are
+            their two's-complement bits.
+
+    Returns:
+        An int in [0, 2**32).
+    """
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     return (seed ^ (seed >> 32)) & MASK32
 
 
 def tensor_key(seed: int, tensor_index: int) -> int:
     """The per-tensor part of :func:`stream_key` (the kernels and telemetry add the counter
-    on the device)."""
+    on the device).
+
+    Args:
+        seed: the optimizer's hash seed (any int; folded with :func:`fold_seed`).
+        tensor_index: the tensor's index in its optimizer (low 32 bits used).
+
+    Returns:
+        An int in [0, 2**32).
+    """
     k = mix32_int(fold_seed(seed) ^ _SALT_SEED)
     return mix32_int(k ^ (int(tensor_index) & MASK32) ^ _SALT_TENSOR)
 
 
 def stream_key(seed: int, tensor_index: int, counter: int) -> int:
-    """The per-(tensor, step) key; a Python int in [0, 2**32)."""
+    """The per-(tensor, step) key; a Python int in [0, 2**32).
+
+    Args:
+        seed: the optimizer's hash seed (any int; folded with :func:`fold_seed`).
+        tensor_index: the tensor's index in its optimizer (low 32 bits used).
+        counter: the step counter, or HalfAdam's round (low 32 bits used).
+    """
     return mix32_int(tensor_key(seed, tensor_index) ^ (int(counter) & MASK32) ^ _SALT_COUNTER)
 
 
 def stream_key_tensor(seed: int, tensor_index: int, counter: torch.Tensor) -> torch.Tensor:
     """:func:`stream_key` with the counter a (float or int) tensor, as int32 bits on its device:
-    the fused path keeps step counters on the GPU, and this keys a mask without reading them."""
+    the fused path keeps step counters on the GPU, and this keys a mask without reading them.
+
+    Args:
+        seed: the optimizer's hash seed (any int; folded with :func:`fold_seed`).
+        tensor_index: the tensor's index in its optimizer (low 32 bits used).
+        counter: the step counter as a tensor of any shape (usually 0-d), float or integer;
+            a float value is truncated to an integer, then its low 32 bits are used. It is
+            not modified.
+
+    Returns:
+        An int32 tensor of ``counter``'s shape on its device, holding the bits of
+        :func:`stream_key` ``(seed, tensor_index, counter)``.
+    """
     c = counter.detach().to(torch.int64).bitwise_and_(MASK32)
     return mix32(int32_bits(c.bitwise_xor_(tensor_key(seed, tensor_index) ^ _SALT_COUNTER)))
 
 
 def threshold(alpha: float) -> int:
-    """Keys below this are selected; alpha=1 gives 2**32, so every entry is."""
+    """Keys below this are selected; alpha=1 gives 2**32, so every entry is.
+
+    Args:
+        alpha: the selection probability, ``0 <= alpha <= 1`` (values outside are clamped).
+
+    Returns:
+        ``round(alpha * 2**32)`` as an int in [0, 2**32], compared with ``u(i)`` (the values
+        of :func:`hash_keys`).
+    """
     return min(1 << 32, max(0, int(round(float(alpha) * 4294967296.0))))
 
 
@@ -74,7 +124,14 @@ def _signed32(c: int) -> int:
 
 
 def int32_bits(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2**32) as an int32 tensor with the same 32 bits."""
+    """int64 values in [0, 2**32) as an int32 tensor with the same 32 bits.
+
+    Args:
+        x: an int64 tensor with values in [0, 2**32); not modified.
+
+    Returns:
+        A new int32 tensor of ``x``'s shape and device (values >= 2**31 become negative).
+    """
     return (x - (1 << 31)).to(torch.int32).bitwise_xor_(_signed32(1 << 31))
 
 
@@ -87,7 +144,15 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 elementwise, in place on an int32 tensor (bit pattern of the uint32 value).
 
     int32 multiplication wraps modulo 2**32 on every torch backend, which is exactly the
-    uint32 arithmetic of the definition; only the right shifts need masking."""
+    uint32 arithmetic of the definition; only the right shifts need masking.
+
+    Args:
+        x: an int32 tensor holding uint32 bit patterns (see :func:`int32_bits`); it is
+            overwritten with the result.
+
+    Returns:
+        ``x`` itself.
+    """
     x.bitwise_xor_(_srl(x, 16))
     x.mul_(_signed32(_M1))
     x.bitwise_xor_(_srl(x, 15))
@@ -100,7 +165,18 @@ def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: 
 
     Subtracting 2**31 (flipping the top bit) makes signed int32 order equal the unsigned
     order of ``u``, so ``order_keys(...) < signed_threshold(alpha)`` is ``u < threshold`` and
-    top-k over these keys is top-k over ``u``. Half the bytes of :func:`hash_keys`."""
+    top-k over these keys is top-k over ``u``. Half the bytes of :func:`hash_keys`.
+
+    Args:
+        numel: how many consecutive flat indices to key.
+        key: the tensor's :func:`stream_key`, an int in [0, 2**32).
+        device: where the keys are made (default ``"cpu"``).
+        start: the first flat index (default 0); a shard of a larger tensor passes its global
+            offset so that its keys are those of the whole tensor.
+
+    Returns:
+        A 1-D int32 tensor of ``numel`` keys on ``device``.
+    """
     # Under torch.compile the torch version (identical keys) is traced: Dynamo would turn the
     # NumPy one into uint32 torch ops that have no CPU kernels.
     if torch.device(device).type == "cpu" and start + numel <= (1 << 32) and not torch.compiler.is_compiling():
@@ -140,10 +216,28 @@ def _order_keys_numpy(numel: int, key: int, start: int) -> np.ndarray:
 
 
 def signed_threshold(alpha: float) -> int:
-    """``threshold(alpha) - 2**31``: compare with :func:`hash_keys` (selected iff key < it)."""
+    """``threshold(alpha) - 2**31``: compare with :func:`order_keys` (selected iff key < it).
+
+    Args:
+        alpha: the selection probability, ``0 <= alpha <= 1``.
+
+    Returns:
+        An int in [-2**31, 2**31]; alpha=1 gives 2**31, outside int32's range, so callers
+        treat that case (every entry selected) before comparing with an int32 tensor.
+    """
     return threshold(alpha) - (1 << 31)
 
 
 def hash_keys(numel: int, key: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
-    """``u(i)`` itself for flat indices ``start..start+numel-1``, as int64 values in [0, 2**32)."""
+    """``u(i)`` itself for flat indices ``start..start+numel-1``, as int64 values in [0, 2**32).
+
+    Args:
+        numel: how many consecutive flat indices to key.
+        key: the tensor's :func:`stream_key`, an int in [0, 2**32).
+        device: where the keys are made (default ``"cpu"``).
+        start: the first flat index (default 0); a shard passes its global offset.
+
+    Returns:
+        A 1-D int64 tensor of ``numel`` values on ``device``; compare with :func:`threshold`.
+    """
     return order_keys(numel, key, device, start).to(torch.int64) + (1 << 31)

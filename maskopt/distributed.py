@@ -43,7 +43,17 @@ except ImportError:  # pragma: no cover - torch without distributed support
 
 @dataclass(frozen=True)
 class Shard:
-    """Where a rank's local entries sit in the whole tensor."""
+    """Where a rank's local entries sit in the whole tensor.
+
+    The local entries are the contiguous global flat indices ``offset .. offset + n - 1``,
+    ``n`` being the local tensor's ``numel()``. Built by :func:`shard_of`.
+
+    Args:
+        numel: number of entries of the whole (global) tensor.
+        offset: global flat index of the first local entry.
+        group: the ``torch.distributed`` process group over which the tensor is sharded
+            (the mesh dimension with ``Shard(0)``); the collectives of the selection run on it.
+    """
 
     numel: int  # entries of the whole tensor
     offset: int  # global flat index of the first local entry
@@ -51,16 +61,36 @@ class Shard:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False where torch has none).
+
+    Args:
+        t: any tensor.
+    """
     return DTensor is not None and isinstance(t, DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (a view of its storage), or ``t`` itself."""
+    """The local shard of a DTensor (a view of its storage), or ``t`` itself.
+
+    Args:
+        t: a DTensor or a plain tensor.
+    """
     return t.to_local() if is_dtensor(t) else t
 
 
 def shard_of(param: torch.Tensor, who: str = "maskopt") -> Shard | None:
-    """The :class:`Shard` of a DTensor parameter, or None when every rank holds all of it."""
+    """The :class:`Shard` of a DTensor parameter, or None when every rank holds all of it.
+
+    Args:
+        param: a parameter, DTensor or plain tensor (a plain tensor gives None, as does a
+            DTensor replicated on every mesh dimension).
+        who: the name that starts the error message (default ``"maskopt"``; the optimizers
+            pass their class name).
+
+    Raises:
+        NotImplementedError: the placements are not ``Shard(0)`` on one mesh dimension and
+            ``Replicate()`` on the others (tensor parallelism, for example).
+    """
     if not is_dtensor(param):
         return None
     from torch.distributed.tensor.placement_types import Replicate
@@ -101,7 +131,22 @@ def check_block_alignment(shards: Sequence[tuple[torch.Tensor, Shard]], block_si
                           who: str = "maskopt") -> None:
     """``block_size`` blocks are selected locally, which is exact only if no block straddles
     two shards. ``shards`` holds (local tensor, its Shard) pairs. Every rank raises, or none:
-    one all-reduce per process group."""
+    one all-reduce per process group.
+
+    A shard is aligned when its global offset is a multiple of ``block_size`` and its length
+    is too, unless it ends the tensor (the tensor's last, shorter block may end it). This is
+    a collective: every rank must call it with pairs over the same process groups, in the
+    same order.
+
+    Args:
+        shards: ``(local tensor, Shard)`` pairs of the sharded tensors selected per block;
+            the local tensor gives the shard's length and the device of the all-reduce.
+        block_size: the selection's block length in entries (a positive int).
+        who: the name that starts the error message (default ``"maskopt"``).
+
+    Raises:
+        ValueError: on every rank of a process group where some shard is not aligned.
+    """
     by_group: dict = {}
     for local_tensor, shard in shards:
         by_group.setdefault(id(shard.group), (shard.group, local_tensor.device, []))[2].append(
@@ -200,7 +245,28 @@ def _by_group(shards: Sequence[Shard | None]) -> dict:
 
 def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard | None], alpha: float,
                          block_size: int | None) -> list[torch.Tensor]:
-    """:func:`maskopt.selection.topk_indices` for local shards: exact over each whole tensor."""
+    """:func:`maskopt.selection.topk_indices` for local shards: exact over each whole tensor.
+
+    With ``block_size=None`` each sharded tensor's exactly ``topk_count(shard.numel, alpha)``
+    entries are found over the whole tensor by a radix select whose histograms are
+    all-reduced; ties at the k-th key go to the lowest global flat index. With a
+    ``block_size`` every tensor is selected locally per block, which is exact only if no
+    block straddles two shards (:func:`check_block_alignment`, which this does not call).
+    A collective: every rank of each process group must call it with the same tensors.
+
+    Args:
+        scores: one local tensor of scores per tensor, read flat: non-negative float scores
+            or integer keys from :func:`maskopt.selection.magnitude_keys` (int32 keys are
+            taken as 31-bit, int64 as 63-bit).
+        shards: per tensor, its :class:`Shard`, or None for a tensor every rank holds whole
+            (selected locally, as :func:`maskopt.selection.topk_indices`).
+        alpha: fraction of each tensor (or block) to select, ``0 < alpha <= 1``.
+        block_size: select per chunk of this many consecutive flat entries, or None over the
+            whole tensor.
+
+    Returns:
+        Per tensor, the sorted local flat indices (int64) of its selected entries.
+    """
     out: list[torch.Tensor | None] = [None] * len(scores)
     unsharded = [i for i, s in enumerate(shards) if s is None]
     if block_size is not None:
@@ -222,7 +288,26 @@ def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard 
 
 def random_indices_sharded(local_numels: Sequence[int], shards: Sequence[Shard | None], keys: Sequence[int],
                            alpha: float, *, exact: bool, device) -> list[torch.Tensor]:
-    """RandomBCD's selection on local shards: the hash of global flat indices."""
+    """RandomBCD's selection on local shards: the hash of global flat indices.
+
+    With ``exact=False`` every entry is decided on its own (``u(i) < threshold(alpha)`` on
+    its global index), with no communication. With ``exact=True`` each sharded tensor's
+    ``topk_count(shard.numel, alpha)`` entries with the largest ``u(i)`` are found over the
+    whole tensor by an all-reduced radix select (a collective over each process group).
+
+    Args:
+        local_numels: per tensor, the number of local entries.
+        shards: per tensor, its :class:`Shard`, or None for a tensor every rank holds whole.
+        keys: per tensor, its :func:`maskopt._hash.stream_key` for this step.
+        alpha: the selection probability (``exact=False``) or fraction (``exact=True``),
+            ``0 < alpha <= 1``.
+        exact: False: the Bernoulli mask (RandomBCD's default); True: exactly
+            ``topk_count(numel, alpha)`` entries per whole tensor (``RandomBCD(exact=True)``).
+        device: where the keys are made and the indices returned (the local tensors' device).
+
+    Returns:
+        Per tensor, the sorted local flat indices (int64) of its selected entries.
+    """
     starts = [0 if s is None else s.offset for s in shards]
     shapes = [(n,) for n in local_numels]
     if not exact:  # each entry on its own: local, given the global indices

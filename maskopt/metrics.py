@@ -96,6 +96,24 @@ def overall_performance(R: Any, t: int | None = None, *, higher_is_better: bool 
     and HFT's ``OP_t`` (Appendix A.2.2, Eq. 5); the two papers agree on it.
 
     With ``higher_is_better=False`` (``R`` holds losses) the result is ``-mean(final losses)``.
+
+    Args:
+        R: the performance matrix, a sequence of rows (nested lists, tuples or a NumPy
+            array): ``R[i][j]`` is the score on task ``j`` right after training task ``i``.
+            Rows ``0..t-1`` must be filled up to their diagonal with numbers (not None or
+            NaN); entries above the diagonal and the entries of rows from ``t`` on are not
+            checked (None allowed).
+        t: how many tasks have been trained: the scores are taken after task ``t`` (row
+            ``t-1``); an int with ``1 <= t <= len(R)``. None (default) uses every row.
+        higher_is_better: True (default) when ``R`` holds scores such as accuracies; False
+            when it holds losses (the mean is then taken on ``-R``). Keyword-only.
+
+    Returns:
+        OP as a Python float.
+
+    Raises:
+        ValueError: ``R`` is not a matrix, ``t`` is out of range, or a needed entry is
+            missing, NaN or not a number.
     """
     rows, t = _lower_triangle(R, t, higher_is_better)
     last = rows[t - 1]
@@ -117,6 +135,26 @@ def backward_transfer(R: Any, t: int | None = None, *, convention: str = "mofo",
 
     With ``higher_is_better=False`` (``R`` holds losses) the differences are taken on ``-R``,
     so a loss that went up still gives a negative BWT.
+
+    Args:
+        R: the performance matrix, a sequence of rows (nested lists, tuples or a NumPy
+            array): ``R[i][j]`` is the score on task ``j`` right after training task ``i``.
+            Rows ``0..t-1`` must be filled up to their diagonal with numbers (not None or
+            NaN); entries above the diagonal and the entries of rows from ``t`` on are not
+            checked (None allowed).
+        t: how many tasks have been trained: the scores are taken after task ``t`` (row
+            ``t-1``); an int with ``1 <= t <= len(R)``. None (default) uses every row.
+        convention: ``"mofo"`` (default, divide by ``t - 1``) or ``"hft"`` (divide by
+            ``t``). Keyword-only.
+        higher_is_better: True (default) when ``R`` holds scores such as accuracies; False
+            when it holds losses (differences taken on ``-R``). Keyword-only.
+
+    Returns:
+        BWT as a Python float.
+
+    Raises:
+        ValueError: an unknown ``convention``; ``t < 2`` with ``convention="mofo"``; or
+            ``R``/``t`` as in :func:`overall_performance`.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")

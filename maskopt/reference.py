@@ -33,7 +33,18 @@ def _mix32_np(x: np.ndarray) -> np.ndarray:
 
 def hash_u32(numel: int, seed: int, tensor_index: int, counter: int, start: int = 0) -> np.ndarray:
     """u(i) of the counter hash (see maskopt._hash for the definition), in NumPy uint64,
-    for flat indices start..start+numel-1."""
+    for flat indices start..start+numel-1.
+
+    Args:
+        numel: how many consecutive flat indices to hash.
+        seed: the optimizer's hash seed.
+        tensor_index: the tensor's index in its optimizer.
+        counter: the hash counter (the step, or HalfAdam's round).
+        start: the first flat index (default 0).
+
+    Returns:
+        A 1-D ``np.uint64`` array of ``numel`` values in [0, 2**32).
+    """
     key = _U64(_hash.stream_key(seed, tensor_index, counter))
     idx = np.arange(start, start + numel, dtype=np.uint64)
     u = _mix32_np(((idx & _M32) * _U64(0x9E3779B9) + key) & _M32)
@@ -59,7 +70,30 @@ def select(
     tensor_index: int = 0,
     counter: int = 0,
 ) -> torch.Tensor:
-    """The flat boolean mask S of one tensor (m: new first moment, g: gradient)."""
+    """The flat boolean mask S of one tensor (m: new first moment, g: gradient).
+
+    Args:
+        selection: one of ``maskopt.selection.KINDS``: ``"all"``, ``"topk_momentum"``
+            (top-k of ``|m|``), ``"topk_gradient"`` (top-k of ``|g|``), ``"random"``
+            (``u(i) < threshold(alpha)``) or ``"random_exact"`` (the k largest ``u(i)``).
+            Top-k keeps ``k = min(n, max(1, floor(alpha * n + 0.5)))`` entries of a block of
+            ``n``, ties to the lowest index.
+        m: the first moment after this step's update, any shape (read flat).
+        g: the gradient, shape of ``m``.
+        alpha: fraction (top-k, ``random_exact``) or probability (``random``) of entries
+            selected; keyword-only, required, not checked here.
+        block_size: top-k kinds only: select per chunk of this many consecutive flat entries
+            (the last may be shorter); None (default) over the whole tensor.
+        seed: random kinds: the hash seed (default 0).
+        tensor_index: random kinds: the tensor's index in its optimizer (default 0).
+        counter: random kinds: the hash counter (default 0).
+
+    Returns:
+        A 1-D bool tensor of ``m.numel()`` entries on the CPU.
+
+    Raises:
+        ValueError: an unknown ``selection``.
+    """
     n = m.numel()
     if selection == ALL:
         return torch.ones(n, dtype=torch.bool)
@@ -107,6 +141,29 @@ def reference_step(
 
     ``state`` holds ``step`` (int) and ``exp_avg``/``exp_avg_sq`` (created in ``dtype``).
     Returns the boolean mask S (shape of ``p``) of entries that took the Adam update.
+
+    Args:
+        p: the parameter, any dtype and device; its selected entries are overwritten (and,
+            with ``mask_weight_decay=False``, the others with their decayed value).
+        g: its gradient, shape of ``p``.
+        state: the tensor's optimizer state, a dict; empty on the first step, then filled
+            and updated in place (the moments are kept on the CPU in ``dtype``).
+        lr: learning rate.
+        beta1, beta2: Adam's moment decay rates.
+        eps: added to ``sqrt(v_hat)`` in the denominator.
+        weight_decay: decoupled (AdamW) weight decay: an entry is multiplied by
+            ``1 - lr * weight_decay``.
+        selection: which entries move, as for :func:`select`.
+        alpha: fraction or probability of entries selected (default 1.0).
+        block_size: top-k kinds only: the block length, or None (default) for the whole
+            tensor.
+        mask_weight_decay: True (default) decays only the selected entries; False decays
+            every entry.
+        seed: random kinds: the hash seed (default 0).
+        tensor_index: random kinds: the tensor's index in its optimizer (default 0).
+        hash_counter: random kinds: the hash counter; None (default) uses the step after
+            its increment (a fresh mask each step).
+        dtype: the dtype of the moments and of the arithmetic (default float64).
     """
     if "step" not in state:
         state["step"] = 0

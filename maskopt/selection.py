@@ -29,7 +29,15 @@ KINDS = (ALL, TOPK_MOMENTUM, TOPK_GRADIENT, RANDOM, RANDOM_EXACT)
 
 
 def topk_count(n: int, alpha: float) -> int:
-    """Entries updated in a block of ``n``: ``min(n, max(1, floor(alpha*n + 0.5)))`` (0 if n == 0)."""
+    """Entries updated in a block of ``n``: ``min(n, max(1, floor(alpha*n + 0.5)))`` (0 if n == 0).
+
+    Args:
+        n: the block's (or tensor's) number of entries, ``n >= 0``.
+        alpha: fraction of entries to update, ``0 < alpha <= 1``.
+
+    Raises:
+        ValueError: ``alpha`` or ``n`` out of range.
+    """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must satisfy 0 < alpha <= 1, got {alpha!r}")
     if n < 0:
@@ -50,7 +58,17 @@ NAN_KEY64 = 0x7FF0000000000001
 def magnitude_keys(magnitudes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Integer keys with the order of ``|x|`` values (already non-negative or NaN), NaN above
     +inf. float32 and narrower give int32 keys, float64 int64 keys. The inputs are reused
-    in place when they are contiguous float32/float64 tensors."""
+    in place when they are contiguous float32/float64 tensors.
+
+    Args:
+        magnitudes: floating tensors of non-negative values or NaN (such as ``|exp_avg|``);
+            a negative value (sign bit set) would get a negative key and rank below every
+            other. A contiguous float32/float64 tensor is viewed, not copied: its NaNs are
+            rewritten to the one NaN bit pattern ``NAN_KEY32``/``NAN_KEY64`` (still NaN).
+
+    Returns:
+        Per input, an int32 or int64 tensor of its shape whose values order like the inputs.
+    """
     keys: list[torch.Tensor] = []
     for m in magnitudes:
         if m.dtype == torch.float64:
@@ -101,7 +119,14 @@ def _keep_top(scores: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def nonzero_flat(mask: torch.Tensor) -> torch.Tensor:
-    """Sorted flat indices of the True entries (NumPy's flatnonzero on CPU: ~4x torch's)."""
+    """Sorted flat indices of the True entries (NumPy's flatnonzero on CPU: ~4x torch's).
+
+    Args:
+        mask: a bool tensor of any shape, read in row-major (flat) order.
+
+    Returns:
+        A 1-D int64 tensor on ``mask``'s device.
+    """
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return torch.nonzero(mask.reshape(-1)).squeeze(1)
@@ -236,6 +261,15 @@ def topk_indices(
 
 
 def indices_to_masks(indices: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Boolean masks, True at the given flat indices.
+
+    Args:
+        indices: per tensor, flat indices (an int64 tensor) of the entries to set.
+        like: per tensor, a tensor giving the mask's shape and device.
+
+    Returns:
+        Per tensor, a new bool tensor of ``like``'s shape and device.
+    """
     masks = []
     for idx, t in zip(indices, like):
         mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
@@ -247,7 +281,14 @@ def indices_to_masks(indices: Sequence[torch.Tensor], like: Sequence[torch.Tenso
 def topk_masks(
     scores: Sequence[torch.Tensor], alpha: float, block_size: int | None = None
 ) -> list[torch.Tensor]:
-    """Boolean masks of :func:`topk_indices` (same shapes as ``scores``)."""
+    """Boolean masks of :func:`topk_indices` (same shapes as ``scores``).
+
+    Args:
+        scores: one tensor per selection, any shape (read flat); floating or integer.
+        alpha: fraction of each block to select, ``0 < alpha <= 1``.
+        block_size: select per chunk of this many consecutive flat entries (the last chunk
+            may be shorter); None (default) selects over the whole tensor.
+    """
     return indices_to_masks(topk_indices(scores, alpha, block_size), scores)
 
 
@@ -264,7 +305,25 @@ def random_indices(
     threshold(alpha)``, or (``exact``) the ``topk_count(n, alpha)`` entries with the largest
     ``u(i)``. ``keys[t]`` is ``_hash.stream_key(seed, tensor_index, counter)`` of tensor ``t``.
     ``starts[t]`` (default 0) is the flat index of the tensor's first entry in a larger
-    tensor it is a shard of: the hash is taken on those global indices."""
+    tensor it is a shard of: the hash is taken on those global indices.
+
+    Args:
+        shapes: per tensor, its shape (only the entry count matters).
+        keys: per tensor, its :func:`maskopt._hash.stream_key` for this step.
+        alpha: the selection probability (``exact=False``) or fraction (``exact=True``),
+            ``0 < alpha <= 1``.
+        exact: False (default): the Bernoulli mask ``u(i) < threshold(alpha)``; True: the
+            ``topk_count(n, alpha)`` entries with the largest ``u(i)``. Keyword-only.
+        device: where the keys are made and the indices returned (default ``"cpu"``).
+        starts: per tensor, the global flat index of its first entry, or None (default) for
+            all zeros. With ``exact=True`` the top-k is still taken over the given entries
+            only (a sharded tensor's exact selection is
+            :func:`maskopt.distributed.random_indices_sharded`).
+
+    Returns:
+        Per tensor, the sorted flat indices (int64) of its selected entries, counted from its
+        own first entry (not from ``starts[t]``).
+    """
     starts = starts if starts is not None else [0] * len(shapes)
     keyed = [_hash.order_keys(math.prod(shape), key, device, start=start)
              for shape, key, start in zip(shapes, keys, starts)]
@@ -284,6 +343,19 @@ def random_masks(
     exact: bool = False,
     device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """Boolean masks of :func:`random_indices`."""
+    """Boolean masks of :func:`random_indices`.
+
+    Args:
+        shapes: per tensor, its shape (the masks take it).
+        keys: per tensor, its :func:`maskopt._hash.stream_key` for this step.
+        alpha: the selection probability (``exact=False``) or fraction (``exact=True``),
+            ``0 < alpha <= 1``.
+        exact: False (default): the Bernoulli mask; True: the ``topk_count(n, alpha)``
+            entries with the largest ``u(i)``. Keyword-only.
+        device: where the masks are made (default ``"cpu"``).
+
+    Returns:
+        Per tensor, a bool tensor of its shape on ``device``.
+    """
     like = [torch.empty(shape, device=device, dtype=torch.bool) for shape in shapes]
     return indices_to_masks(random_indices(shapes, keys, alpha, exact=exact, device=device), like)

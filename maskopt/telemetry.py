@@ -51,7 +51,16 @@ _CHUNK = 1 << 24
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside wrappers that keep it as ``.optimizer`` (accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, ...)."""
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, ...).
+
+    Args:
+        optimizer: a torch optimizer, a wrapper of one (nested wrappers are followed), or any
+            object.
+
+    Returns:
+        The innermost ``torch.optim.Optimizer`` reached through ``.optimizer`` attributes, or
+        ``optimizer`` itself when its ``.optimizer`` is missing or not a torch optimizer.
+    """
     seen = set()
     while id(optimizer) not in seen:
         seen.add(id(optimizer))
@@ -117,7 +126,15 @@ def _sum(values: Iterable[Any]) -> Any:
 
 
 def to_floats(values: Mapping[Any, Any]) -> dict[Any, float]:
-    """The same dict with every value a Python float: one device-to-host copy per device."""
+    """The same dict with every value a Python float: one device-to-host copy per device.
+
+    Args:
+        values: a mapping whose values are Python numbers or one-element tensors (on any
+            device; a DTensor counts with its global value). Keys are kept, in order.
+
+    Returns:
+        A new dict with the same keys, every value converted with ``float``.
+    """
     out: dict[Any, float] = {}
     by_device: dict[torch.device, list[tuple[Any, torch.Tensor]]] = {}
     for key, v in values.items():
@@ -139,22 +156,32 @@ def to_floats(values: Mapping[Any, Any]) -> dict[Any, float]:
 class UpdateTelemetry:
     """Per-step update counts (and, opt-in, distance from the start) of an optimizer's tensors.
 
-    ``optimizer``: a maskopt optimizer (MoFO, RandomBCD, HalfAdam, any ``MaskedAdam``) or any
-    torch optimizer that updates every entry of a tensor with a gradient (AdamW, Adam, SGD);
-    wrappers with ``.optimizer`` (accelerate's ``AcceleratedOptimizer``) are unwrapped.
+    Constructing it registers a step pre-hook and post-hook on the optimizer. Use
+    :meth:`remove` (or a ``with`` block) to unhook; it also frees the copy.
 
-    ``named_parameters``: ``model.named_parameters()`` (or the model) to key the results by
-    name. Without it the names stored in the param groups (``param_names``, present when the
-    optimizer was built from named parameters) are used, else the tensor's position (an int)
-    among the optimizer's parameters.
+    Args:
+        optimizer: a maskopt optimizer (MoFO, RandomBCD, HalfAdam, any ``MaskedAdam``) or any
+            torch optimizer that updates every entry of a tensor with a gradient (AdamW,
+            Adam, SGD); wrappers with ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)
+            are unwrapped.
+        named_parameters: ``model.named_parameters()`` (or the model) to key the results by
+            name. Without it (None, the default) the names stored in the param groups
+            (``param_names``, present when the optimizer was built from named parameters)
+            are used, else the tensor's position (an int) among the optimizer's parameters.
+            Tensors it does not name, and every tensor when two share a name, are keyed by
+            position.
+        track_distance: keep a copy of the parameters, taken now, as θ0 for :meth:`distance`
+            and :meth:`changed_fraction` (default False). It costs the parameters' size in
+            memory on ``reference_device``. :meth:`reset_reference` re-takes it (e.g. at the
+            start of a new task), and turns tracking on if it was off. Keyword-only.
+        reference_device: where θ0 is kept: None (default) keeps each parameter's copy on its
+            own device; ``"cpu"`` keeps it off the GPU, in pinned memory, and each read then
+            copies it to the GPU chunk by chunk. Keyword-only.
 
-    ``track_distance``: keep a copy of the parameters, taken now, as θ0 for :meth:`distance`
-    and :meth:`changed_fraction`. It costs the parameters' size in memory on
-    ``reference_device`` (default: each parameter's own device; ``"cpu"`` keeps it off the
-    GPU, in pinned memory, and each read then copies it to the GPU chunk by chunk).
-    :meth:`reset_reference` re-takes it (e.g. at the start of a new task).
-
-    Use :meth:`remove` (or a ``with`` block) to unhook; it also frees the copy.
+    Raises:
+        TypeError: ``optimizer`` is not (and does not wrap) a ``torch.optim.Optimizer``.
+        ValueError: ``named_parameters`` names none of the optimizer's tensors, or
+            ``reference_device`` is not a device.
     """
 
     def __init__(
@@ -378,6 +405,14 @@ class UpdateTelemetry:
           tensors, and ``changed_fraction``, the share of all entries with θ ≠ θ0;
         - ``per_tensor=True`` adds ``updated_fraction/<name>``, ``distance/<name>`` and
           ``changed_fraction/<name>``.
+
+        The ``updated_*`` keys are absent before the first step; tensors of an unknown
+        selection kind are left out of them, and empty tensors out of the fractions.
+
+        Args:
+            per_tensor: also give each tensor's values, keyed ``<key>/<name>`` (default False).
+            distance: include the distance keys when θ0 is kept (default True); False skips
+                the pass over the parameters and θ0 that computes them.
         """
         out: dict[str, Any] = {}
         total_numel = sum(self.numel.values())
@@ -406,7 +441,17 @@ class UpdateTelemetry:
     def as_dict(self, sync: bool = True, per_tensor: bool = False, distance: bool = True,
                 prefix: str = "") -> dict[str, Any]:
         """:meth:`summary` with ``prefix`` on every key; ``sync=True`` makes every value a
-        Python float (one device-to-host copy per device), ``sync=False`` leaves tensors."""
+        Python float (one device-to-host copy per device), ``sync=False`` leaves tensors.
+
+        Args:
+            sync: True (default) converts every value to a Python float (waits for the
+                device); False returns Python numbers and 0-d device tensors as they are.
+            per_tensor: also give each tensor's values (default False), as :meth:`summary`.
+            distance: include the distance keys when θ0 is kept (default True), as
+                :meth:`summary`.
+            prefix: prepended to every key (default ``""``; the Trainer callback uses
+                ``"maskopt/"``).
+        """
         values = {prefix + k: v for k, v in self.summary(per_tensor=per_tensor, distance=distance).items()}
         return to_floats(values) if sync else values
 
