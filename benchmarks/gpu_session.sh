@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent CUDA machine: environment, the kernel tests on the GPU, then the step
 # benchmark. Usage (repository root): bash benchmarks/gpu_session.sh PHASE OUTDIR
-#   PHASE "tests": versions, tests/test_kernels.py on CUDA (slow tests included), tinyllama fp32
+#   PHASE "tests": versions, tests/kernels/test_kernels.py on CUDA (slow tests included), tinyllama fp32
 #   PHASE "sweep": the alpha sweep, the size sweep and tinyllama in bf16
 # The machine has torch and triton but cannot install: maskopt runs from the tree, with
 # maskopt.kernels made importable by a link (setuptools maps it to kernels/ in an install).
@@ -16,10 +16,10 @@ python3 -c "import maskopt.kernels as k, torch; print('maskopt.kernels ok, fused
 if [ "$phase" = tests ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  timeout 300 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
+  timeout 300 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/kernels/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
   timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
 elif [ "$phase" = final ]; then
-  timeout 200 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
+  timeout 200 python3 -m pytest -p no:cacheprovider -q -rs -m "" tests/kernels/test_kernels.py 2>&1 | tee "$out/test_kernels_cuda.log"
   timeout 200 python3 benchmarks/step_bench.py --cases tinyllama --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
   timeout 90 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --methods "AdamW(fused=True),official loop+topk,MoFO fused,MoFO torch,RandomBCD fused,HalfAdam fused" --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
   timeout 90 python3 benchmarks/step_bench.py --cases alpha --alphas 0.01,0.5 --methods "AdamW(fused=True),MoFO fused,official loop+topk" --csv "$out/step_bench_alpha.csv" 2>&1 | tee "$out/step_bench_alpha.log"

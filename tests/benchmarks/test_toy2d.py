@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("maskopt")
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "toy2d.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "toy2d.py"
 _spec = importlib.util.spec_from_file_location("toy2d", _PATH)
 toy2d = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("toy2d", toy2d)

@@ -6,7 +6,7 @@ on request) with Triton's bundled ptxas, so GPU lowering errors show up on a CPU
 machine. It runs in a subprocess because TRITON_INTERPRET decides at import time whether
 ``@triton.jit`` builds interpreted or compiled kernels. About three minutes on 2 cores: ``slow``.
 
-Manual use: ``python tests/test_kernels_compile.py [capability ...]`` prints register and
+Manual use: ``python tests/kernels/test_kernels_compile.py [capability ...]`` prints register and
 spill counts per variant (from ``ptxas -v``).
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 triton = pytest.importorskip("triton") if __name__ != "__main__" else None
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _variants(full=True):
@@ -136,7 +136,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     code = (
-        "import sys, json; sys.path.insert(0, 'tests');"
+        "import sys, json; sys.path.insert(0, 'tests/kernels');"
         "from test_kernels_compile import compile_all;"
         "r = compile_all((90,), full=False);"
         "print(json.dumps({k: v for k, v in r.items() if v}))"

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("maskopt")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "forgetting.py"
 LABELS = ["AdamW", "HalfAdam (HFT)", "MoFO a=5%", "MoFO a=15%", "MoFO-grad a=15%", "RandomBCD a=15%"]
 CONTINUAL = ["adamw", "halfadam", "mofo5", "rbcd5"]

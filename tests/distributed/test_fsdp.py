@@ -362,5 +362,5 @@ def test_fsdp2_distributed_checkpoint_resume():
     _spawn("fsdp_dcp_resume")
 
 
-if __name__ == "__main__":  # run one scenario by hand: python tests/test_distributed_fsdp.py fsdp_mofo
+if __name__ == "__main__":  # run one scenario by hand: python tests/distributed/test_fsdp.py fsdp_mofo
     _spawn(sys.argv[1])
