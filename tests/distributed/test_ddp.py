@@ -27,7 +27,7 @@ from torch import nn
 
 from maskopt import HalfAdam, MoFO, RandomBCD
 
-from _tiny_llama import TinyLlama
+from _tiny_models import TinyLlama
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),

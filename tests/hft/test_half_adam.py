@@ -10,7 +10,7 @@ from torch import nn
 
 from maskopt import HalfAdam
 
-from _tiny_llama import TinyLlama
+from _tiny_models import TinyLlama
 
 
 def train_step(model, opt, seed=0):

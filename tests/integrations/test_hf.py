@@ -20,7 +20,7 @@ pytest.importorskip("accelerate")
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.hft import freeze_half
 
-from _tiny_llama import TokenData
+from _tiny_models import TokenData
 
 transformers.logging.set_verbosity_error()
 

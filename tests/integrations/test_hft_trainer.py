@@ -9,7 +9,7 @@ import torch
 
 from maskopt.hft import freeze_half
 
-from _tiny_llama import TokenData
+from _tiny_models import TokenData
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from _tiny_llama import TinyLlama
+from _tiny_models import TinyLlama
 from maskopt import HalfAdam, MoFO, RandomBCD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

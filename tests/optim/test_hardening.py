@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny_llama import TinyLlama
+from _tiny_models import TinyLlama
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.reference import select
 

@@ -12,7 +12,7 @@ from maskopt import HalfAdam, MoFO, RandomBCD, _hash, topk_count
 from maskopt import telemetry as tm
 from maskopt.telemetry import UpdateTelemetry, to_floats
 
-from _tiny_llama import TokenData
+from _tiny_models import TokenData
 
 SHAPES = [(17, 33), (64,), (5, 123), (1,), (3, 4, 5), (0,)]
 
