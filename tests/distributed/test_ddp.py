@@ -27,7 +27,7 @@ from torch import nn
 
 from maskopt import HalfAdam, MoFO, RandomBCD
 
-from _tiny_models import TinyLlama
+from _tiny_models import toy_llama
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -56,11 +56,6 @@ def mlp_batch(step):
 def mlp_loss(model, batch):
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
-
-
-def llama():
-    torch.manual_seed(0)
-    return TinyLlama(d=8, layers=2, vocab=32)
 
 
 def llama_batch(step):
@@ -127,7 +122,7 @@ def _halfadam_run(rank, freeze="requires_grad", wrap=None, find_unused=False, dd
     build the DDP before HalfAdam (whose constructor sets ``requires_grad``). Returns the params
     after every round, the trainable names per round, the steps done and the error, if any.
     """
-    model = llama()
+    model = toy_llama(vocab=32)
 
     def wrapped():
         return nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _tiny_models import tiny_llama
+
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed"
 )
@@ -208,14 +210,9 @@ def block_size_alignment(rank, world):
     assert torch.equal(q.detach().full_tensor(), torch.ones(6, 4))
 
 
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+def _llama():
+    return tiny_llama(2, kv_heads=2, vocab=48, hidden=16, intermediate=24, max_position_embeddings=32,
                       tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
 
 
 def _batch(step, world):
@@ -231,7 +228,7 @@ def _fsdp_vs_single(rank, world, make, steps=3, round_at=None, telemetry=False):
     from maskopt import UpdateTelemetry
 
     mesh = _mesh(world)
-    single, sharded = _tiny_llama(), _tiny_llama()
+    single, sharded = _llama(), _llama()
     for layer in sharded.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
@@ -300,7 +297,7 @@ def fsdp_dcp_resume(rank, world):
     mesh = _mesh(world)
 
     def build():
-        model = _tiny_llama()
+        model = _llama()
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -362,5 +359,5 @@ def test_fsdp2_distributed_checkpoint_resume():
     _spawn("fsdp_dcp_resume")
 
 
-if __name__ == "__main__":  # run one scenario by hand: python tests/distributed/test_fsdp.py fsdp_mofo
+if __name__ == "__main__":  # one scenario by hand: PYTHONPATH=tests python tests/distributed/test_fsdp.py fsdp_mofo
     _spawn(sys.argv[1])

@@ -24,8 +24,20 @@ from maskopt.hft import (
 )
 from maskopt.hft.categories import is_norm_name
 
-transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
+from _tiny_models import (
+    causal_lm_ids,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mixtral,
+    tiny_neox,
+    tiny_qwen2,
+    tiny_qwen2_moe,
+    train_causal_lm,
+)
+
+pytest.importorskip("transformers")  # most models here are transformers models
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,58 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---------------------------------------------------------------------------------------------
 # tiny models
 # ---------------------------------------------------------------------------------------------
-
-
-def _causal(config):
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def tiny_llama(layers=4, kv_heads=4):
-    return _causal(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv_heads))
-
-
-def tiny_qwen2(layers=4):
-    return _causal(transformers.Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2))
-
-
-def tiny_mistral(layers=4):
-    return _causal(transformers.MistralConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=1))
-
-
-def tiny_gpt2(layers=4):
-    return _causal(transformers.GPT2Config(
-        vocab_size=96, n_embd=32, n_layer=layers, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0))
-
-
-def tiny_neox(layers=4):
-    return _causal(transformers.GPTNeoXConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4))
-
-
-def tiny_bert(layers=3):
-    torch.manual_seed(0)
-    return transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4))
-
-
-def tiny_mixtral(layers=4):
-    return _causal(transformers.MixtralConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
-
-
-def tiny_qwen2_moe(layers=4):
-    return _causal(transformers.Qwen2MoeConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=4, num_experts_per_tok=2))
 
 
 def torch_encoder(layers=3):
@@ -685,19 +645,6 @@ def test_summary_table():
 # ---------------------------------------------------------------------------------------------
 
 
-def _batch(vocab=96):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (2, 12), generator=g)
-
-
-def _train(model, opt, steps=3):
-    ids = _batch()
-    for _ in range(steps):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-
-
 def test_freeze_half_requires_grad_with_adamw():
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -705,11 +652,11 @@ def test_freeze_half_requires_grad_with_adamw():
     params = dict(model.named_parameters())
     assert all(params[n].requires_grad == (n in plan.trainable) for n in plan.names)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    ids = _batch()
+    ids = causal_lm_ids()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all((params[n].grad is None) == (n in plan.frozen) for n in plan.names)  # frozen: no gradient
     opt.step()
-    _train(model, opt, 2)
+    train_causal_lm(model, opt, 2)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) == (n in plan.frozen), n
     assert len(opt.state) == len(plan.trainable)
@@ -728,13 +675,13 @@ def test_freeze_half_mask_mode_leaves_requires_grad():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     plan = freeze_half(model, seed=2, freeze="mask", optimizer=opt)
     assert all(p.requires_grad for p in model.parameters())
-    _train(model, opt, 3)
+    train_causal_lm(model, opt, 3)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) == (n in plan.frozen), n
     params = dict(model.named_parameters())
     assert set(opt.state) == {params[n] for n in plan.trainable}  # no state for the frozen half
     unfreeze(model)  # hooks gone: everything moves again
-    _train(model, opt, 1)
+    train_causal_lm(model, opt, 1)
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in plan.frozen)
 
 
@@ -743,7 +690,7 @@ def test_freeze_half_parameter_strategy_keeps_frozen_entries():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     plan = freeze_half(model, strategy="parameter", seed=4, optimizer=opt)
-    _train(model, opt, 3)
+    train_causal_lm(model, opt, 3)
     for n, p in model.named_parameters():
         if n in plan.entry_masked:
             mask = plan.entry_mask(n, p)

@@ -20,7 +20,7 @@ pytest.importorskip("accelerate")
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.hft import freeze_half
 
-from _tiny_models import TokenData
+from _tiny_models import TokenData, tiny_llama
 
 transformers.logging.set_verbosity_error()
 
@@ -42,11 +42,9 @@ def _reset_accelerate_state():
     GradientState._reset_state()
 
 
-def tiny_llama(seed=0, vocab=VOCAB):
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=1))
+def llama(seed=0, vocab=VOCAB):
+    """With the pad and bos/eos ids that ``token_data`` leaves out of the sequences."""
+    return tiny_llama(2, seed=seed, vocab=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 
 
 def token_data(n=8):
@@ -107,7 +105,7 @@ def random_bcd_mask(shape, seed, tensor_index, step, alpha):
 
 def test_trainer_optimizer_cls_and_kwargs_mofo_moves_exactly_topk(tmp_path):
     alpha = 0.1
-    model = tiny_llama()
+    model = llama()
     before = snapshot(model)
     trainer = transformers.Trainer(
         model=model, args=trainer_args(tmp_path, max_steps=1, learning_rate=5e-5),
@@ -140,7 +138,7 @@ def test_trainer_optimizer_cls_and_kwargs_mofo_moves_exactly_topk(tmp_path):
 
 def test_trainer_optimizers_tuple_random_bcd_moves_only_its_mask(tmp_path):
     alpha, seed = 0.25, 3
-    model = tiny_llama()
+    model = llama()
     before = snapshot(model)
     opt = RandomBCD(model.parameters(), lr=1e-2, alpha=alpha, seed=seed)
     trainer = transformers.Trainer(
@@ -161,7 +159,7 @@ def test_trainer_optimizers_tuple_random_bcd_moves_only_its_mask(tmp_path):
 
 
 def test_trainer_optimizers_tuple_halfadam_and_its_checkpoint(tmp_path):
-    model = tiny_llama()
+    model = llama()
     before = snapshot(model)
     opt = HalfAdam(model.named_parameters(), lr=1e-2, seed=1)
     frozen = set(opt.plan.frozen)
@@ -176,7 +174,7 @@ def test_trainer_optimizers_tuple_halfadam_and_its_checkpoint(tmp_path):
     names = [n for n, _ in model.named_parameters()]
     with_state = {names[i] for i in sd["state"]}
     assert with_state == set(names) - frozen  # frozen tensors hold no optimizer state
-    fresh = tiny_llama()
+    fresh = llama()
     reloaded = HalfAdam(fresh.named_parameters(), lr=1e-2, seed=1)
     reloaded.load_state_dict(sd)
     assert set(reloaded.plan.frozen) == frozen  # the same half after a reload
@@ -186,7 +184,7 @@ def test_trainer_optimizers_tuple_halfadam_and_its_checkpoint(tmp_path):
 
 
 def test_trainer_freeze_half_with_stock_adamw(tmp_path):
-    model = tiny_llama()
+    model = llama()
     before = snapshot(model)
     plan = freeze_half(model, ratio=0.5, seed=0)
     trainer = transformers.Trainer(
@@ -216,7 +214,7 @@ def _mofo_trainer(out, model, max_steps):
 
 def test_trainer_mofo_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     steps = 6  # 2 epochs of 3 batches: the resume also crosses an epoch boundary
-    full_model = tiny_llama(seed=0)
+    full_model = llama(seed=0)
     full = _mofo_trainer(tmp_path / "full", full_model, steps)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
@@ -228,7 +226,7 @@ def test_trainer_mofo_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     assert sorted(g["weight_decay"] for g in sd["param_groups"]) == [0.0, 0.01]
 
     # a different init: the weights must come from the checkpoint
-    resumed_model = tiny_llama(seed=123)
+    resumed_model = llama(seed=123)
     resumed = _mofo_trainer(tmp_path / "resumed", resumed_model, steps)
     resumed.train(resume_from_checkpoint=str(ckpt))
 
@@ -265,7 +263,7 @@ def test_trl_sft_trainer_with_mofo(tmp_path):
     datasets.disable_progress_bars()
     alpha, steps = 0.1, 8
     tok = char_tokenizer()
-    model = tiny_llama(vocab=32)
+    model = llama(vocab=32)
     before = snapshot(model)
     texts = ["hello world", "the quick brown fox", "jumps over the lazy dog", "maskopt forgets less"]
     data = datasets.Dataset.from_dict({"text": texts})

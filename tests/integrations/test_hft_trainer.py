@@ -9,7 +9,7 @@ import torch
 
 from maskopt.hft import freeze_half
 
-from _tiny_models import TokenData
+from _tiny_models import TokenData, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -19,13 +19,6 @@ transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4))
-
-
 def _args(tmp_path, **kw):
     return transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
@@ -33,7 +26,7 @@ def _args(tmp_path, **kw):
 
 
 def test_trainer_with_freeze_half_and_stock_adamw(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = freeze_half(model, ratio=0.5, seed=0)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=TokenData(vocab=96))
@@ -48,7 +41,7 @@ def test_trainer_with_freeze_half_and_stock_adamw(tmp_path):
 def test_trainer_with_halfadam(tmp_path):
     from maskopt import HalfAdam
 
-    model = tiny_llama()
+    model = tiny_llama(2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = HalfAdam(model.named_parameters(), lr=1e-2, seed=1)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=TokenData(vocab=96), optimizers=(opt, None))

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from _tiny_models import TinyLlama
+from _tiny_models import token_ids, toy_llama, train_toy
 from maskopt import HalfAdam, MoFO, RandomBCD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,31 +70,13 @@ BAD_VALUES = {
 SHARED_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "foreach", "fused", "amsgrad", "differentiable")
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return TinyLlama(d=8, layers=2, vocab=16)
-
-
 def _twin(model):
     """The same weights in a fresh model. (A deepcopy would also copy the requires_grad=False
     that a HalfAdam set, and a new HalfAdam takes a tensor frozen that way for one frozen by
     hand: a copied model loses the mark that tells them apart.)"""
-    twin = _model()
+    twin = toy_llama()
     twin.load_state_dict(model.state_dict())
     return twin
-
-
-def _batch(seed):
-    return torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(seed))
-
-
-def _train(model, opt, steps, start=0):
-    for s in range(start, start + steps):
-        ids = _batch(s)
-        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 def _snapshot(model, opt):
@@ -139,26 +121,26 @@ def config(request):
 
 def test_state_dict_deterministic(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
-    _train(model, opt, 3)
+    train_toy(model, opt, 3)
     saved = copy.deepcopy(opt.state_dict())
     twin = _twin(model)
     twin_opt = build(twin)
     twin_opt.load_state_dict(copy.deepcopy(saved))
     _assert_equal_state_dicts(twin_opt.state_dict(), saved)
     # and the loaded optimizer continues exactly as the original
-    _train(model, opt, 2, start=3)
-    _train(twin, twin_opt, 2, start=3)
+    train_toy(model, opt, 2, start=3)
+    train_toy(twin, twin_opt, 2, start=3)
     assert _params_equal(model, twin)
     _assert_equal_state_dicts(twin_opt.state_dict(), opt.state_dict())
 
 
 def test_weights_only_round_trip(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
-    _train(model, opt, 2)
+    train_toy(model, opt, 2)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -172,31 +154,31 @@ def test_weights_only_round_trip(config):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_keep_stepping_identically(config, how):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
-    _train(model, opt, 2)
+    train_toy(model, opt, 2)
     if how == "deepcopy":
         twin, twin_opt = copy.deepcopy((model, opt))
     else:
         twin, twin_opt = pickle.loads(pickle.dumps((model, opt)))
     public = {k for k in vars(opt) if not k.startswith("_")}
     assert public == {k for k in vars(twin_opt) if not k.startswith("_")}
-    _train(model, opt, 2, start=2)
-    _train(twin, twin_opt, 2, start=2)
+    train_toy(model, opt, 2, start=2)
+    train_toy(twin, twin_opt, 2, start=2)
     assert _params_equal(model, twin)
     _assert_equal_state_dicts(twin_opt.state_dict(), opt.state_dict())
     if isinstance(opt, HalfAdam):
         opt.new_round()
         twin_opt.new_round()
         assert [opt.is_trainable(p) for p in model.parameters()] == [twin_opt.is_trainable(p) for p in twin.parameters()]
-        _train(model, opt, 1, start=4)
-        _train(twin, twin_opt, 1, start=4)
+        train_toy(model, opt, 1, start=4)
+        train_toy(twin, twin_opt, 1, start=4)
         assert _params_equal(model, twin)
 
 
 def test_step_without_gradients_changes_nothing(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
     before = _snapshot(model, opt)
     opt.step()
@@ -206,7 +188,7 @@ def test_step_without_gradients_changes_nothing(config):
 
 def test_zero_gradient_first_step_moves_nothing(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -221,7 +203,7 @@ def test_zero_gradient_first_step_moves_nothing(config):
 
 def test_per_group_lr_and_weight_decay(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     named = _named(model)
     half = len(named) // 2
     opt = build(model)
@@ -234,16 +216,16 @@ def test_per_group_lr_and_weight_decay(config):
     opt = type(opt)(groups, **{k: v for k, v in defaults.items()
                                if k in type(opt).__init__.__code__.co_varnames})
     frozen_group = {n: p.detach().clone() for n, p in named[half:]}
-    _train(model, opt, 2)
+    train_toy(model, opt, 2)
     assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == defaults["lr"]
     for n, p in named[half:]:
         assert torch.equal(p, frozen_group[n]), n
-    assert any(not torch.equal(p, q) for (_, p), q in zip(named[:half], _model().parameters()))
+    assert any(not torch.equal(p, q) for (_, p), q in zip(named[:half], toy_llama().parameters()))
 
 
 def test_hooks_and_repr(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
     calls = []
     handles = [
@@ -252,12 +234,12 @@ def test_hooks_and_repr(config):
         opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre")),
         opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post")),
     ]
-    _train(model, opt, 1)
+    train_toy(model, opt, 1)
     opt.load_state_dict(opt.state_dict())
     assert calls == ["pre", "post", "sd_pre", "load_post"]
     for h in handles:
         h.remove()
-    _train(model, opt, 1, start=1)
+    train_toy(model, opt, 1, start=1)
     assert len(calls) == 4
     text = repr(opt)
     assert type(opt).__name__ in text and "lr: 0.01" in text
@@ -267,9 +249,9 @@ def test_hooks_and_repr(config):
 
 def test_closure_returns_loss(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
-    ids = _batch(0)
+    ids = token_ids(0)
 
     def closure():
         opt.zero_grad()
@@ -289,18 +271,18 @@ def _bad_cases(config):
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_bad_values_are_refused_before_anything_changes(config_name):
     build, _ = CONFIGS[config_name]
-    accepted = inspect.signature(type(build(_model()))).parameters
+    accepted = inspect.signature(type(build(toy_llama()))).parameters
     for key, value in _bad_cases(config_name):
         if key in accepted:  # at construction
             with pytest.raises(ValueError, match=key.split("[")[0]):
-                build(_model(), **{key: value})
+                build(toy_llama(), **{key: value})
         # put into param_groups later (a scheduler, a user): step refuses with nothing changed
-        model = _model()
+        model = toy_llama()
         opt = build(model)
-        _train(model, opt, 1)
+        train_toy(model, opt, 1)
         good = opt.param_groups[-1].get(key, "<absent>")
         opt.param_groups[-1][key] = value
-        ids = _batch(5)
+        ids = token_ids(5)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
         before = _snapshot(model, opt)
@@ -322,7 +304,7 @@ def test_bad_values_are_refused_before_anything_changes(config_name):
 
 def test_add_param_group_refuses_bad_values_and_keeps_groups(config):
     build, keys = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     params = list(model.parameters())
     opt = build(model)
     extra = torch.nn.Parameter(torch.zeros(3))
@@ -334,9 +316,9 @@ def test_add_param_group_refuses_bad_values_and_keeps_groups(config):
 
 def test_wrong_shape_gradient_refused_before_anything_changes(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
-    _train(model, opt, 1)
+    train_toy(model, opt, 1)
     before = _snapshot(model, opt)
     for p in model.parameters():
         if p.requires_grad:
@@ -350,10 +332,10 @@ def test_wrong_shape_gradient_refused_before_anything_changes(config):
 
 def test_maximize_is_descent_on_the_negated_gradient(config):
     build, _ = CONFIGS[config]
-    up, down = _model(), _model()
+    up, down = toy_llama(), toy_llama()
     opt_up, opt_down = build(up, maximize=True), build(down)
     for s in range(3):
-        ids = _batch(s)
+        ids = token_ids(s)
         for model, opt, sign in ((up, opt_up, -1.0), (down, opt_down, 1.0)):
             loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
             opt.zero_grad()
@@ -365,9 +347,9 @@ def test_maximize_is_descent_on_the_negated_gradient(config):
 
 def test_load_state_dict_does_not_add_keys(config):
     build, _ = CONFIGS[config]
-    model = _model()
+    model = toy_llama()
     opt = build(model)
-    _train(model, opt, 1)
+    train_toy(model, opt, 1)
     keys = [set(g) for g in opt.state_dict()["param_groups"]]
     opt.load_state_dict(opt.state_dict())
     assert [set(g) for g in opt.state_dict()["param_groups"]] == keys

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny_models import TinyLlama
+from _tiny_models import toy_llama, train_toy
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.reference import select
 
@@ -154,24 +154,10 @@ def test_adamw_state_dict_with_maximize_is_honoured():
 # -- HalfAdam ---------------------------------------------------------------------------------------
 
 
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    return TinyLlama(d=8, layers=2, vocab=16)
-
-
-def _train(model, opt, steps, start=0):
-    for s in range(start, start + steps):
-        ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(s))
-        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 @pytest.mark.parametrize("named", [True, False])
 def test_half_adam_never_unfreezes_what_the_user_froze(ratio, named):
-    model = _llama()
+    model = toy_llama()
     model.model.embed_tokens.weight.requires_grad_(False)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
     frozen_by_user = [model.model.embed_tokens.weight, model.model.layers[0].self_attn.q_proj.weight]
@@ -186,7 +172,7 @@ def test_half_adam_never_unfreezes_what_the_user_froze(ratio, named):
         if named:
             assert not {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"} & (
                 opt.plan.trainable | opt.plan.entry_masked)
-        _train(model, opt, 1, start=r)
+        train_toy(model, opt, 1, start=r)
         opt.new_round()
     for p, p0 in zip(frozen_by_user, before):
         assert torch.equal(p, p0)
@@ -195,18 +181,18 @@ def test_half_adam_never_unfreezes_what_the_user_froze(ratio, named):
 
 def test_half_adam_leaves_its_own_frozen_half_to_a_new_optimizer():
     """A second HalfAdam on the same model (a new stage) is not fooled by the first one's freezing."""
-    model = _llama()
+    model = toy_llama()
     first = HalfAdam(model.named_parameters(), seed=0)
     second = HalfAdam(model.named_parameters(), seed=0, round=1)
-    assert second.plan.trainable == HalfAdam(_llama().named_parameters(), seed=0, round=1).plan.trainable
+    assert second.plan.trainable == HalfAdam(toy_llama().named_parameters(), seed=0, round=1).plan.trainable
     del first
 
 
 def test_mofo_state_loaded_into_half_adam_keeps_no_state_for_frozen_tensors():
-    model = _llama()
+    model = toy_llama()
     mofo = MoFO(model.parameters(), lr=0.01)
-    _train(model, mofo, 1)
-    twin = _llama()
+    train_toy(model, mofo, 1)
+    twin = toy_llama()
     twin.load_state_dict(model.state_dict())
     half = HalfAdam(twin.named_parameters(), lr=0.01)
     half.load_state_dict(mofo.state_dict())
@@ -217,12 +203,12 @@ def test_mofo_state_loaded_into_half_adam_keeps_no_state_for_frozen_tensors():
 
 @pytest.mark.parametrize("saved_named", [True, False])
 def test_half_adam_resume_with_a_different_selection_is_refused(saved_named):
-    model = _llama()
+    model = toy_llama()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = HalfAdam(model.named_parameters() if saved_named else model.parameters(), lr=0.01)
-        _train(model, opt, 1)
-        twin, twin2 = _llama(), _llama()
+        train_toy(model, opt, 1)
+        twin, twin2 = toy_llama(), toy_llama()
         other = HalfAdam(twin.parameters() if saved_named else twin.named_parameters(), lr=0.01)
         same = HalfAdam(twin2.named_parameters() if saved_named else twin2.parameters(), lr=0.01)
     groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in other.param_groups])
@@ -233,7 +219,7 @@ def test_half_adam_resume_with_a_different_selection_is_refused(saved_named):
 
 
 def test_half_adam_planner_options_are_checked_with_or_without_names():
-    model = _llama()
+    model = toy_llama()
     with pytest.raises(ValueError, match="Invalid layers"):
         HalfAdam(model.named_parameters(), layers=5)
     with warnings.catch_warnings():
@@ -245,13 +231,13 @@ def test_half_adam_planner_options_are_checked_with_or_without_names():
 
 
 def test_half_adam_copy_steps_and_starts_new_rounds():
-    model = _llama()
+    model = toy_llama()
     opt = HalfAdam(model.named_parameters(), lr=0.01)
-    _train(model, opt, 1)
+    train_toy(model, opt, 1)
     twin, twin_opt = copy.deepcopy((model, opt))
     twin_opt.new_round()
     opt.new_round()
     assert twin_opt.plan.trainable == opt.plan.trainable
-    _train(model, opt, 1, start=1)
-    _train(twin, twin_opt, 1, start=1)
+    train_toy(model, opt, 1, start=1)
+    train_toy(twin, twin_opt, 1, start=1)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

@@ -12,7 +12,7 @@ from maskopt import HalfAdam, MoFO, RandomBCD, _hash, topk_count
 from maskopt import telemetry as tm
 from maskopt.telemetry import UpdateTelemetry, to_floats
 
-from _tiny_models import TokenData
+from _tiny_models import TokenData, tiny_llama
 
 SHAPES = [(17, 33), (64,), (5, 123), (1,), (3, 4, 5), (0,)]
 
@@ -124,18 +124,9 @@ def test_adamw_counts():
 # -- HalfAdam on a real transformer's parameter names ----------------------------------------
 
 
-def tiny_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4))
-
-
 @pytest.mark.parametrize("freeze", ["requires_grad", "mask"])
 def test_half_adam_counts(freeze):
-    model = tiny_llama()
+    model = tiny_llama(2, vocab=64)
     names, params = zip(*model.named_parameters())
     opt = HalfAdam(model.named_parameters(), lr=1e-2, freeze=freeze)
     # autograd gives gradients to requires_grad tensors only
@@ -147,7 +138,7 @@ def test_half_adam_counts(freeze):
 
 
 def test_half_adam_parameter_strategy_counts():
-    model = tiny_llama()
+    model = tiny_llama(2, vocab=64)
     names, params = zip(*model.named_parameters())
     opt = HalfAdam(model.named_parameters(), lr=1e-2, strategy="parameter", freeze="mask")
     seen = check_counts_match_changes(opt, list(params), list(names), steps=2)
@@ -157,7 +148,7 @@ def test_half_adam_parameter_strategy_counts():
 
 
 def test_names_from_param_groups_and_unnamed():
-    model = tiny_llama()
+    model = tiny_llama(2, vocab=64)
     opt = HalfAdam(model.named_parameters(), lr=1e-2)
     tel = UpdateTelemetry(opt)  # HalfAdam keeps param_names in its groups
     assert tel.names == [n for n, _ in model.named_parameters()]
@@ -348,7 +339,7 @@ def _trainer(tmp_path, model, opt, callbacks=None):
 
 
 def test_trainer_callback_logs(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(2, vocab=64)
     from maskopt.telemetry import UpdateTelemetryCallback
 
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -376,7 +367,7 @@ def test_trainer_callback_logs(tmp_path):
 
 
 def test_trainer_callback_in_callbacks_list_with_half_adam(tmp_path):
-    model = tiny_llama()
+    model = tiny_llama(2, vocab=64)
     from maskopt.telemetry import UpdateTelemetryCallback
 
     opt = HalfAdam(model.named_parameters(), lr=1e-2)
