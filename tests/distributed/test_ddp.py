@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from maskopt import HalfAdam, MoFO, RandomBCD
 
+from _helpers import free_port, snapshot
 from _tiny_models import toy_llama
 
 pytestmark = pytest.mark.skipif(
@@ -72,10 +72,6 @@ def llama_loss(model, batch):
 def half_of(batch, rank):
     """Rank ``rank``'s half of the global batch (equal halves: mean of means = full mean)."""
     return tuple(t.chunk(WORLD)[rank] for t in batch)
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # --- the worker -----------------------------------------------------------------------------------
@@ -191,12 +187,6 @@ def _worker(rank, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     """Spawn the 2 ranks once; ``ddp_results(name)`` -> [rank0 result, rank1 result]."""
@@ -205,7 +195,7 @@ def ddp_results(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the children
     try:
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(rank, port, outdir), daemon=True) for rank in range(WORLD)]
         for p in procs:
             p.start()

@@ -9,7 +9,6 @@ rank compares its result with that single-process reference.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import traceback
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _helpers import free_port
 from _tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 WORLD = 3
 TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, scenario, errors_dir):
@@ -55,7 +49,7 @@ def _worker(rank, world, port, scenario, errors_dir):
 
 def _spawn(scenario: str, world: int = WORLD):
     errors = tempfile.mkdtemp(prefix="maskopt-dist-")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), scenario, errors), nprocs=world,
+    ctx = mp.start_processes(_worker, args=(world, free_port(), scenario, errors), nprocs=world,
                              join=False, start_method="spawn")
     import time
 

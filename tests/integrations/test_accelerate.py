@@ -14,23 +14,13 @@ accelerate = pytest.importorskip("accelerate")
 
 from maskopt import MoFO, topk_count
 
+from _helpers import reset_accelerate_state
+
 ACCUM = 2
 MICRO_BATCHES = 8
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerator state is process-global; give each test its own."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)  # e.g. left behind by an HF Trainer in the same process
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 def make_model():
@@ -116,8 +106,7 @@ def test_accelerate_save_state_load_state_round_trip(tmp_path):
     assert all(float(s["step"]) == MICRO_BATCHES // ACCUM for s in on_disk["state"].values())
 
     # as a new process would: fresh accelerate state, different weights, then load_state
-    accelerate.state.AcceleratorState._reset_state(True)
-    accelerate.state.GradientState._reset_state()
+    reset_accelerate_state()
     accelerator2 = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
     model2 = make_model()
     with torch.no_grad():

@@ -20,6 +20,7 @@ pytest.importorskip("accelerate")
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.hft import freeze_half
 
+from _helpers import snapshot, stable_topk_mask
 from _tiny_models import TokenData, tiny_llama
 
 transformers.logging.set_verbosity_error()
@@ -28,18 +29,7 @@ VOCAB = 64
 SEQ = 16
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _reset_accelerate_state():
-    """accelerate's state is process-global: an Accelerator created later in this process (by
-    another test) would inherit e.g. the bf16 mixed precision of SFTConfig's default."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 def llama(seed=0, vocab=VOCAB):
@@ -63,19 +53,6 @@ def trainer_args(out, **kw):
 def unwrap(opt):
     """The Trainer wraps the optimizer in accelerate's AcceleratedOptimizer."""
     return getattr(opt, "optimizer", opt)
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def stable_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Independent top-k: the k largest, ties to the lowest flat index (a stable sort)."""
-    flat = scores.reshape(-1)
-    order = torch.sort(-flat, stable=True).indices[:k]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order] = True
-    return mask.view(scores.shape)
 
 
 # RandomBCD's hash, re-implemented here from the contract in maskopt/_hash.py's docstring.

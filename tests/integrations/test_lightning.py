@@ -16,6 +16,8 @@ L = pytest.importorskip("lightning")
 
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 
+from _helpers import snapshot, stable_topk_mask
+
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
@@ -47,18 +49,6 @@ def trainer(max_steps, **kw):
         "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
     }
     return L.Trainer(**(base | kw))
-
-
-def snapshot(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-def stable_topk_mask(scores, k):
-    """k largest entries, ties to the lowest flat index (independent of maskopt's selection)."""
-    flat = scores.reshape(-1)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[torch.sort(-flat, stable=True).indices[:k]] = True
-    return mask.view(scores.shape)
 
 
 class Regressor(L.LightningModule):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import socket
 
 import pytest
 import torch
@@ -28,6 +27,8 @@ except ImportError:  # a torch build without torch.distributed: the DCP tests sk
 
 from maskopt import HalfAdam, MoFO, RandomBCD, mofo_param_groups
 from maskopt.reference import reference_step
+
+from _helpers import free_port
 
 X = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
@@ -444,19 +445,13 @@ def test_state_dicts_load_with_weights_only(name):
 # ============================================================================ 4. DCP
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gloo_group():
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         yield
     finally:
