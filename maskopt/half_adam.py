@@ -145,7 +145,7 @@ class HalfAdam(MaskedAdam):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._param_list()
         state["_plan_options"] = self._plan_options
         state["_kept_frozen_at"] = [i for i, p in enumerate(params) if p in self._kept_frozen]
         return state
@@ -155,7 +155,7 @@ class HalfAdam(MaskedAdam):
         kept_at = state.pop("_kept_frozen_at", None)
         super().__setstate__(state)
         if options is not None:  # a copy or an unpickled object, not a load_state_dict
-            params = [p for g in self.param_groups for p in g["params"]]
+            params = self._param_list()
             self._plan_options = options
             self._kept_frozen = {params[i] for i in kept_at}
             self._built = True
@@ -194,7 +194,7 @@ class HalfAdam(MaskedAdam):
         saved = self._with_defaults(state_dict["param_groups"][0])
         mode, plan = self._draw(saved)
         recorded = state_dict["param_groups"][0].get(DIGEST_KEY)
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._param_list()
         if recorded is not None and recorded != _digest(params, mode):
             raise ValueError(
                 f"HalfAdam.load_state_dict: the saved optimizer trained a different set of tensors in round "
@@ -213,7 +213,7 @@ class HalfAdam(MaskedAdam):
     def _draw(self, settings: Mapping[str, Any]) -> tuple[dict[torch.Tensor, str], Any]:
         """Which tensors train (and how) for the round and options in ``settings``; changes nothing."""
         ratio, strategy, seed, rnd = float(settings["ratio"]), settings["strategy"], int(settings["seed"]), int(settings["round"])
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._param_list()
         mode: dict[torch.Tensor, str] = {}
         plan = None
         if all("param_names" in g for g in self.param_groups):
@@ -248,7 +248,7 @@ class HalfAdam(MaskedAdam):
     def _install(self, mode: dict[torch.Tensor, str], plan) -> None:
         """Make ``mode`` the current round's selection (and ``requires_grad`` follow it)."""
         self._mode, self.plan = mode, plan
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._param_list()
         digest = _digest(params, mode)
         for group in self.param_groups:
             group[DIGEST_KEY] = digest

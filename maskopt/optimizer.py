@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from . import distributed
+from . import distributed, zero
 from ._checks import as_float as _as_float, check_choice, check_int, check_range  # noqa: F401 (re-exported)
 from .functional import FUSED_DTYPES, fused_available, fused_by_default, masked_adamw
 from .policy import SelectionPolicy
@@ -32,14 +32,15 @@ _FUSED_HINT = (
 )
 
 # DeepSpeed ZeRO (stages 1-3) puts flat fp32 partitions of many tensors into the client
-# optimizer's param_groups; accelerate does the same with FSDP1's flat parameters. A per-tensor
-# selection would silently become a selection per partition, so a step refuses instead.
+# optimizer's param_groups; maskopt.zero maps them back to the tensors. Anything else in their
+# place (FSDP1's flat parameters, through accelerate) would turn the per-tensor selection into a
+# selection per partition, so a step refuses it.
 _REPLACED_PARAMS = (
-    "{name}: the tensors in param_groups are not the ones the optimizer was built with. DeepSpeed "
-    "ZeRO and FSDP1 (flat parameters, e.g. through accelerate) replace them with flat partitions "
-    "of many tensors, where the per-tensor selection (top-k, masks) would silently change meaning. "
-    "Not supported: use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP; with DeepSpeed, only "
-    "ZeRO stage 0. To add parameters, use add_param_group()."
+    "{name}: the tensors in param_groups are not the ones the optimizer was built with, and they are "
+    "not DeepSpeed ZeRO partitions of them (stages 1-3 are supported). FSDP1 (flat parameters, e.g. "
+    "through accelerate) replaces them with flat partitions of many tensors, where the per-tensor "
+    "selection (top-k, masks) would silently change meaning: not supported; use FSDP2 "
+    "(torch.distributed.fsdp.fully_shard), DDP or DeepSpeed ZeRO. To add parameters, use add_param_group()."
 )
 
 # torch's Optimizer adds this key to `defaults` when it unpickles or loads a state dict; it
@@ -108,6 +109,9 @@ class MaskedAdam(Optimizer):
         self._check_group(defaults)
         self._tensor_index: dict[torch.Tensor, int] | None = None
         self._registered: set[torch.Tensor] = set()
+        # Each group with the tensors it was built with: DeepSpeed ZeRO swaps a group's
+        # "params" for flat partitions in place, and the selection is still per built tensor.
+        self._built_groups: list[tuple[dict[str, Any], list[torch.Tensor]]] = []
         super().__init__(params, defaults)
         if any(g.get("fused") for g in self.param_groups):
             for group in self.param_groups:
@@ -162,11 +166,19 @@ class MaskedAdam(Optimizer):
         super().add_param_group(param_group)
         self._tensor_index = None
         self._registered.update(self.param_groups[-1]["params"])
+        self._built_groups.append((self.param_groups[-1], list(self.param_groups[-1]["params"])))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict comes here with new group dicts in the old ones' order; under DeepSpeed
+        # ZeRO their "params" are flat partitions, so the built tensors carry over by position.
+        old_groups = self.__dict__.get("param_groups")
+        built = [self._built_params(g) for g in old_groups] if old_groups and "_built_groups" in self.__dict__ else None
         super().__setstate__(state)
+        if built is None or len(built) != len(self.param_groups):
+            built = [list(g["params"]) for g in self.param_groups]
+        self._built_groups = list(zip(self.param_groups, built))
         self._tensor_index = None
-        self._registered = {p for g in self.param_groups for p in g["params"]}
+        self._registered = {p for params in built for p in params}
         # A state dict from torch.optim.AdamW lacks our keys: fill them from our defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -191,6 +203,19 @@ class MaskedAdam(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
 
+    def _built_params(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """The tensors ``group`` was built with (or given through ``add_param_group``): its
+        ``"params"``, unless DeepSpeed ZeRO has put flat partitions in their place.
+
+        Args:
+            group: one of the optimizer's param groups.
+        """
+        return next((params for g, params in self._built_groups if g is group), group["params"])
+
+    def _param_list(self) -> list[torch.Tensor]:
+        """Every built tensor, in group order (what ``param_groups`` held before any ZeRO swap)."""
+        return [p for _, params in self._built_groups for p in params]
+
     def tensor_index(self, param: torch.Tensor) -> int:
         """Position of ``param`` among all the optimizer's parameters (group order); it keys
         the random masks, so it must not change across a resume.
@@ -199,8 +224,7 @@ class MaskedAdam(Optimizer):
             param: one of the optimizer's parameters.
         """
         if self._tensor_index is None:
-            params = [p for g in self.param_groups for p in g["params"]]
-            self._tensor_index = {p: i for i, p in enumerate(params)}
+            self._tensor_index = {p: i for i, p in enumerate(self._param_list())}
         return self._tensor_index[param]
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
@@ -276,7 +300,10 @@ class MaskedAdam(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for bucket in buckets:
-            self._run(bucket, grad_scale, found_inf)
+            if isinstance(bucket, _Bucket):
+                self._run(bucket, grad_scale, found_inf)
+            else:  # the tensors of DeepSpeed ZeRO partitions (maskopt.zero)
+                bucket.run(grad_scale, found_inf)
         return loss
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -296,16 +323,20 @@ class MaskedAdam(Optimizer):
             raise RuntimeError(f"{name}: parameter {self.tensor_index(p)} has shape {tuple(p.shape)} but its "
                                f"optimizer state has shape {tuple(moment.shape)} (was the parameter replaced?)")
 
-    def _plan_step(self) -> list[_Bucket]:
+    def _plan_step(self) -> list:
         """Group the tensors to step by (group, policy), checking everything that could fail."""
         name = type(self).__name__
-        buckets: list[_Bucket] = []
+        buckets: list = []
         blocked: dict[int, list] = {}  # (local tensor, shard) selected per block, by block_size
         for group in self.param_groups:
+            if any(p not in self._registered for p in group["params"]):
+                zero_step = zero.plan_partitions(self, group, adamw_options(group))
+                if zero_step is None:
+                    raise RuntimeError(_REPLACED_PARAMS.format(name=name))
+                buckets.append(zero_step)
+                continue
             by_policy: dict[SelectionPolicy, _Bucket] = {}
             for p in group["params"]:
-                if p not in self._registered:
-                    raise RuntimeError(_REPLACED_PARAMS.format(name=name))
                 if p.grad is None:
                     continue
                 policy = self._policy(group, p)
@@ -353,12 +384,23 @@ class MaskedAdam(Optimizer):
             for s, p in zip(states, params):
                 if s["step"].device != p.device:
                     s["step"] = s["step"].to(p.device)
-        beta1, beta2 = (_as_float(b, "betas") for b in group["betas"])
         masked_adamw(
-            params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states],
-            policy=bucket.policy, lr=_as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2,
-            eps=_as_float(group["eps"], "eps"), weight_decay=_as_float(group["weight_decay"], "weight_decay"),
-            mask_weight_decay=group.get("mask_weight_decay", True), maximize=group.get("maximize", False),
+            params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], policy=bucket.policy,
             tensor_indices=bucket.indices, grad_scale=grad_scale, found_inf=found_inf, shards=shards,
-            foreach=group.get("foreach"), fused=bool(fused),
+            fused=bool(fused), **adamw_options(group),
         )
+
+
+def adamw_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`maskopt.functional.masked_adamw` that come from a
+    (checked) param group: ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``,
+    ``mask_weight_decay``, ``maximize`` and ``foreach``.
+
+    Args:
+        group: a param group whose values ``_check_group`` accepted.
+    """
+    beta1, beta2 = (_as_float(b, "betas") for b in group["betas"])
+    return dict(lr=_as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=_as_float(group["eps"], "eps"),
+                weight_decay=_as_float(group["weight_decay"], "weight_decay"),
+                mask_weight_decay=group.get("mask_weight_decay", True), maximize=group.get("maximize", False),
+                foreach=group.get("foreach"))

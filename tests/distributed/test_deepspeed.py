@@ -1,0 +1,347 @@
+"""DeepSpeed ZeRO stages 1-3 on CPU with gloo: the selection stays the exact per-tensor one.
+
+DeepSpeed steps the client optimizer on flat fp32 partitions of many tensors; maskopt.zero maps
+them back to the tensors. Every scenario trains a model whose loss is ``sum_i <p_i, t_i>``,
+so the gradient of ``p_i`` is the chosen ``t_i`` (ties built in), and runs, next to the
+engine, the same optimizer in one process on whole tensors, fed the gradients DeepSpeed
+reduced (``safe_get_full_grad``). The fp32 master weights and the moments must be equal bit
+for bit after every step.
+
+One spawn of two processes runs the scenarios of the three stages (starting DeepSpeed is the
+cost); one of three processes covers ranks that hold none of a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("deepspeed")
+
+TIMEOUT_S = 300
+
+# uneven sizes, a tensor smaller than the ranks, tensors that straddle the partition borders
+SHAPES = [(7, 5), (6, 4), (3,), (1, 9), (64, 3), (2,)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_deepspeed(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel at start-up (about
+    # 90 s on two cores); only inference_all_reduce uses it, so gloo alone serves these tests.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _worker(rank, world, port, scenarios, shared_dir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    try:
+        _start_deepspeed(rank, world, port)
+        for name in scenarios:
+            globals()[name](rank, world, shared_dir)
+    except BaseException:  # noqa: BLE001 - reported to the parent through a file
+        with open(os.path.join(shared_dir, f"error-rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(scenarios: list[str], world: int) -> None:
+    shared = tempfile.mkdtemp(prefix="maskopt-deepspeed-")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), scenarios, shared), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{scenarios}: workers did not finish within {TIMEOUT_S} s")
+    except mp.ProcessRaisedException:
+        errors = sorted(f for f in os.listdir(shared) if f.startswith("error-"))
+        pytest.fail(f"{scenarios} failed:\n" + "\n".join(open(os.path.join(shared, f)).read() for f in errors))
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+class Targets(torch.nn.Module):
+    """Loss ``sum_i <p_i, t_i>``: the gradient of ``p_i`` is ``t_i``. The tensors sit on the
+    module itself, so ZeRO-3 gathers them for its forward."""
+
+    def __init__(self, shapes, dtype):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        for i, shape in enumerate(shapes):
+            setattr(self, f"w{i}", torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)))
+
+    def forward(self, *targets):
+        return sum((p * t).sum() for p, t in zip(self.parameters(), targets))
+
+
+def _targets(step, shapes=SHAPES, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(100 + step)
+    out = [torch.randn(s, generator=gen) for s in shapes]
+    if len(shapes) == len(SHAPES):
+        out[1] = torch.full(shapes[1], 1.0 if step % 2 else -1.0)  # every |g| ties
+        # 64 ties at the largest |g| and k = 58 of them to take: the lowest global indices,
+        # spread over the ranks' fragments
+        out[4] = out[4] * 0.1
+        out[4][::3] = 0.5
+    return [t.to(dtype) for t in out]
+
+
+def _config(stage, bf16=False):
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "gradient_clipping": 0.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _engine(stage, make, shapes=SHAPES, bf16=False):
+    """A DeepSpeed engine with the optimizer ``make`` builds, and the tensors it trains (those
+    that require grad when it is built: DeepSpeed partitions only these)."""
+    import deepspeed
+
+    model = Targets(shapes, torch.bfloat16 if bf16 else torch.float32)
+    opt = make(model.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_config(stage, bf16))
+    assert engine.optimizer.optimizer is opt
+    return engine, opt, trained
+
+
+def _full(params, key=None):
+    """The fp32 master weights (or optimizer state ``key``) of tensors in the ZeRO partitions,
+    gathered (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if key is None:
+        return [safe_get_full_fp32_param(p).clone() for p in params]
+    return [safe_get_full_optimizer_state(p, key).clone() for p in params]
+
+
+def _train_step(engine, step, shapes=SHAPES, bf16=False):
+    """One engine step; returns the reduced gradients (None for a frozen tensor)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    loss = engine(*_targets(step, shapes, torch.bfloat16 if bf16 else torch.float32))
+    engine.backward(loss)
+    grads = [safe_get_full_grad(p).float().clone() if p.requires_grad else None for p in engine.module.parameters()]
+    engine.step()
+    return grads
+
+
+def _assert_equal(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a.reshape(b.shape), b), f"{what}, tensor {i} {tuple(b.shape)}: {(a.reshape(b.shape) != b).sum().item()} entries differ"
+
+
+def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, new_round_at=None):
+    """A ZeRO run and a one-process run of the same optimizer on the same gradients: equal."""
+    engine, opt, trained = _engine(stage, make, shapes, bf16)
+    params = list(engine.module.parameters())
+    # the frozen tensors' values do not matter: no gradient depends on them
+    start = iter(_full(trained))
+    plain = [torch.nn.Parameter(next(start) if p.requires_grad else torch.zeros(s)) for p, s in zip(params, shapes)]
+    reference = make(plain)
+    in_zero = [i for i, p in enumerate(params) if any(p is t for t in trained)]
+    for step in range(steps):
+        if step == new_round_at:
+            opt.new_round()
+            reference.new_round()
+        grads = _train_step(engine, step, shapes, bf16)
+        for q, g in zip(plain, grads):
+            q.grad = g
+        reference.step()
+        _assert_equal(_full(trained), [plain[i].detach() for i in in_zero], f"stage {stage}, step {step}: weights")
+        stepped = [i for i in in_zero if plain[i] in reference.state]
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = _full([params[i] for i in stepped], key)
+            _assert_equal(got, [reference.state[plain[i]][key] for i in stepped], f"stage {stage}, step {step}: {key}")
+    engine.destroy()
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+def _mofo(**kw):
+    from maskopt import MoFO
+
+    return lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1, **kw)
+
+
+def _random_bcd(**kw):
+    from maskopt import RandomBCD
+
+    return lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, **kw)
+
+
+def _half_adam(**kw):
+    from maskopt import HalfAdam
+
+    return lambda ps: HalfAdam(ps, lr=1e-2, ratio=0.5, **kw)
+
+
+OPTIMIZERS = {
+    "mofo": _mofo(), "mofo_gradient": _mofo(filter="gradient"), "random_bcd": _random_bcd(),
+    "random_bcd_exact": _random_bcd(exact=True), "half_adam_mask": _half_adam(freeze="mask"),
+    "half_adam_entries": _half_adam(freeze="mask", strategy="parameter"),
+}
+
+
+def every_optimizer_each_stage(rank, world, shared):
+    for stage in (1, 2, 3):
+        for name, make in OPTIMIZERS.items():
+            try:
+                _compare_with_one_process(stage, make, new_round_at=2 if name.startswith("half") else None)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+
+
+def bf16_each_stage(rank, world, shared):
+    for stage in (1, 2, 3):  # stage 1 with bf16 runs DeepSpeed's BF16_Optimizer
+        _compare_with_one_process(stage, _mofo(), bf16=True)
+        _compare_with_one_process(stage, _random_bcd(exact=True), steps=2, bf16=True)
+
+
+def half_adam_requires_grad(rank, world, shared):
+    """The half frozen before deepspeed.initialize trains exactly; a new round under the same
+    engine is refused at the next step, before anything changes."""
+    make = _half_adam()
+    for stage in (1, 2, 3):
+        _compare_with_one_process(stage, make, steps=2)
+    engine, opt, trained = _engine(2, make)
+    _train_step(engine, 0)
+    before = _full(trained)
+    opt.new_round()
+    with pytest.raises(RuntimeError, match="in none of DeepSpeed's ZeRO partitions"):
+        _train_step(engine, 1)
+    _assert_equal(_full(trained), before, "refused step")
+
+
+def block_size_fits_or_is_refused(rank, world, shared):
+    """block_size blocks inside one rank's fragment are exact; blocks straddling two are
+    refused on every rank before anything changes."""
+    shapes = [(8, 4), (4, 4)]  # two ranks: fragments of 24 + 8 and 16 entries (ZeRO-1/2), 16 + 16 and 8 + 8 (ZeRO-3)
+    for stage in (2, 3):
+        _compare_with_one_process(stage, _mofo(block_size=8), steps=2, shapes=shapes)
+    engine, _, trained = _engine(2, _mofo(block_size=5), shapes)
+    before = _full(trained)
+    with pytest.raises(ValueError, match="block_size=5 does not fit"):
+        _train_step(engine, 0, shapes)
+    _assert_equal(_full(trained), before, "refused step")
+
+
+def checkpoint_resume(rank, world, shared):
+    """engine.save_checkpoint / load_checkpoint: the resumed run equals the uninterrupted one."""
+    cases = ((1, _mofo()), (2, _random_bcd()), (3, _mofo()), (3, _half_adam(freeze="mask", strategy="parameter")))
+    for case, (stage, make) in enumerate(cases):
+        folder = os.path.join(shared, f"checkpoint-{case}")
+        engine, _, params = _engine(stage, make)
+        for step in range(2):
+            _train_step(engine, step)
+        engine.save_checkpoint(folder, tag="t")
+        for step in range(2, 4):
+            _train_step(engine, step)
+        want = [_full(params), _full(params, "exp_avg"), _full(params, "exp_avg_sq")]
+        engine.destroy()
+
+        engine, _, params = _engine(stage, make)  # a fresh model and optimizer
+        engine.load_checkpoint(folder, tag="t")
+        for step in range(2, 4):
+            _train_step(engine, step)
+        got = [_full(params), _full(params, "exp_avg"), _full(params, "exp_avg_sq")]
+        for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), got, want):
+            _assert_equal(a, b, f"stage {stage} resume: {what}")
+        engine.destroy()
+
+
+class _CountingDist:
+    """torch.distributed with its collectives counted (maskopt.distributed calls them)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if name.startswith(("all_", "broadcast", "reduce", "gather", "scatter")):
+            def counted(*args, **kwargs):
+                self.calls += 1
+                return attr(*args, **kwargs)
+            return counted
+        return attr
+
+
+def rank_without_a_tensor(rank, world, shared):
+    """Three ranks: some hold none of a small tensor (ZeRO-1/2) or only its padding (ZeRO-3);
+    they take part with empty fragments, making as many collective calls as the others."""
+    import maskopt.distributed
+    from maskopt import zero
+
+    for stage in (1, 3):
+        for make in (_mofo(), _random_bcd(exact=True)):
+            _compare_with_one_process(stage, make, steps=2)
+        engine, opt, _ = _engine(stage, _mofo())
+        group = opt.param_groups[0]
+        counter = _CountingDist(maskopt.distributed.dist)
+        maskopt.distributed.dist = counter
+        held = []
+        real_fragments = zero.fragments
+
+        def spy(flat, built):
+            found = real_fragments(flat, built)
+            held.extend(f.numel for f in found)
+            return found
+        zero.fragments = spy
+        try:
+            _train_step(engine, 0)
+        finally:
+            maskopt.distributed.dist, zero.fragments = counter.real, real_fragments
+        assert group is opt.param_groups[0]
+        empty = torch.tensor([sum(1 for n in held if n == 0)])
+        calls = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(calls, torch.tensor([counter.calls]))
+        dist.all_reduce(empty)
+        assert int(empty) > 0, f"stage {stage}: every rank holds part of every tensor; the scenario tests nothing"
+        assert len({int(c) for c in calls}) == 1 and int(calls[0]) > 0, f"stage {stage}: collective calls per rank {calls}"
+        engine.destroy()
+
+
+# ------------------------------------------------------------------------------ tests
+
+def test_zero_stages_equal_one_process_two_ranks():
+    """Stages 1, 2, 3; MoFO (both filters), RandomBCD (both modes), HalfAdam (both freeze
+    modes, a new round); fp32 and bf16; block_size; checkpoint resume."""
+    _spawn(["every_optimizer_each_stage", "bf16_each_stage", "half_adam_requires_grad",
+            "block_size_fits_or_is_refused", "checkpoint_resume"], world=2)
+
+
+def test_zero_ranks_holding_none_of_a_tensor_three_ranks():
+    _spawn(["rank_without_a_tensor"], world=3)
