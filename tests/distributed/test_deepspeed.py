@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import free_port
 
 pytest.importorskip("deepspeed")
 
@@ -33,12 +33,6 @@ TIMEOUT_S = 300
 
 # uneven sizes, a tensor smaller than the ranks, tensors that straddle the partition borders
 SHAPES = [(7, 5), (6, 4), (3,), (1, 9), (64, 3), (2,)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_deepspeed(rank: int, world: int, port: int) -> None:
@@ -69,9 +63,9 @@ def _worker(rank, world, port, scenarios, shared_dir):
             dist.destroy_process_group()
 
 
-def _spawn(scenarios: list[str], world: int) -> None:
-    shared = tempfile.mkdtemp(prefix="maskopt-deepspeed-")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), scenarios, shared), nprocs=world,
+def _spawn(scenarios: list[str], world: int, shared: str | None = None) -> None:
+    shared = shared or tempfile.mkdtemp(prefix="maskopt-deepspeed-")
+    ctx = mp.start_processes(_worker, args=(world, free_port(), scenarios, shared), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -116,16 +110,18 @@ def _targets(step, shapes=SHAPES, dtype=torch.float32):
     return [t.to(dtype) for t in out]
 
 
-def _config(stage, bf16=False):
+def _config(stage, bf16=False, load_universal=False):
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
            "gradient_clipping": 0.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if bf16:
         cfg["bf16"] = {"enabled": True}
+    if load_universal:
+        cfg["checkpoint"] = {"load_universal": True}
     return cfg
 
 
-def _engine(stage, make, shapes=SHAPES, bf16=False):
+def _engine(stage, make, shapes=SHAPES, bf16=False, **config):
     """A DeepSpeed engine with the optimizer ``make`` builds, and the tensors it trains (those
     that require grad when it is built: DeepSpeed partitions only these)."""
     import deepspeed
@@ -133,7 +129,7 @@ def _engine(stage, make, shapes=SHAPES, bf16=False):
     model = Targets(shapes, torch.bfloat16 if bf16 else torch.float32)
     opt = make(model.parameters())
     trained = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_config(stage, bf16))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=_config(stage, bf16, **config))
     assert engine.optimizer.optimizer is opt
     return engine, opt, trained
 
@@ -283,6 +279,88 @@ def checkpoint_resume(rank, world, shared):
         engine.destroy()
 
 
+UNIVERSAL_STAGES = (1, 2, 3)
+
+
+def save_universal_checkpoints(rank, world, shared):
+    """Two ranks train 2 steps and save; DeepSpeed's ds_to_universal turns the checkpoints
+    into per-tensor ones (for another world size)."""
+    import subprocess
+
+    for stage in UNIVERSAL_STAGES:
+        folder = os.path.join(shared, f"universal-{stage}")
+        engine, _, params = _engine(stage, _mofo())
+        for step in range(2):
+            _train_step(engine, step)
+        engine.save_checkpoint(folder, tag="t")
+        saved = [_full(params), _full(params, "exp_avg")]
+        if rank == 0:
+            torch.save(saved, os.path.join(folder, "expected.pt"))
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            os.path.join(folder, "t"), "--output_folder", os.path.join(folder, "t_universal"),
+                            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                           check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        dist.barrier()
+        engine.destroy()
+
+
+def resume_universal_on_three_ranks(rank, world, shared):
+    """The two-rank checkpoints resumed on three ranks: the state arrives exactly, and the
+    next steps equal one process fed the same gradients."""
+    for stage in UNIVERSAL_STAGES:
+        folder = os.path.join(shared, f"universal-{stage}")
+        engine, _, params = _engine(stage, _mofo(), load_universal=True)
+        plain = [torch.nn.Parameter(t) for t in _full(params)]  # the initial weights, as the two ranks had
+        reference = _mofo()(plain)
+        for step in range(2):  # two ranks averaged identical targets: the gradients were the targets
+            for q, t in zip(plain, _targets(step)):
+                q.grad = t
+            reference.step()
+        engine.load_checkpoint(folder, tag="t_universal")
+        weights, exp_avg = torch.load(os.path.join(folder, "expected.pt"))
+        _assert_equal(weights, [q.detach() for q in plain], f"stage {stage}: the reference after 2 steps")
+        _assert_equal(_full(params), weights, f"stage {stage}: loaded weights")
+        _assert_equal(_full(params, "exp_avg"), exp_avg, f"stage {stage}: loaded exp_avg")
+        for step in range(2, 4):
+            for q, g in zip(plain, _train_step(engine, step)):
+                q.grad = g
+            reference.step()
+            _assert_equal(_full(params), [q.detach() for q in plain], f"stage {stage}, step {step} on 3 ranks: weights")
+        engine.destroy()
+
+
+def hf_trainer_one_rank(rank, world, shared):
+    """The Trainer with a DeepSpeed config builds the optimizer from optimizer_cls_and_kwargs
+    (HalfAdam gets names through a "params" kwarg); an optimizer instance passed through
+    optimizers= is silently replaced by the Trainer's AdamW."""
+    from _helpers import reset_accelerate_state
+    from _tiny_models import TokenData, tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    from maskopt import HalfAdam, MoFO
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    args = TrainingArguments(os.path.join(shared, "hf"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             deepspeed=cfg, use_cpu=True, save_strategy="no", disable_tqdm=True)
+
+    def trained(**how):
+        reset_accelerate_state()  # one Accelerator per Trainer, as in its own process
+        model = tiny_llama(layers=2)
+        how = {k: v(model) for k, v in how.items()}
+        trainer = Trainer(model=model, args=args, train_dataset=TokenData(n=8, vocab=96), **how)
+        trainer.train()
+        return trainer.model_wrapped.optimizer.optimizer, model
+
+    opt, _ = trained(optimizer_cls_and_kwargs=lambda m: (MoFO, {"lr": 1e-3, "alpha": 0.1}))
+    assert isinstance(opt, MoFO) and opt.state and all(int(s["step"]) == 2 for s in opt.state.values())
+    opt, model = trained(optimizer_cls_and_kwargs=lambda m: (HalfAdam, {"params": list(m.named_parameters()), "lr": 1e-3}))
+    assert isinstance(opt, HalfAdam) and opt.plan is not None
+    assert 0 < sum(p.requires_grad for p in model.parameters()) < len(list(model.parameters()))
+    opt, _ = trained(optimizers=lambda m: (MoFO(m.parameters(), lr=1e-3), None))
+    assert type(opt) is torch.optim.AdamW, type(opt)
+
+
 class _CountingDist:
     """torch.distributed with its collectives counted (maskopt.distributed calls them)."""
 
@@ -345,3 +423,27 @@ def test_zero_stages_equal_one_process_two_ranks():
 
 def test_zero_ranks_holding_none_of_a_tensor_three_ranks():
     _spawn(["rank_without_a_tensor"], world=3)
+
+
+def test_hf_trainer_with_a_deepspeed_config():
+    pytest.importorskip("transformers")
+    _spawn(["hf_trainer_one_rank"], world=1)
+
+
+def test_zero_universal_checkpoint_resumes_on_another_world_size():
+    shared = tempfile.mkdtemp(prefix="maskopt-deepspeed-universal-")
+    _spawn(["save_universal_checkpoints"], world=2, shared=shared)
+    _spawn(["resume_universal_on_three_ranks"], world=3, shared=shared)
+
+
+def test_benchmark_script_runs():
+    """benchmarks/deepspeed_step.py end to end, tiny (its numbers are not checked, its table is)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "benchmarks/deepspeed_step.py", "--stages", "2", "--hidden", "32", "--layers", "1",
+                          "--vocab", "64", "--steps", "2", "--warmup", "1", "--repeats", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("2 ")]
+    assert [r[1] for r in rows][:2] == ["AdamW", "MoFO(alpha=0.1)"] and rows[0][3] == "1.00"
