@@ -7,9 +7,10 @@ Starts ``--world`` processes (gloo, ``DS_ACCELERATOR=cpu``, one torch thread eac
 ZeRO stage it trains the same Llama-shaped parameter list with each optimizer through
 ``deepspeed.initialize`` and measures, per ``engine.step()`` (the optimizer step plus
 DeepSpeed's own gradient and parameter traffic): the median wall time, the time inside the
-client optimizer's ``step()``, and the collective calls and bytes every rank makes and the time
-rank 0 spends inside them (counted on ``torch.distributed``; each rank makes the same calls). The gradients are fixed random tensors (the
-loss is ``sum_i <p_i, g_i>``), so forward and backward cost next to nothing and are not
+client optimizer's ``step()``, the collective calls and bytes every rank makes, and the time
+rank 0 spends inside them, waiting for the other ranks included (counted on
+``torch.distributed``; each rank makes the same calls). The gradients are fixed random tensors
+(the loss is ``sum_i <p_i, g_i>``), so forward and backward cost next to nothing and are not
 timed. Optimizers run one after another, ``--repeats`` rounds; ratios are against AdamW in
 the same run.
 """

@@ -168,7 +168,7 @@ class _FragmentBucket:
 
     policy: SelectionPolicy
     fused: bool
-    entries: list[tuple[torch.Tensor, Fragment]] = field(default_factory=list)  # (flat partition, fragment)
+    entries: list[tuple[torch.Tensor, Fragment]] = field(default_factory=list)  # (flat partition, piece)
 
 
 class ZeroStep:
@@ -184,7 +184,8 @@ class ZeroStep:
     def __init__(self, optimizer, options: dict[str, Any]) -> None:
         self.optimizer = optimizer
         self.options = options
-        self.flats: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (flat partition, its group's tensors)
+        # (flat partition, the tensors of its group) for every partition with a gradient
+        self.flats: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.buckets: dict[SelectionPolicy, _FragmentBucket] = {}
 
     def run(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
@@ -203,30 +204,36 @@ class ZeroStep:
                 _relink_state(flat, states[flat], built)
         stepped: dict[torch.Tensor, torch.Tensor] = {}
         for bucket in self.buckets.values():
-            views: list[list[torch.Tensor]] = [[], [], [], [], []]
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for flat, frag in bucket.entries:
                 state = states[flat]
-                for out, whole in zip(views, (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"])):
+                for out, whole in zip((params, grads, exp_avgs, exp_avg_sqs),
+                                      (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"])):
                     out.append(whole.narrow(0, frag.start, frag.numel))
-                # One counter per partition: each fragment advances its own copy of it, and the
+                # One counter per partition: each fragment advances a copy of it, and the
                 # partition keeps the result (unchanged when GradScaler skips the step).
-                views[4].append(state["step"].to(flat.device if bucket.fused else state["step"].device, copy=True))
-            masked_adamw(*views, policy=bucket.policy, tensor_indices=[opt.tensor_index(f.param) for _, f in bucket.entries],
+                device = flat.device if bucket.fused else state["step"].device
+                steps.append(state["step"].to(device, copy=True))
+            masked_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, policy=bucket.policy,
+                         tensor_indices=[opt.tensor_index(f.param) for _, f in bucket.entries],
                          grad_scale=grad_scale, found_inf=found_inf, shards=[f.shard for _, f in bucket.entries],
                          fused=bucket.fused, **self.options)
-            for (flat, _), step in zip(bucket.entries, views[4]):
+            for (flat, _), step in zip(bucket.entries, steps):
                 stepped[flat] = step
         for flat, step in stepped.items():
             states[flat]["step"].copy_(step)
 
 
 def _relink_state(flat: torch.Tensor, state: dict, built: Sequence[torch.Tensor]) -> None:
-    """DeepSpeed's ZeRO-1/2 keep views of each tensor's optimizer state, taken once after the
-    first step (``safe_get_full_optimizer_state`` reads them); state created afresh (HalfAdam's
-    new_round clears it) gets new views, so they would go stale."""
+    """Point DeepSpeed's views of each tensor's optimizer state at a partition's new state.
+
+    ZeRO-1/2 take these views once, after the first step, and
+    ``safe_get_full_optimizer_state`` reads them; state created again later (HalfAdam's
+    new_round clears it) would leave them on the old tensors."""
     for p in built:
         mapping = getattr(p, "_hp_mapping", None)
-        if mapping is not None and getattr(mapping, "optim_fragment", None) is not None and _same_storage(mapping.hp_fragment, flat):
+        linked = mapping is not None and getattr(mapping, "optim_fragment", None) is not None
+        if linked and _same_storage(mapping.hp_fragment, flat):
             mapping.set_optim_state_fragment(flat, state)
 
 
