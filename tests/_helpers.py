@@ -1,9 +1,14 @@
 """Helpers shared by test modules in several folders (the models and their data are in
 _tiny_models.py)."""
 
+import os
 import socket
+import time
+import traceback
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 
 def snapshot(model):
@@ -33,3 +38,28 @@ def reset_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def write_traceback(errors_dir, rank):
+    """In a spawned worker's ``except``: leave the traceback where :func:`spawn_ranks` reads it."""
+    with open(os.path.join(errors_dir, f"error-rank{rank}.txt"), "w") as f:
+        f.write(traceback.format_exc())
+
+
+def spawn_ranks(worker, args, world, errors_dir, timeout_s, what):
+    """Run ``worker(rank, *args)`` in ``world`` spawned processes and wait for them; a worker
+    that raises, or a run past ``timeout_s`` seconds, fails the test (with the tracebacks the
+    workers left through :func:`write_traceback` in ``errors_dir``), and no process outlives it."""
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: workers did not finish within {timeout_s} s")
+    except mp.ProcessRaisedException:
+        errors = sorted(f for f in os.listdir(errors_dir) if f.startswith("error-rank"))
+        pytest.fail(f"{what} failed:\n" + "\n".join(open(os.path.join(errors_dir, f)).read() for f in errors))
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()

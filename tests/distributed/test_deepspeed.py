@@ -17,15 +17,12 @@ import logging
 import os
 import sys
 import tempfile
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _helpers import free_port
+from _helpers import free_port, spawn_ranks, write_traceback
 
 pytest.importorskip("deepspeed")
 
@@ -55,8 +52,7 @@ def _worker(rank, world, port, scenarios, shared_dir):
         for name in scenarios:
             globals()[name](rank, world, shared_dir)
     except BaseException:  # noqa: BLE001 - reported to the parent through a file
-        with open(os.path.join(shared_dir, f"error-rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
+        write_traceback(shared_dir, rank)
         raise
     finally:
         if dist.is_initialized():
@@ -65,20 +61,7 @@ def _worker(rank, world, port, scenarios, shared_dir):
 
 def _spawn(scenarios: list[str], world: int, shared: str | None = None) -> None:
     shared = shared or tempfile.mkdtemp(prefix="maskopt-deepspeed-")
-    ctx = mp.start_processes(_worker, args=(world, free_port(), scenarios, shared), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{scenarios}: workers did not finish within {TIMEOUT_S} s")
-    except mp.ProcessRaisedException:
-        errors = sorted(f for f in os.listdir(shared) if f.startswith("error-"))
-        pytest.fail(f"{scenarios} failed:\n" + "\n".join(open(os.path.join(shared, f)).read() for f in errors))
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_ranks(_worker, (world, free_port(), scenarios, shared), world, shared, TIMEOUT_S, str(scenarios))
 
 
 # ------------------------------------------------------------------------------ the model

@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from _helpers import free_port
+from _helpers import free_port, spawn_ranks, write_traceback
 from _tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -40,8 +38,7 @@ def _worker(rank, world, port, scenario, errors_dir):
         for name in scenario.split(","):  # several scenarios share one spawn (startup is the cost)
             globals()[name](rank, world)
     except BaseException:  # noqa: BLE001 - reported to the parent through a file
-        with open(os.path.join(errors_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
+        write_traceback(errors_dir, rank)
         raise
     finally:
         dist.destroy_process_group()
@@ -49,22 +46,7 @@ def _worker(rank, world, port, scenario, errors_dir):
 
 def _spawn(scenario: str, world: int = WORLD):
     errors = tempfile.mkdtemp(prefix="maskopt-dist-")
-    ctx = mp.start_processes(_worker, args=(world, free_port(), scenario, errors), nprocs=world,
-                             join=False, start_method="spawn")
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{scenario}: workers did not finish within {TIMEOUT_S} s")
-    except mp.ProcessRaisedException:
-        messages = [open(os.path.join(errors, f)).read() for f in sorted(os.listdir(errors))]
-        pytest.fail(f"{scenario} failed:\n" + "\n".join(messages))
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_ranks(_worker, (world, free_port(), scenario, errors), world, errors, TIMEOUT_S, scenario)
 
 
 # ------------------------------------------------------------------------------ scenarios
