@@ -57,6 +57,19 @@ def _worker(rank, world, port, scenarios, shared_dir):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    _exit_without_interpreter_shutdown()
+
+
+def _exit_without_interpreter_shutdown() -> None:
+    """Leave a worker that has finished without the interpreter's shutdown.
+
+    With torch 2.13 and gloo, a worker sometimes aborted at exit ("terminate called without an
+    active exception"): its core dump showed a gloo worker thread releasing the tensors of a
+    finished all_gather during the shutdown, which needs the GIL, and a thread that asks for
+    it then is ended. The process groups DeepSpeed created are only freed at that point."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(scenarios: list[str], world: int, shared: str | None = None) -> None:
@@ -189,10 +202,23 @@ def _half_adam(**kw):
     return lambda ps: HalfAdam(ps, lr=1e-2, ratio=0.5, **kw)
 
 
+def _mofo_two_groups():
+    """The official MoFO grouping's shape: filtered, decayed matrices; vectors plain AdamW."""
+    from maskopt import MoFO
+
+    def make(params):
+        params = list(params)
+        matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) > 1]
+        vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) <= 1]
+        return MoFO([{"params": matrices}, {"params": vectors, "alpha": 1.0, "weight_decay": 0.0}],
+                    lr=1e-2, alpha=0.3, weight_decay=0.1)
+    return make
+
+
 OPTIMIZERS = {
     "mofo": _mofo(), "mofo_gradient": _mofo(filter="gradient"), "random_bcd": _random_bcd(),
     "random_bcd_exact": _random_bcd(exact=True), "half_adam_mask": _half_adam(freeze="mask"),
-    "half_adam_entries": _half_adam(freeze="mask", strategy="parameter"),
+    "half_adam_entries": _half_adam(freeze="mask", strategy="parameter"), "mofo_two_groups": _mofo_two_groups(),
 }
 
 
@@ -207,7 +233,7 @@ def every_optimizer_each_stage(rank, world, shared):
 
 def bf16_each_stage(rank, world, shared):
     for stage in (1, 2, 3):  # stage 1 with bf16 runs DeepSpeed's BF16_Optimizer
-        _compare_with_one_process(stage, _mofo(), bf16=True)
+        _compare_with_one_process(stage, _mofo_two_groups(), bf16=True)
         _compare_with_one_process(stage, _random_bcd(exact=True), steps=2, bf16=True)
 
 

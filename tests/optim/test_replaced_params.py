@@ -1,5 +1,7 @@
-"""DeepSpeed ZeRO / FSDP1 hand the optimizer flat partitions instead of the model's tensors;
-maskopt refuses to step on them rather than silently selecting per partition."""
+"""Flat partitions in place of the model's tensors that are not DeepSpeed ZeRO's (FSDP1's, or
+a flattening without DeepSpeed's mapping back to the tensors): maskopt refuses to step on them
+rather than silently selecting per partition. DeepSpeed ZeRO itself is tested in
+tests/distributed/test_deepspeed.py."""
 
 import pytest
 import torch
@@ -8,8 +10,9 @@ from maskopt import HalfAdam, MoFO, RandomBCD
 
 
 def _zero_style_flatten(opt):
-    """What DeepSpeed's ZeRO-1/2 optimizer does to the client optimizer: one flat fp32
-    partition per param group replaces the group's tensors."""
+    """What DeepSpeed's ZeRO-1/2 optimizer does to the client optimizer's groups (one flat fp32
+    partition per param group replaces the group's tensors), without the attributes DeepSpeed
+    sets on the tensors to map the partition back to them."""
     for group in opt.param_groups:
         flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1).float() for p in group["params"]]))
         flat.grad = torch.ones_like(flat)
