@@ -21,7 +21,7 @@ __all__ = ["masked_adamw", "fused_available"]
 FUSED_BY_DEFAULT_ON_CUDA = True
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_FUSED_HINT = (
+FUSED_HINT = (
     "fused=True needs CUDA tensors and Triton installed (`pip install maskopt[triton]`); "
     "on CPU it runs only under TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
 )
@@ -30,6 +30,7 @@ _FUSED_HINT = (
 # still takes foreach ops and a batched selection, and its m/v/p are still in cache when the
 # selection and the update read them again.
 _BATCH_ENTRIES = 1 << 16
+_SHARDED_BATCH_ENTRIES = 1 << 26
 
 
 def _kernels():
@@ -128,7 +129,7 @@ def masked_adamw(
         fused = all(fused_by_default(p) for p in params) and not sharded_selection
     if fused:
         if not all(fused_available(p.device) for p in params):
-            raise RuntimeError(f"masked_adamw: {_FUSED_HINT}")
+            raise RuntimeError(f"masked_adamw: {FUSED_HINT}")
         if sharded_selection:
             raise ValueError(f"masked_adamw: fused=True does not support sharded tensors with the "
                              f"{policy.kind!r} selection yet; use fused=None or fused=False")
@@ -140,9 +141,17 @@ def masked_adamw(
     if fused:
         _kernels().fused_adam_step_(*lists, tensor_indices=tensor_indices, **hyper)
         return
-    # batches are cut by whole-tensor sizes, so every rank of a sharded run makes the same calls
-    numels = [p.numel() if s is None else s.numel for p, s in zip(params, shards or [None] * len(params))]
-    runs = [[i] for i in range(len(params))] if foreach is False else _batches(numels, _BATCH_ENTRIES)
+    if foreach is False:
+        runs = [[i] for i in range(len(params))]
+    elif sharded_selection:
+        # Few, large batches: each batch's sharded selection makes its own collectives, which
+        # cost far more than the cache misses that small batches save. They are cut by
+        # whole-tensor sizes so that every rank makes the same calls; the limit bounds the
+        # temporaries (score keys, gathered entries) to a few bytes per batch entry.
+        runs = _batches([s.numel if s is not None else p.numel() for p, s in zip(params, shards)],
+                        _SHARDED_BATCH_ENTRIES)
+    else:
+        runs = _batches([p.numel() for p in params], _BATCH_ENTRIES)
     for run in runs:
         masked_adam_(*([x[i] for i in run] for x in lists), tensor_indices=[tensor_indices[i] for i in run],
                      shards=None if shards is None else [shards[i] for i in run], **hyper)

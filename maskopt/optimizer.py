@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.optim import Optimizer
 
 from . import distributed, zero
 from ._checks import as_float as _as_float, check_choice, check_int, check_range  # noqa: F401 (re-exported)
-from .functional import FUSED_DTYPES, fused_available, fused_by_default, masked_adamw
+from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw
 from .policy import SelectionPolicy
 
-_FUSED_HINT = (
-    "fused=True needs CUDA tensors and Triton installed (`pip install maskopt[triton]`); "
-    "on CPU it runs only under TRITON_INTERPRET=1 (the Triton interpreter, for tests)"
-)
 
 # DeepSpeed ZeRO (stages 1-3) puts flat fp32 partitions of many tensors into the client
 # optimizer's param_groups; maskopt.zero maps them back to the tensors. Anything else in their
@@ -117,7 +113,7 @@ class MaskedAdam(Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     if not fused_available(p.device):
-                        raise RuntimeError(f"{type(self).__name__}: {_FUSED_HINT}; got a parameter on {p.device}")
+                        raise RuntimeError(f"{type(self).__name__}: {FUSED_HINT}; got a parameter on {p.device}")
         # GradScaler hands grad_scale/found_inf to a step that can take them (the fused path)
         # instead of unscaling the gradients itself; the PyTorch path honours them as well.
         params = [p for g in self.param_groups for p in g["params"]]
@@ -353,7 +349,7 @@ class MaskedAdam(Optimizer):
                     if policy.block_size and policy.is_topk:
                         blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
                 if group.get("fused") and not fused_available(p.device):
-                    raise RuntimeError(f"{name}: {_FUSED_HINT}")
+                    raise RuntimeError(f"{name}: {FUSED_HINT}")
                 bucket = by_policy.setdefault(policy, _Bucket(group, policy))
                 bucket.params.append(p)
                 bucket.grads.append(p.grad)

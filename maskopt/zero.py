@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import torch
 
 from . import distributed
-from .functional import _FUSED_HINT, fused_available, fused_by_default, masked_adamw
+from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw
 from .policy import SelectionPolicy
 
 __all__ = ["Fragment", "fragments", "plan_partitions", "ZeroStep"]
@@ -299,6 +299,6 @@ def _fused(fused: bool | None, flat: torch.Tensor, policy: SelectionPolicy, who:
             raise ValueError(f"{who}: fused=True does not support DeepSpeed ZeRO partitions with the "
                              f"{policy.kind!r} selection yet; use fused=None or fused=False")
         if not fused_available(flat.device):
-            raise RuntimeError(f"{who}: {_FUSED_HINT}")
+            raise RuntimeError(f"{who}: {FUSED_HINT}")
         return True
     return fused is None and policy.moves_all and fused_by_default(flat)
