@@ -26,7 +26,7 @@ from torch import nn
 
 from maskopt import HalfAdam, MoFO, RandomBCD
 
-from _helpers import free_port, snapshot
+from _helpers import exit_without_interpreter_shutdown, free_port, snapshot
 from _tiny_models import toy_llama
 
 pytestmark = pytest.mark.skipif(
@@ -185,6 +185,7 @@ def _worker(rank, port, outdir):
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_without_interpreter_shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from _helpers import free_port, spawn_ranks, write_traceback
+from _helpers import exit_without_interpreter_shutdown, free_port, spawn_ranks, write_traceback
 
 pytest.importorskip("deepspeed")
 
@@ -57,19 +57,7 @@ def _worker(rank, world, port, scenarios, shared_dir):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    _exit_without_interpreter_shutdown()
-
-
-def _exit_without_interpreter_shutdown() -> None:
-    """Leave a worker that has finished without the interpreter's shutdown.
-
-    With torch 2.13 and gloo, a worker sometimes aborted at exit ("terminate called without an
-    active exception"): its core dump showed a gloo worker thread releasing the tensors of a
-    finished all_gather during the shutdown, which needs the GIL, and a thread that asks for
-    it then is ended. The process groups DeepSpeed created are only freed at that point."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_interpreter_shutdown()
 
 
 def _spawn(scenarios: list[str], world: int, shared: str | None = None) -> None:

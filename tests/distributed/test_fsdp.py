@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _helpers import free_port, spawn_ranks, write_traceback
+from _helpers import exit_without_interpreter_shutdown, free_port, spawn_ranks, write_traceback
 from _tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(
@@ -42,6 +42,7 @@ def _worker(rank, world, port, scenario, errors_dir):
         raise
     finally:
         dist.destroy_process_group()
+    exit_without_interpreter_shutdown()
 
 
 def _spawn(scenario: str, world: int = WORLD):
