@@ -84,3 +84,27 @@ def check_int(name: str, value: Any, *, low: int | None = None, allow_none: bool
     return int(value)
 
 
+def check_gradient(who: str, what: str, param: torch.Tensor, grad: torch.Tensor,
+                   moment: torch.Tensor | None = None) -> None:
+    """Raise RuntimeError unless ``grad`` is a dense real gradient of ``param``'s shape and
+    device, ``param`` is floating point and its first moment (if any) has its shape.
+
+    Args:
+        who: the optimizer's name, starting the message.
+        what: how the message names ``param`` (e.g. ``"parameter 3"``).
+        param: the tensor to step.
+        grad: its gradient.
+        moment: its ``exp_avg`` when it has state, else None.
+    """
+    if grad.is_sparse:
+        raise RuntimeError(f"{who} does not support sparse gradients")
+    if torch.is_complex(param) or torch.is_complex(grad):
+        raise RuntimeError(f"{who} does not support complex parameters or gradients")
+    if not param.is_floating_point():
+        raise RuntimeError(f"{who} needs floating-point parameters, got {param.dtype}")
+    if grad.shape != param.shape or grad.device != param.device:
+        raise RuntimeError(f"{who}: the gradient of {what} has shape {tuple(grad.shape)} on {grad.device}; "
+                           f"{what} has shape {tuple(param.shape)} on {param.device}")
+    if torch.is_tensor(moment) and moment.shape != param.shape:
+        raise RuntimeError(f"{who}: {what} has shape {tuple(param.shape)} but its optimizer state has shape "
+                           f"{tuple(moment.shape)} (was the parameter replaced?)")

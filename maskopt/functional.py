@@ -15,7 +15,7 @@ import torch
 from ._functional import masked_adam_
 from .policy import SelectionPolicy
 
-__all__ = ["masked_adamw", "fused_available"]
+__all__ = ["masked_adamw", "fused_available", "use_fused"]
 
 # fused=None picks the Triton path on CUDA (docs/performance.md has the measurements).
 FUSED_BY_DEFAULT_ON_CUDA = True
@@ -59,6 +59,35 @@ def fused_by_default(param: torch.Tensor) -> bool:
     """
     return (FUSED_BY_DEFAULT_ON_CUDA and param.is_cuda and param.dtype in FUSED_DTYPES
             and fused_available(param.device))
+
+
+def use_fused(fused: bool | None, params: Sequence[torch.Tensor], policy: SelectionPolicy, sharded: bool,
+              who: str = "masked_adamw") -> bool:
+    """Whether tensors take the Triton path, refusing what it cannot do.
+
+    Args:
+        fused: the ``fused`` option: True (required), False (the PyTorch path) or None (the
+            Triton path when every tensor allows it and no selection spans shards).
+        params: the (local) tensors.
+        policy: their selection policy.
+        sharded: whether some of the tensors are shards of larger ones (FSDP2, ZeRO): a
+            selection that needs the whole tensor has no Triton version yet.
+        who: the name errors start with.
+
+    Raises:
+        ValueError: ``fused=True`` with a selection across shards.
+        RuntimeError: ``fused=True`` where the Triton path cannot run.
+    """
+    across_shards = sharded and not policy.moves_all
+    if fused is None:
+        return not across_shards and all(fused_by_default(p) for p in params)
+    if fused:
+        if across_shards:
+            raise ValueError(f"{who}: fused=True does not support sharded tensors (FSDP2, DeepSpeed ZeRO) with "
+                             f"the {policy.kind!r} selection yet; use fused=None or fused=False")
+        if not all(fused_available(p.device) for p in params):
+            raise RuntimeError(f"{who}: {FUSED_HINT}")
+    return bool(fused)
 
 
 def _batches(sizes: list[int], limit: int) -> list[list[int]]:
@@ -124,15 +153,8 @@ def masked_adamw(
         return
     if tensor_indices is None:
         tensor_indices = list(range(len(params)))
-    sharded_selection = shards is not None and any(s is not None for s in shards) and not policy.moves_all
-    if fused is None:
-        fused = all(fused_by_default(p) for p in params) and not sharded_selection
-    if fused:
-        if not all(fused_available(p.device) for p in params):
-            raise RuntimeError(f"masked_adamw: {FUSED_HINT}")
-        if sharded_selection:
-            raise ValueError(f"masked_adamw: fused=True does not support sharded tensors with the "
-                             f"{policy.kind!r} selection yet; use fused=None or fused=False")
+    sharded = shards is not None and any(s is not None for s in shards)
+    fused = use_fused(fused, params, policy, sharded)
     if maximize:
         grads = torch._foreach_neg(grads)
     hyper = dict(policy=policy, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -143,7 +165,7 @@ def masked_adamw(
         return
     if foreach is False:
         runs = [[i] for i in range(len(params))]
-    elif sharded_selection:
+    elif sharded and not policy.moves_all:
         # Few, large batches: each batch's sharded selection makes its own collectives, which
         # cost far more than the cache misses that small batches save. They are cut by
         # whole-tensor sizes so that every rank makes the same calls; the limit bounds the

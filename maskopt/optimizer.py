@@ -22,8 +22,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed, zero
-from ._checks import as_float as _as_float, check_choice, check_int, check_range  # noqa: F401 (re-exported)
-from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw
+from ._checks import as_float as _as_float, check_choice, check_gradient, check_int, check_range  # noqa: F401 (re-exported)
+from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw, use_fused
 from .policy import SelectionPolicy
 
 
@@ -87,6 +87,7 @@ class _Bucket:
     grads: list[torch.Tensor] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     shards: list[Any] = field(default_factory=list)
+    fused: bool = True
 
 
 class MaskedAdam(Optimizer):
@@ -104,7 +105,6 @@ class MaskedAdam(Optimizer):
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
         self._tensor_index: dict[torch.Tensor, int] | None = None
-        self._registered: set[torch.Tensor] = set()
         # Each group with the tensors it was built with: DeepSpeed ZeRO swaps a group's
         # "params" for flat partitions in place, and the selection is still per built tensor.
         self._built_groups: list[tuple[dict[str, Any], list[torch.Tensor]]] = []
@@ -161,7 +161,6 @@ class MaskedAdam(Optimizer):
             self._check_groups([*getattr(self, "param_groups", []), self._with_defaults(param_group)])
         super().add_param_group(param_group)
         self._tensor_index = None
-        self._registered.update(self.param_groups[-1]["params"])
         self._built_groups.append((self.param_groups[-1], list(self.param_groups[-1]["params"])))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -174,7 +173,6 @@ class MaskedAdam(Optimizer):
             built = [list(g["params"]) for g in self.param_groups]
         self._built_groups = list(zip(self.param_groups, built))
         self._tensor_index = None
-        self._registered = {p for params in built for p in params}
         # A state dict from torch.optim.AdamW lacks our keys: fill them from our defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -191,7 +189,7 @@ class MaskedAdam(Optimizer):
             group: its param group (found when not given).
         """
         if group is None:
-            group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+            group = next(g for g in self.param_groups if any(p is param for p in self._built_params(g)))
         return self._policy(group, param)
 
     def _policy(self, group: dict[str, Any], param: torch.Tensor) -> SelectionPolicy | None:
@@ -219,9 +217,13 @@ class MaskedAdam(Optimizer):
         Args:
             param: one of the optimizer's parameters.
         """
+        return self._index_of_built()[param]
+
+    def _index_of_built(self) -> dict[torch.Tensor, int]:
+        """``{built tensor: its tensor_index}``, rebuilt after the groups change."""
         if self._tensor_index is None:
             self._tensor_index = {p: i for i, p in enumerate(self._param_list())}
-        return self._tensor_index[param]
+        return self._tensor_index
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -302,30 +304,13 @@ class MaskedAdam(Optimizer):
                 bucket.run(grad_scale, found_inf)
         return loss
 
-    def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        name = type(self).__name__
-        if grad.is_sparse:
-            raise RuntimeError(f"{name} does not support sparse gradients")
-        if torch.is_complex(p) or torch.is_complex(grad):
-            raise RuntimeError(f"{name} does not support complex parameters or gradients")
-        if not p.is_floating_point():
-            raise RuntimeError(f"{name} needs floating-point parameters, got {p.dtype}")
-        if grad.shape != p.shape or grad.device != p.device:
-            raise RuntimeError(f"{name}: the gradient of parameter {self.tensor_index(p)} has shape "
-                               f"{tuple(grad.shape)} on {grad.device}; the parameter has shape "
-                               f"{tuple(p.shape)} on {p.device}")
-        moment = self.state[p].get("exp_avg") if p in self.state else None
-        if torch.is_tensor(moment) and moment.shape != p.shape:
-            raise RuntimeError(f"{name}: parameter {self.tensor_index(p)} has shape {tuple(p.shape)} but its "
-                               f"optimizer state has shape {tuple(moment.shape)} (was the parameter replaced?)")
-
     def _plan_step(self) -> list:
         """Group the tensors to step by (group, policy), checking everything that could fail."""
         name = type(self).__name__
         buckets: list = []
         blocked: dict[int, list] = {}  # (local tensor, shard) selected per block, by block_size
         for group in self.param_groups:
-            if any(p not in self._registered for p in group["params"]):
+            if any(p not in self._index_of_built() for p in group["params"]):
                 zero_step = zero.plan_partitions(self, group, adamw_options(group))
                 if zero_step is None:
                     raise RuntimeError(_REPLACED_PARAMS.format(name=name))
@@ -338,19 +323,15 @@ class MaskedAdam(Optimizer):
                 policy = self._policy(group, p)
                 if policy is None:
                     continue
-                self._check_grad(p, p.grad)
+                state = self.state.get(p)
+                check_gradient(name, f"parameter {self.tensor_index(p)}", p, p.grad,
+                               state.get("exp_avg") if state else None)
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
-                if shard is not None:
-                    if not policy.moves_all and group.get("fused"):
-                        raise ValueError(
-                            f"{name}: fused=True does not support sharded (FSDP2/DTensor) parameters with "
-                            f"the {policy.kind!r} selection yet; use fused=None or fused=False"
-                        )
-                    if policy.block_size and policy.is_topk:
-                        blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
-                if group.get("fused") and not fused_available(p.device):
-                    raise RuntimeError(f"{name}: {FUSED_HINT}")
+                if shard is not None and policy.block_size and policy.is_topk:
+                    blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
+                fused = use_fused(group.get("fused"), [distributed.local(p)], policy, shard is not None, name)
                 bucket = by_policy.setdefault(policy, _Bucket(group, policy))
+                bucket.fused = bucket.fused and fused  # the Triton path only if every tensor can take it
                 bucket.params.append(p)
                 bucket.grads.append(p.grad)
                 bucket.indices.append(self.tensor_index(p))
@@ -372,10 +353,7 @@ class MaskedAdam(Optimizer):
             # whole tensor (top-k, the hash's global indices) is computed across the shards.
             params, grads, exp_avgs, exp_avg_sqs = (
                 [distributed.local(x) for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs))
-        fused = group.get("fused")
-        if fused is None and all(fused_by_default(p) for p in params) and (shards is None or bucket.policy.moves_all):
-            fused = True
-        if fused:
+        if bucket.fused:
             # the fused path keeps the step counters on the device
             for s, p in zip(states, params):
                 if s["step"].device != p.device:
@@ -383,7 +361,7 @@ class MaskedAdam(Optimizer):
         masked_adamw(
             params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], policy=bucket.policy,
             tensor_indices=bucket.indices, grad_scale=grad_scale, found_inf=found_inf, shards=shards,
-            fused=bool(fused), **adamw_options(group),
+            fused=bucket.fused, **adamw_options(group),
         )
 
 

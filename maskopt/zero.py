@@ -42,7 +42,8 @@ from typing import Any, Sequence
 import torch
 
 from . import distributed
-from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw
+from ._checks import check_gradient
+from .functional import masked_adamw, use_fused
 from .policy import SelectionPolicy
 
 __all__ = ["Fragment", "fragments", "plan_partitions", "ZeroStep"]
@@ -136,20 +137,6 @@ def fragments(flat: torch.Tensor, built: Sequence[torch.Tensor]) -> list[Fragmen
     if any(hasattr(p, "_hp_mapping") for p in built):
         return _zero12_fragments(flat, built)
     return None
-
-
-def _check_flat(flat: torch.Tensor, state: dict, who: str) -> None:
-    grad = flat.grad
-    if grad.is_sparse or torch.is_complex(flat) or torch.is_complex(grad) or not flat.is_floating_point():
-        raise RuntimeError(f"{who}: a DeepSpeed ZeRO partition of dtype {flat.dtype} with a "
-                           f"{'sparse ' if grad.is_sparse else ''}{grad.dtype} gradient; allowed: real floating point")
-    if grad.shape != flat.shape or grad.device != flat.device:
-        raise RuntimeError(f"{who}: the gradient of a DeepSpeed ZeRO partition has shape {tuple(grad.shape)} on "
-                           f"{grad.device}; the partition has shape {tuple(flat.shape)} on {flat.device}")
-    moment = state.get("exp_avg")
-    if torch.is_tensor(moment) and moment.shape != flat.shape:
-        raise RuntimeError(f"{who}: a DeepSpeed ZeRO partition has shape {tuple(flat.shape)} but its optimizer "
-                           f"state has shape {tuple(moment.shape)}")
 
 
 def _not_partitioned(who: str, index: int, p: torch.Tensor) -> RuntimeError:
@@ -274,7 +261,7 @@ def plan_partitions(optimizer, group: dict[str, Any], options: dict[str, Any]) -
     for flat, frags in found:
         if flat.grad is None:
             continue
-        _check_flat(flat, optimizer.state.get(flat, {}), who)
+        check_gradient(who, "a DeepSpeed ZeRO partition", flat, flat.grad, optimizer.state.get(flat, {}).get("exp_avg"))
         step.flats.append((flat, built))
         for frag in frags:
             # As in one process, where a tensor without a gradient is not stepped.
@@ -283,22 +270,11 @@ def plan_partitions(optimizer, group: dict[str, Any], options: dict[str, Any]) -
                 continue
             bucket = step.buckets.get(policy)
             if bucket is None:
-                bucket = step.buckets[policy] = _FragmentBucket(policy, _fused(group.get("fused"), flat, policy, who))
+                fused = use_fused(group.get("fused"), [flat], policy, True, f"{who} (DeepSpeed ZeRO)")
+                bucket = step.buckets[policy] = _FragmentBucket(policy, fused)
             bucket.entries.append((flat, frag))
             if policy.block_size and policy.is_topk:
                 blocked.setdefault(policy.block_size, []).append((flat.narrow(0, frag.start, frag.numel), frag.shard))
     for block_size, pairs in sorted(blocked.items()):
         distributed.check_block_alignment(pairs, block_size, f"{who} (DeepSpeed ZeRO)")
     return step
-
-
-def _fused(fused: bool | None, flat: torch.Tensor, policy: SelectionPolicy, who: str) -> bool:
-    """Whether a bucket takes the Triton path: only when no selection needs the whole tensor."""
-    if fused:
-        if not policy.moves_all:
-            raise ValueError(f"{who}: fused=True does not support DeepSpeed ZeRO partitions with the "
-                             f"{policy.kind!r} selection yet; use fused=None or fused=False")
-        if not fused_available(flat.device):
-            raise RuntimeError(f"{who}: {FUSED_HINT}")
-        return True
-    return fused is None and policy.moves_all and fused_by_default(flat)
