@@ -139,7 +139,7 @@ class HalfAdam(MaskedAdam):
         super().add_param_group(param_group)
         self._kept_frozen.update(p for p in self.param_groups[-1]["params"] if _user_frozen(p))
         if getattr(self, "_built", False):  # a group added later joins the current round
-            self._install(*self._draw(self.param_groups[0]))
+            self._select_current_round()
 
     # -- copies ------------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class HalfAdam(MaskedAdam):
             self._plan_options = options
             self._kept_frozen = {params[i] for i in kept_at}
             self._built = True
-            self._install(*self._draw(self.param_groups[0]))
+            self._select_current_round()
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class HalfAdam(MaskedAdam):
         for group in self.param_groups:
             group["round"] += 1
         self.state.clear()
-        self._install(*self._draw(self.param_groups[0]))
+        self._select_current_round()
 
     def is_trainable(self, param: torch.Tensor) -> bool:
         """Whether ``param`` (or some of its entries) is trained in the current round.
@@ -195,20 +195,25 @@ class HalfAdam(MaskedAdam):
         mode, plan = self._draw(saved)
         recorded = state_dict["param_groups"][0].get(DIGEST_KEY)
         params = self._param_list()
-        if recorded is not None and recorded != _digest(params, mode):
+        expected = _digest(params, mode)
+        if recorded is not None and recorded != expected:
             raise ValueError(
                 f"HalfAdam.load_state_dict: the saved optimizer trained a different set of tensors in round "
-                f"{saved['round']} than this one would ({DIGEST_KEY} {recorded!r} != {_digest(params, mode)!r}). "
+                f"{saved['round']} than this one would ({DIGEST_KEY} {recorded!r} != {expected!r}). "
                 "Build the optimizer as the saving run did: the same parameters in the same order, with names "
                 "(model.named_parameters()) or without them as there, the same planner options (classify, layers, "
                 "freeze_non_layer, balance) and the same tensors frozen by hand."
             )
-        super().load_state_dict(state_dict)
+        self._install_state_dict(state_dict)
         self._install(mode, plan)
         # a frozen tensor has no state (a MoFO or AdamW state dict has state for every tensor)
         for p in params:
             if p not in self._mode:
                 self.state.pop(p, None)
+
+    def _select_current_round(self) -> None:
+        """Draw and install the selection of the round the param groups hold."""
+        self._install(*self._draw(self.param_groups[0]))
 
     def _draw(self, settings: Mapping[str, Any]) -> tuple[dict[torch.Tensor, str], Any]:
         """Which tensors train (and how) for the round and options in ``settings``; changes nothing."""

@@ -261,6 +261,10 @@ class MaskedAdam(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_state_dict(state_dict)
+        self._install_state_dict(state_dict)
+
+    def _install_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The stock load of a state dict that :meth:`_check_state_dict` accepted."""
         # torch casts loaded moments to the parameter dtype; ours stay float32, so keep the
         # saved tensors and restore them at full precision after the stock load. Copies, so
         # that a state dict taken from a live optimizer shares no tensor with it.

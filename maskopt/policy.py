@@ -47,11 +47,6 @@ class SelectionPolicy:
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"Invalid block_size: {self.block_size!r}; allowed: None or an integer >= 1")
 
-    @classmethod
-    def all(cls) -> "SelectionPolicy":
-        """Every entry moves: the AdamW step."""
-        return cls(ALL)
-
     @property
     def moves_all(self) -> bool:
         """Whether every entry moves (kind ``"all"``, or ``alpha == 1`` for any kind)."""
@@ -67,7 +62,7 @@ class SelectionPolicy:
 
     def count(self, n: int) -> int | None:
         """Entries that move in a tensor of ``n`` entries, or None where the hash decides it
-        (kind ``"random"``; its expected value is :meth:`expected_count`).
+        (kind ``"random"``: about ``alpha * n``).
 
         Args:
             n: the tensor's number of entries.
@@ -81,15 +76,6 @@ class SelectionPolicy:
         if self.kind == RANDOM_EXACT:
             return topk_count(n, self.alpha)
         return None
-
-    def expected_count(self, n: int) -> float:
-        """The expected number of entries that move in a tensor of ``n``.
-
-        Args:
-            n: the tensor's number of entries.
-        """
-        exact = self.count(n)
-        return float(exact) if exact is not None else self.alpha * n
 
     def hash_counter(self, step: float | int) -> int:
         """The counter the random kinds hash with.
