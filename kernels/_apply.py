@@ -1,9 +1,16 @@
-"""Last pass of the exact top-k path: the masked Adam update.
+"""Pass 2 of the exact top-k path: the masked Adam update and the candidate compaction.
 
-One program per chunk. It re-reads the key (|m| for the momentum filter, |g| for the
-gradient filter, the hash for exact RandomBCD), selects ``composite >= thr[segment]`` and
-reads v and p / writes p only where selected (everywhere for p when weight decay is not
-masked). Entries outside the selection are not written at all.
+Persistent programs walk contiguous runs of chunks. Each re-reads the key (|m| for the
+momentum filter, |g| for the gradient filter, the hash for exact RandomBCD) and selects by its
+segment's mode (``_common.MODE_*``): window digit above the boundary bin, plus the first zeros
+by index in ``MODE_ZERO``; composite key at or above the fallback's threshold in
+``MODE_EXACT``. In ``MODE_WINDOW`` the entries of the boundary bin are appended to the
+segment's candidate region (one atomic per chunk) and left for ``_resolve``.
+
+A chunk is laid out as rows of ``SEC`` entries, one 32-byte sector of p (8 fp32 or 16 bf16):
+v, p (and m when it is not the key) are read and p written for whole sectors that hold a
+selected entry, so the accesses stay 128-bit wide; the unselected entries of such a sector are
+written back unchanged. Sectors without a selected entry are not touched.
 """
 
 from __future__ import annotations
@@ -12,73 +19,116 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, ROW_M, ROW_P, ROW_V, S_THR,
+    C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_CAP, G_COFF, MODE_EXACT, MODE_WINDOW,
+    MODE_ZERO, ROW_M, ROW_P, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR,
     WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_update, skip_step,
+    abs_key, adam_update, composite, load_key, skip_step, window_digit,
 )
-from ._select import composite, load_key
+
+
+@triton.jit
+def _prefix_sum_2d(x):
+    """Inclusive prefix sum of an int32 [R, SEC] tensor in row-major (index) order."""
+    rows = tl.sum(x, axis=1)
+    return tl.cumsum(x, axis=1) + (tl.cumsum(rows, axis=0) - rows)[:, None]
 
 
 @triton.jit
 def _apply_body(
-    ttab, T, t, ws, p_ptr, m_ptr, v_ptr, start, lstart, n, thr, grad_scale_ptr, eps, decay, hash_counter,
+    ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr, start, lstart, n,
+    grad_scale_ptr, eps, decay, hash_counter,
     PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, DECAY: tl.constexpr,
     USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr, IDXB: tl.constexpr,
-    CHUNK: tl.constexpr,
+    FRAC: tl.constexpr, NB_LOG2: tl.constexpr, SEC: tl.constexpr, CHUNK: tl.constexpr,
+    FULL: tl.constexpr,
 ):
-    lane = tl.arange(0, CHUNK)
+    R: tl.constexpr = CHUNK // SEC
+    cols = tl.arange(0, SEC)[None, :]
+    lane = tl.arange(0, R)[:, None] * SEC + cols
     offs = start + lane
-    mask = lane < n
+    if FULL:  # a constant mask keeps the accesses vectorised
+        mask = tl.full([R, SEC], 1, tl.int1)
+    else:
+        mask = lane < n
+    mode = tl.load(sst + S_MODE * S + seg)
+    base = (tl.load(sst + S_CENTER * S + seg) - ((1 << NB_LOG2) // 2)).to(tl.int32)
     if KEY_MODE == 0:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        key = m.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-        sel = mask & (composite(key, lstart + lane, IDXB) >= thr)
+        key = abs_key(m)
     else:
         key = load_key(ttab, T, t, ws, offs, mask, grad_scale_ptr, hash_counter,
                        PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, ALIGNED)
-        sel = mask & (composite(key, lstart + lane, IDXB) >= thr)
-        m = tl.load(m_ptr + offs, mask=sel, other=0.0)
-    v = tl.load(v_ptr + offs, mask=sel, other=0.0)
-    if DECAY == 2:
+    digit = window_digit(key, base, KEY_MODE != 2, FRAC, NB_LOG2)
+    dsel = tl.load(sst + S_DSEL * S + seg)
+    comp = composite(key, lstart + lane, IDXB)
+    sel = tl.where(mode == MODE_EXACT, comp >= tl.load(sst + S_THR * S + seg), digit > dsel)
+    if KEY_MODE != 2:
+        if mode == MODE_ZERO:
+            zero = mask & (key == 0)
+            rank = tl.load(zcount + c) + _prefix_sum_2d(zero.to(tl.int32))
+            sel = sel | (zero & (rank <= tl.load(sst + S_R * S + seg)))
+    sel = sel & mask
+    is_cand = mask & (digit == dsel) & (mode == MODE_WINDOW)
+    if mode == MODE_WINDOW:
+        hits = is_cand.to(tl.int32)
+        cnt = tl.sum(tl.sum(hits, axis=1), axis=0)
+        if cnt > 0:
+            at = tl.atomic_add(sst + S_CCOUNT * S + seg, cnt.to(tl.int64), sem="relaxed")
+            pos = at + (_prefix_sum_2d(hits) - 1).to(tl.int64)
+            room = pos < tl.load(stab + G_CAP * S + seg)
+            tl.store(cand + tl.load(stab + G_COFF * S + seg) + pos, comp, mask=is_cand & room)
+
+    sector = (tl.max(sel.to(tl.int32), axis=1) > 0)[:, None] & (cols < SEC)
+    if KEY_MODE != 0:
+        m = tl.load(m_ptr + offs, mask=sector & mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=sector & mask, other=0.0)
+    if DECAY == 2:  # every entry decays, but the candidates only once they are resolved
         pmask = mask
     else:
-        pmask = sel
+        pmask = sector & mask
     p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
     step_size = tl.load(ws + WS_STEP_SIZE * T + t)
     bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
-    p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
-    tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
+    new = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
+    if DECAY == 2:
+        new = tl.where(is_cand, p, new)
+    tl.store(p_ptr + offs, new.to(PDT), mask=pmask)
 
 
 @triton.jit
-def apply_kernel(
-    ttab, T, ctab, C, ws, sst, S, found_inf_ptr, grad_scale_ptr, eps, decay, hash_counter,
+def apply_compact_kernel(
+    ttab, T, ctab, C, per_program, ws, sst, S, stab, cand, zcount, found_inf_ptr, grad_scale_ptr,
+    eps, decay, hash_counter,
     PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
     DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
-    IDXB: tl.constexpr, CHUNK: tl.constexpr,
+    IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, SEC: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
-    c = tl.program_id(0)
-    t = tl.load(ctab + C_TENSOR * C + c)
-    start = tl.load(ctab + C_START * C + c)
-    n = tl.load(ctab + C_LEN * C + c)
-    seg = tl.load(ctab + C_SEG * C + c)
-    lstart = start - tl.load(ctab + C_SEGOFF * C + c)
-    thr = tl.load(sst + S_THR * S + seg)
-    p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
-    m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
-    if ALIGNED:  # see dense_step_kernel: 128-bit accesses on full chunks
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-        start = tl.multiple_of(start, 16)
-        if n == CHUNK:
-            _apply_body(ttab, T, t, ws, p_ptr, m_ptr, v_ptr, start, lstart, CHUNK, thr, grad_scale_ptr,
-                        eps, decay, hash_counter,
-                        PDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB, CHUNK)
-            return
-    _apply_body(ttab, T, t, ws, p_ptr, m_ptr, v_ptr, start, lstart, n, thr, grad_scale_ptr,
-                eps, decay, hash_counter,
-                PDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB, CHUNK)
+    c0 = tl.program_id(0) * per_program
+    c1 = tl.minimum(c0 + per_program, C)
+    for c in range(c0, c1):
+        t = tl.load(ctab + C_TENSOR * C + c)
+        start = tl.load(ctab + C_START * C + c)
+        n = tl.load(ctab + C_LEN * C + c)
+        seg = tl.load(ctab + C_SEG * C + c)
+        lstart = start - tl.load(ctab + C_SEGOFF * C + c)
+        p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:  # 16-byte aligned bases: 128-bit accesses on full chunks
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+            start = tl.multiple_of(start, 16)
+        if ALIGNED and n == CHUNK:
+            _apply_body(ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr,
+                        start, lstart, CHUNK, grad_scale_ptr, eps, decay, hash_counter,
+                        PDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB,
+                        FRAC, NB_LOG2, SEC, CHUNK, True)
+        else:
+            _apply_body(ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr,
+                        start, lstart, n, grad_scale_ptr, eps, decay, hash_counter,
+                        PDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB,
+                        FRAC, NB_LOG2, SEC, CHUNK, False)

@@ -61,24 +61,31 @@ L_LEN = tl.constexpr(2)
 L_K = tl.constexpr(3)
 N_LROWS = 4
 
-# segment state rows (int64, zeroed per step)
-S_R = tl.constexpr(0)
-S_PREFIX = tl.constexpr(1)
-S_THR = tl.constexpr(2)
-S_DONE = tl.constexpr(3)
-S_CCOUNT = tl.constexpr(4)  # candidates found by the compaction level
-N_SROWS = 5
-
 # segment table rows (int64, per plan)
 G_K = tl.constexpr(0)  # k of the segment
 G_CAP = tl.constexpr(1)  # candidate capacity
 G_COFF = tl.constexpr(2)  # offset of its candidate region
-N_GROWS = 3
+G_TENSOR = tl.constexpr(3)
+G_START = tl.constexpr(4)  # first entry of the segment in its tensor
+G_LEN = tl.constexpr(5)
+G_CFIRST = tl.constexpr(6)  # its first chunk in the chunk table
+G_NCHUNKS = tl.constexpr(7)
+N_GROWS = 8
 
-# candidate chunk table rows (int64, per plan)
-K_SEG = tl.constexpr(0)
-K_START = tl.constexpr(1)
-N_KROWS = 2
+# segment state rows (int64, kept on the device between steps)
+S_MODE = tl.constexpr(0)  # how pass 2 selects (MODE_*), set by the window select
+S_DSEL = tl.constexpr(1)  # entries whose window digit is above this one are selected
+S_R = tl.constexpr(2)  # entries still to take from the boundary (bucket, zeros or candidates)
+S_THR = tl.constexpr(3)  # the k-th largest composite key (MODE_EXACT, and after the resolve)
+S_CCOUNT = tl.constexpr(4)  # candidates compacted by pass 2
+S_CENTER = tl.constexpr(5)  # window centre: fine key of the last threshold
+N_SROWS = 6
+
+# segment modes
+MODE_WINDOW = tl.constexpr(0)  # boundary in a window bin: its entries are candidates
+MODE_DIGIT = tl.constexpr(1)  # the boundary bin is taken whole: digit > dsel is the selection
+MODE_ZERO = tl.constexpr(2)  # boundary is |key| == 0: the first r zeros by index complete it
+MODE_EXACT = tl.constexpr(3)  # window miss or overflow: the threshold comes from the fallback
 
 # key modes
 KEY_MOMENTUM = 0
@@ -155,6 +162,81 @@ def adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY: tl.constex
         p = tl.where(sel, p * decay, p)
     denom = tl.sqrt(v) / bc2_sqrt + eps
     return tl.where(sel, p - step_size * (m / denom), p)
+
+
+@triton.jit
+def adam_moments(g, m, v, beta1, omb1, beta2, omb2):
+    """Adam's moment update in fp32 (multiply-add, as torch's fused AdamW)."""
+    return beta1 * m + omb1 * g, beta2 * v + omb2 * g * g
+
+
+@triton.jit
+def hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr):
+    """RandomBCD's u(i) (uint32) for entries ``offs`` of tensor ``t`` at this step."""
+    if USE_HCOUNTER:
+        counter = tl.zeros([], tl.int64) + hash_counter
+    else:
+        counter = tl.load(ws + WS_T * T + t).to(tl.int64)
+    skey = stream_key(tl.load(ttab + ROW_HKEY * T + t), counter)
+    return hash_u(offs, skey, HUGE)
+
+
+@triton.jit
+def load_key(
+    ttab, T, t, ws, offs, mask, grad_scale_ptr, hash_counter,
+    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """The selection key (uint32) of entries ``offs`` of tensor ``t``, after the moment update."""
+    if KEY_MODE == 0:
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            m_ptr = tl.multiple_of(m_ptr, 16)
+        key = abs_key(tl.load(m_ptr + offs, mask=mask, other=0.0))
+    elif KEY_MODE == 1:
+        g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
+        if ALIGNED:
+            g_ptr = tl.multiple_of(g_ptr, 16)
+        key = abs_key(load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE))
+    else:
+        key = hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER, HUGE)
+    return key
+
+
+@triton.jit
+def composite(key, local_idx, IDXB: tl.constexpr):
+    """The distinct 63-bit order key: larger key first, then lower index first."""
+    return (key.to(tl.int64) << IDXB) | (((1 << IDXB) - 1) - local_idx.to(tl.int64))
+
+
+@triton.jit
+def window_digit(key, base, FLOAT_KEY: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr):
+    """Pass 1's histogram bin of a key; monotone in the key.
+
+    Float keys: bin 0 holds |x| == 0 exactly, bin 1 everything below the window (and its first
+    fine value), bin NB-1 everything above it, bins 2..NB-2 one fine value each: the exponent
+    and the top FRAC mantissa bits, ``fine - base``. Hash keys are uniform: their top NB_LOG2
+    bits, no window."""
+    NB: tl.constexpr = 1 << NB_LOG2
+    if FLOAT_KEY:
+        fine = (key >> (23 - FRAC)).to(tl.int32)
+        d = tl.minimum(tl.maximum(fine - base, 1), NB - 1)
+        d = tl.where(key == 0, 0, d)
+    else:
+        d = (key >> (32 - NB_LOG2)).to(tl.int32)
+    return d
+
+
+@triton.jit
+def pick_bin(h, bins, r):
+    """The bin holding the r-th largest entry of histogram ``h`` (int64, bins ascending), the
+    rank left inside it and its population."""
+    total = tl.sum(h, axis=0)
+    gt = total - tl.cumsum(h, axis=0)  # entries in higher bins
+    b = tl.max(tl.where(gt + h >= r, bins, -1), axis=0)
+    gt_b = tl.sum(tl.where(bins == b, gt, 0), axis=0)
+    h_b = tl.sum(tl.where(bins == b, h, 0), axis=0)
+    return b, r - gt_b, h_b
 
 
 @triton.jit

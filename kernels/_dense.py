@@ -14,9 +14,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    C_LEN, C_START, C_TENSOR, ROW_G, ROW_HKEY, ROW_M, ROW_P, ROW_V,
-    WS_BC2_SQRT, WS_STEP_SIZE, WS_T,
-    adam_update, hash_u, load_grad, skip_step, stream_key,
+    C_LEN, C_START, C_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
+    adam_moments, adam_update, hash_key_of, load_grad, skip_step,
 )
 
 
@@ -25,37 +24,40 @@ def _dense_body(
     ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
     beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
     PDT: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, DECAY: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, CHUNK: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, SEC: tl.constexpr, CHUNK: tl.constexpr,
+    FULL: tl.constexpr,
 ):
-    lane = tl.arange(0, CHUNK)
+    # rows of SEC entries, one 32-byte sector of p: RandomBCD reads and writes p for whole
+    # sectors holding a selected entry, so its accesses stay 128-bit wide
+    R: tl.constexpr = CHUNK // SEC
+    cols = tl.arange(0, SEC)[None, :]
+    lane = tl.arange(0, R)[:, None] * SEC + cols
     offs = start + lane
-    mask = lane < n
+    if FULL:  # a constant mask keeps the accesses vectorised
+        mask = tl.full([R, SEC], 1, tl.int1)
+    else:
+        mask = lane < n
 
     g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m = beta1 * m + omb1 * g
-    v = beta2 * v + omb2 * g * g
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 
     if MODE == 0:
         sel = mask
+        pmask = mask
     else:
-        if USE_HCOUNTER:
-            counter = (tl.zeros([], tl.int64) + hash_counter)
-        else:
-            counter = tl.load(ws + WS_T * T + t).to(tl.int64)
-        skey = stream_key(tl.load(ttab + ROW_HKEY * T + t), counter)
-        u = hash_u(offs, skey, HUGE)
+        u = hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER, HUGE)
         sel = mask & (u.to(tl.int64) < threshold)
+        if DECAY == 2:
+            pmask = mask
+        else:
+            pmask = mask & (tl.max(sel.to(tl.int32), axis=1) > 0)[:, None] & (cols < SEC)
 
     step_size = tl.load(ws + WS_STEP_SIZE * T + t)
     bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
-    if DECAY == 2:
-        pmask = mask
-    else:
-        pmask = sel
     p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
     p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
     tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
@@ -67,7 +69,7 @@ def dense_step_kernel(
     beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
     PDT: tl.constexpr, MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
     DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr,
+    SEC: tl.constexpr, CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -89,8 +91,8 @@ def dense_step_kernel(
         if n == CHUNK:
             _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, CHUNK, grad_scale_ptr,
                         beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-                        PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, CHUNK)
+                        PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, True)
             return
     _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
                 beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-                PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, CHUNK)
+                PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, False)

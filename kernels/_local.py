@@ -13,9 +13,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    L_K, L_LEN, L_START, L_TENSOR, ROW_G, ROW_HKEY, ROW_M, ROW_P, ROW_V,
-    WS_BC2_SQRT, WS_STEP_SIZE, WS_T,
-    abs_key, adam_update, hash_u, load_grad, skip_step, stream_key,
+    L_K, L_LEN, L_START, L_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
+    abs_key, adam_moments, adam_update, hash_key_of, load_grad, skip_step,
 )
 
 
@@ -49,8 +48,7 @@ def local_step_kernel(
     g = load_grad(g_ptr[:, None], offs, mask, grad_scale_ptr, HAS_SCALE)
     m = tl.load(m_ptr[:, None] + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr[:, None] + offs, mask=mask, other=0.0)
-    m = beta1 * m + omb1 * g
-    v = beta2 * v + omb2 * g * g
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2)
     tl.store(m_ptr[:, None] + offs, m, mask=mask)
     tl.store(v_ptr[:, None] + offs, v, mask=mask)
 
@@ -59,12 +57,7 @@ def local_step_kernel(
     elif KEY_MODE == 1:
         key = abs_key(g).to(tl.int32, bitcast=True)
     else:
-        if USE_HCOUNTER:
-            counter = tl.zeros([ROWS], tl.int64) + hash_counter
-        else:
-            counter = tl.load(ws + WS_T * T + t, mask=rmask, other=0.0).to(tl.int64)
-        skey = stream_key(tl.load(ttab + ROW_HKEY * T + t, mask=rmask, other=0), counter)
-        key = hash_u(offs, skey[:, None], HUGE).to(tl.int64)
+        key = hash_key_of(ttab, T, t[:, None], ws, offs, hash_counter, USE_HCOUNTER, HUGE).to(tl.int64)
     key = tl.where(mask, key, -1)
 
     # k-th largest key per row: the largest x with #(key >= x) >= k, bit by bit from the top

@@ -1,27 +1,31 @@
-"""Launchers: argument checks, device tables, per-step workspace and the launch sequence.
+"""Launchers: argument checks, device tables, workspaces and the launch sequence.
 
 One call steps one parameter group. Tensors are grouped by parameter dtype (one launch
 sequence per dtype present, at most three); within a group every launch covers all of its
 tensors through int64 device tables (addresses, numels, chunk -> (tensor, offset) map), so the
 number of launches does not grow with the number of tensors:
 
-* ``all`` / ``random``: prologue + one fused pass (``_dense``).
+* ``all`` / ``random``: prologue + one fused pass (``_dense``): 2 launches.
 * ``topk_*`` / ``random_exact``: prologue, then
   - segments of at most ``local_max`` entries (``block_size`` blocks, small tensors such as
     norms and biases): one fused pass that selects in registers (``_local``, one launch per
     power-of-two row width present);
-  - longer segments: moments + first histogram (``_moments``), select, then one (refine,
-    select) pair per further radix digit (8 more at 7-bit digits over the 63-bit key), each
-    skipping finished segments, then the masked apply (``_apply``).
+  - longer segments, exact in two passes over the data: moments + window histogram
+    (``_window``), window select, exact fallback (exits at once unless a segment needs it,
+    ``_fallback``), masked apply + candidate compaction (``_apply``), candidate resolve
+    (``_resolve``): 5 launches.
 
-No host synchronisation: the step counters, bias corrections, thresholds and the GradScaler
-skip flag stay on the device.
+No host synchronisation: the step counters, bias corrections, thresholds, windows and the
+GradScaler skip flag stay on the device, and the workspaces persist between steps (the
+kernels reset what they use).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import struct
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -32,16 +36,18 @@ import triton
 
 from maskopt import _hash
 
-from ._apply import apply_kernel
+from ._apply import apply_compact_kernel
 from ._common import (
     DECAY_ALL, DECAY_MASKED, DECAY_NONE, KEY_GRADIENT, KEY_HASH, KEY_MOMENTUM, N_SROWS,
-    N_WSROWS, prologue_kernel,
+    N_WSROWS, S_CENTER, prologue_kernel,
 )
 from ._dense import dense_step_kernel
+from ._fallback import exact_select_kernel
 from ._local import local_step_kernel
-from ._moments import moments_hist_kernel
-from ._select import cand_refine_kernel, refine_kernel, select_kernel
+from ._resolve import resolve_kernel
+from ._window import moments_window_kernel, window_select_kernel
 
+S_CENTER_ROW = S_CENTER.value
 SELECTIONS = ("all", "topk_momentum", "topk_gradient", "random", "random_exact")
 _PARAM_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KEY_MODE = {"topk_momentum": KEY_MOMENTUM, "topk_gradient": KEY_GRADIENT, "random_exact": KEY_HASH}
@@ -49,22 +55,23 @@ _KEY_MODE = {"topk_momentum": KEY_MOMENTUM, "topk_gradient": KEY_GRADIENT, "rand
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tuning knobs (tests shrink them to exercise multi-chunk and multi-level paths)."""
+    """Tuning knobs (tests shrink them so that every path runs on small tensors)."""
 
-    chunk: int = 4096  # entries per program of the streaming kernels (power of two)
+    chunk: int = 4096  # entries per chunk of the streaming kernels (power of two)
     local_max: int = 4096  # segments up to this many entries are selected in registers
     local_tile: int = 4096  # entries per program of the local kernel
-    # Radix digit width. tl.histogram's cost grows with the bin count: on an H100 (TinyLlama
-    # shapes, alpha 0.1) the MoFO step took 133 ms at 11 bits, 35 at 8 and 32 at 7
-    # (benchmarks/tune_kernels.py, RESULTS.md), although narrower digits need more levels.
-    hist_bits: int = 7
-    compact: bool = True  # level 2 compacts the boundary bucket; later levels read only it
+    # Window histogram of pass 1: 2**window_frac bins per binade, 2**window_bins_log2 bins in
+    # all (the window spans about 16 binades at 5 and 9: the threshold may move by 2**8
+    # either way between steps before the exact fallback has to run).
+    window_frac: int = 5
+    window_bins_log2: int = 9
     cand_frac: float = 1 / 32  # candidate capacity per segment, as a share of its entries...
-    cand_min: int = 256  # ...but at least this many (overflow falls back to reading the data)
-    max_hist_bytes: int = 64 << 20  # histogram workspace target (digits narrow to 8 bits beyond it)
-    num_warps: int = 8  # streaming kernels (chunk 4096: 16 entries per thread, no spills on sm_90)
+    cand_min: int = 256  # ...but at least this many (a fuller boundary bin takes the fallback)
+    programs: int = 0  # persistent programs of the streaming kernels; 0: 4 per SM (8 on CPU)
+    num_warps: int = 8  # streaming kernels (chunk 4096: 16 entries per thread)
     local_num_warps: int = 16  # local kernel (tile 4096: no spills on sm_90)
     select_num_warps: int = 4
+    resolve_tile: int = 2048  # candidates per iteration of the resolve
 
 
 _CONFIG = KernelConfig()
@@ -83,10 +90,12 @@ def set_config(**changes) -> KernelConfig:
         v = getattr(new, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    if not 1 <= new.hist_bits <= 12:
-        raise ValueError(f"hist_bits must be in [1, 12], got {new.hist_bits}")
+    if not 0 <= new.window_frac <= 7 or not 4 <= new.window_bins_log2 <= 11:
+        raise ValueError(f"window_frac must be in [0, 7] and window_bins_log2 in [4, 11], got "
+                         f"{new.window_frac} and {new.window_bins_log2}")
     _CONFIG = new
     _PLANS.clear()
+    _WORKSPACES.clear()
     return old
 
 
@@ -107,7 +116,9 @@ def _interpreting() -> bool:
 
 
 def _kernels_interpreted() -> bool:
-    return type(dense_step_kernel).__name__ == "InterpretedFunction"
+    from . import _common
+
+    return type(_common.prologue_kernel).__name__ == "InterpretedFunction"
 
 
 def check_device(device: torch.device) -> None:
@@ -152,19 +163,17 @@ class _Local:
 class _Plan:
     ctab: torch.Tensor | None  # int64 [N_CROWS, C] streaming chunks
     n_chunks: int
-    stab: torch.Tensor | None  # int64 [N_GROWS, S]: k, candidate capacity, candidate offset
+    stab: torch.Tensor | None  # int64 [N_GROWS, S]: see G_* in _common
     n_seg: int
-    ktab: torch.Tensor | None  # int64 [N_KROWS, K]: candidate chunks (segment, start)
-    n_kchunks: int
     n_cand: int  # candidate buffer length
-    levels: tuple  # ((shift, bits), ...) over the 63-bit composite key
     locals_: list
     starts_aligned: bool
     huge: bool
 
 
 def _chunk_table(seg_tensor, seg_start, seg_len, chunk):
-    """Split segments into chunks of at most ``chunk`` entries (vectorised)."""
+    """Split segments into chunks of at most ``chunk`` entries (vectorised); also returns
+    each segment's first chunk and chunk count."""
     seg_tensor = torch.as_tensor(seg_tensor, dtype=torch.int64)
     seg_start = torch.as_tensor(seg_start, dtype=torch.int64)
     seg_len = torch.as_tensor(seg_len, dtype=torch.int64)
@@ -175,24 +184,15 @@ def _chunk_table(seg_tensor, seg_start, seg_len, chunk):
     j = torch.arange(total, dtype=torch.int64) - first[seg]
     start = seg_start[seg] + j * chunk
     length = torch.minimum(torch.full_like(start, chunk), seg_len[seg] - j * chunk)
-    return torch.stack([seg_tensor[seg], start, length, seg, seg_start[seg]]), total
-
-
-def _levels(hist_bits: int) -> tuple:
-    out, hi = [], 63
-    while hi > 0:
-        bits = min(hist_bits, hi)
-        out.append((hi - bits, bits))
-        hi -= bits
-    return tuple(out)
+    return torch.stack([seg_tensor[seg], start, length, seg, seg_start[seg]]), total, first, nch
 
 
 def _build_plan(numels, selection, alpha, block_size, cfg, device) -> _Plan:
     huge = any(n > (1 << 32) for n in numels)
     if selection in ("all", "random"):
         ts = [i for i, n in enumerate(numels) if n > 0]
-        ctab, total = _chunk_table(ts, [0] * len(ts), [numels[i] for i in ts], cfg.chunk)
-        return _Plan(ctab.to(device), total, None, 0, None, 0, 0, (), [], True, huge)
+        ctab, total, _, _ = _chunk_table(ts, [0] * len(ts), [numels[i] for i in ts], cfg.chunk)
+        return _Plan(ctab.to(device), total, None, 0, 0, [], True, huge)
 
     use_blocks = block_size is not None and selection != "random_exact"
     seg_t, seg_s, seg_n = [], [], []
@@ -230,39 +230,41 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device) -> _Plan:
             g_s.append(s)
             g_n.append(n)
             g_k.append(kof(n))
-    locals_ = []
+    # Two row widths at most, short and long, whatever the number of tensors: a launch costs
+    # more than the masked lanes of a short segment in a wider row.
+    classes: dict[bool, list] = {}
     for bb in sorted(loc):
-        rows = loc[bb]
+        classes.setdefault(bb <= _SHORT_ROW, []).append(bb)
+    locals_ = []
+    for widths in classes.values():
+        bb = max(widths)
+        rows = [row for w in widths for row in loc[w]]
         ltab = torch.tensor(rows, dtype=torch.int64).T.contiguous()
         locals_.append(_Local(ltab.to(device), len(rows), bb, max(1, cfg.local_tile // bb)))
     n_seg = len(g_t)
-    ctab = stab = ktab = None
-    total = n_k = n_cand = 0
-    levels: tuple = ()
+    ctab = stab = None
+    total = n_cand = 0
     if n_seg:
-        ctab, total = _chunk_table(g_t, g_s, g_n, cfg.chunk)
+        ctab, total, first, nch = _chunk_table(g_t, g_s, g_n, cfg.chunk)
         ctab = ctab.to(device)
         caps = [min(n, max(cfg.cand_min, math.ceil(n * cfg.cand_frac))) for n in g_n]
         coff = [0] * n_seg
         for i in range(1, n_seg):
             coff[i] = coff[i - 1] + caps[i - 1]
         n_cand = coff[-1] + caps[-1]
-        stab = torch.tensor([g_k, caps, coff], dtype=torch.int64).to(device)
-        kt, n_k = _chunk_table(list(range(n_seg)), [0] * n_seg, caps, cfg.chunk)
-        ktab = torch.stack([kt[3], kt[1]]).contiguous().to(device)  # (segment, start)
-        bits = cfg.hist_bits
-        while bits > 8 and n_seg * (4 << bits) > cfg.max_hist_bytes:
-            bits -= 1  # many segments (block_size > local_max): narrower digits, more levels
-        levels = _levels(bits)
+        stab = torch.tensor([g_k, caps, coff, g_t, g_s, g_n, first.tolist(), nch.tolist()],
+                            dtype=torch.int64).to(device)
     aligned = all(s % 16 == 0 for s in g_s)
-    return _Plan(ctab, total, stab, n_seg, ktab, n_k, n_cand, levels, locals_, aligned, huge)
+    return _Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
 
 
+_SHORT_ROW = 256
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 64
 
 
-def _plan(numels, selection, alpha, block_size, device) -> _Plan:
+def _plan(numels, selection, alpha, block_size, device):
+    """The plan of these shapes and its cache key."""
     cfg = _CONFIG
     kind = selection if selection not in ("all", "random") else "dense"
     key = (str(device), tuple(numels), kind,
@@ -276,7 +278,66 @@ def _plan(numels, selection, alpha, block_size, device) -> _Plan:
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
-    return plan
+    return plan, key
+
+
+# ---------------------------------------------------------------------------------------
+# workspaces: per plan and set of parameters, kept between steps (the window centres are
+# per-segment state; the histogram rows, candidate counts and zero counts are reset by the
+# kernels that consume them), so a step allocates and clears nothing
+
+@dataclass
+class _Workspace:
+    ws: torch.Tensor  # fp32 [N_WSROWS, T]: bias corrections and step, written by the prologue
+    sst: torch.Tensor | None = None  # int64 [N_SROWS, S]: see S_* in _common
+    hist: torch.Tensor | None = None  # int32 [S, NB]
+    zcount: torch.Tensor | None = None  # int64 [C]: zeros per chunk, then zeros before it
+    cand: torch.Tensor | None = None  # int64 candidate composites
+
+
+_WORKSPACES: OrderedDict = OrderedDict()
+_MAX_WORKSPACES = 64
+
+
+def _initial_center(frac: int) -> int:
+    """Window centre before the first threshold is known: the fine key of 1e-4."""
+    return struct.unpack("<I", struct.pack("<f", 1e-4))[0] >> (23 - frac)
+
+
+def _workspace(plan_key, plan: _Plan, params, device) -> _Workspace:
+    key = (plan_key, tuple(p.data_ptr() for p in params))
+    work = _WORKSPACES.get(key)
+    if work is not None:
+        _WORKSPACES.move_to_end(key)
+        return work
+    cfg = _CONFIG
+    work = _Workspace(torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
+    if plan.n_seg:
+        work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
+        work.sst[S_CENTER_ROW] = _initial_center(cfg.window_frac)
+        work.hist = torch.zeros((plan.n_seg, 1 << cfg.window_bins_log2), dtype=torch.int32, device=device)
+        work.zcount = torch.zeros(plan.n_chunks, dtype=torch.int64, device=device)
+        work.cand = torch.empty(max(1, plan.n_cand), dtype=torch.int64, device=device)
+    _WORKSPACES[key] = work
+    if len(_WORKSPACES) > _MAX_WORKSPACES:
+        _WORKSPACES.popitem(last=False)
+    return work
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(n_chunks: int, device: torch.device) -> int:
+    """Persistent programs for the streaming kernels."""
+    want = _CONFIG.programs
+    if not want:
+        if device.type == "cuda":
+            want = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        else:
+            want = 8
+    return max(1, min(n_chunks, want))
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,8 +425,12 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha, 
 
 def _split(x: float) -> tuple[float, float]:
     """x as a pair of fp32 values whose fp64 sum is x to ~48 bits."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = _to_fp32(x)
+    return hi, _to_fp32(x - hi)
+
+
+def _to_fp32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -450,8 +515,9 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
     else:
         hkeys = [0] * T
     ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, device)
-    plan = _plan(numels, selection, alpha, block_size, device)
-    ws = torch.empty((N_WSROWS, T), dtype=torch.float32, device=device)
+    plan, plan_key = _plan(numels, selection, alpha, block_size, device)
+    work = _workspace(plan_key, plan, params, device)
+    ws = work.ws
 
     has_inf = found_inf is not None
     has_scale = grad_scale is not None
@@ -469,6 +535,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
     ptrs_aligned = all(x.data_ptr() % 16 == 0 for lst in (params, grads, ms, vs) for x in lst)
     aligned = ptrs_aligned and plan.starts_aligned
     pdt = _tl_dtype(dtype)
+    sec = 32 // params[0].element_size()  # entries per 32-byte sector of p
     nw = cfg.num_warps
 
     b1 = _split(beta1)
@@ -487,10 +554,11 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
                 ttab, T, plan.ctab, plan.n_chunks, ws, inf_arg, scale_arg,
                 beta1, omb1, beta2, omb2, eps, decay, hc, _hash.threshold(alpha),
                 MODE=0 if selection == "all" else 1, DECAY=decay_mode, ALIGNED=aligned,
-                CHUNK=cfg.chunk, num_warps=nw, **common)
+                SEC=sec, CHUNK=cfg.chunk, num_warps=nw, **common)
         return
 
     key_mode = _KEY_MODE[selection]
+    float_key = key_mode != KEY_HASH
     keybits, idxb = (32, 31) if key_mode == KEY_HASH else (31, 32)
     for loc in plan.locals_:
         local_step_kernel[(triton.cdiv(loc.n_seg, loc.rows),)](
@@ -502,33 +570,32 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
         return
 
     S, C = plan.n_seg, plan.n_chunks
-    shift1, bits1 = plan.levels[0]
-    nbins_max = 1 << bits1
-    hist = torch.zeros((S, nbins_max), dtype=torch.int32, device=device)
-    sst = torch.zeros((N_SROWS, S), dtype=torch.int64, device=device)
-    compact = cfg.compact and len(plan.levels) > 2
-    cand = torch.empty(plan.n_cand if compact else 1, dtype=torch.int64, device=device)
-    moments_hist_kernel[(C,)](
-        ttab, T, plan.ctab, C, ws, hist, inf_arg, scale_arg,
+    programs = _programs(C, device)
+    per_program = triton.cdiv(C, programs)
+    programs = triton.cdiv(C, per_program)
+    window = dict(FRAC=cfg.window_frac, NB_LOG2=cfg.window_bins_log2)
+    # the window bin fixes the composite bits from idxb + (key bits below the bin) upwards
+    open_bits = idxb + (23 - cfg.window_frac if float_key else 32 - cfg.window_bins_log2)
+    moments_window_kernel[(programs,)](
+        ttab, T, plan.ctab, C, per_program, ws, work.sst, S, work.hist, work.zcount, inf_arg, scale_arg,
         beta1, omb1, beta2, omb2, hc,
-        KEY_MODE=key_mode, ALIGNED=aligned, KEY_SHIFT=shift1 - idxb, BITS=bits1,
-        CHUNK=cfg.chunk, num_warps=nw, **common)
-    select_kernel[(S,)](hist, sst, S, plan.stab, inf_arg, HAS_INF=has_inf, FIRST=True,
-                        SHIFT=shift1, BITS=bits1, num_warps=cfg.select_num_warps)
-    for level, (shift, bits) in enumerate(plan.levels[1:], start=2):
-        if compact and level > 2:
-            cand_refine_kernel[(plan.n_kchunks,)](
-                plan.ktab, plan.n_kchunks, hist, sst, S, plan.stab, cand, inf_arg,
-                HAS_INF=has_inf, SHIFT=shift, BITS=bits, CHUNK=cfg.chunk, num_warps=nw)
-        refine_kernel[(C,)](
-            ttab, T, plan.ctab, C, ws, hist, sst, S, plan.stab, cand, inf_arg, scale_arg, hc,
-            KEY_MODE=key_mode, ALIGNED=aligned, PHASE=0 if not compact else (1 if level == 2 else 2),
-            IDXB=idxb, SHIFT=shift, BITS=bits, CHUNK=cfg.chunk, num_warps=nw, **common)
-        select_kernel[(S,)](hist, sst, S, plan.stab, inf_arg, HAS_INF=has_inf, FIRST=False,
-                            SHIFT=shift, BITS=bits, num_warps=cfg.select_num_warps)
-    if _debug_capture is not None:  # tests: which radix path each segment took
-        _debug_capture.append(dict(sst=sst, stab=plan.stab, compact=compact))
-    apply_kernel[(C,)](
-        ttab, T, plan.ctab, C, ws, sst, S, inf_arg, scale_arg, eps, decay, hc,
-        KEY_MODE=key_mode, DECAY=decay_mode, ALIGNED=aligned, IDXB=idxb, CHUNK=cfg.chunk,
-        num_warps=nw, **common)
+        KEY_MODE=key_mode, ALIGNED=aligned, CHUNK=cfg.chunk, num_warps=nw, **window, **common)
+    window_select_kernel[(S,)](
+        work.hist, work.sst, S, plan.stab, work.zcount, inf_arg,
+        HAS_INF=has_inf, FLOAT_KEY=float_key, NB_LOG2=cfg.window_bins_log2, SCAN=1024,
+        num_warps=cfg.select_num_warps)
+    exact_select_kernel[(S,)](
+        ttab, T, ws, work.sst, S, plan.stab, inf_arg, scale_arg, hc,
+        KEY_MODE=key_mode, IDXB=idxb, CHUNK=cfg.chunk, num_warps=nw, **common)
+    apply_compact_kernel[(programs,)](
+        ttab, T, plan.ctab, C, per_program, ws, work.sst, S, plan.stab, work.cand, work.zcount,
+        inf_arg, scale_arg, eps, decay, hc,
+        KEY_MODE=key_mode, DECAY=decay_mode, ALIGNED=aligned, IDXB=idxb, SEC=sec, CHUNK=cfg.chunk,
+        num_warps=nw, **window, **common)
+    if _debug_capture is not None:  # tests: the mode each segment took
+        _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
+    resolve_kernel[(S,)](
+        ttab, T, ws, work.sst, S, plan.stab, work.cand, inf_arg, eps, decay,
+        PDT=pdt, HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
+        TOP_SHIFT=((open_bits - 1) // 8) * 8, TILE=cfg.resolve_tile, num_warps=cfg.select_num_warps,
+        **window)

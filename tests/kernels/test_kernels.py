@@ -10,6 +10,7 @@ multi-chunk, multi-level radix path as well as the single-pass path.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import torch
@@ -40,7 +41,7 @@ def _load_launch():
     from maskopt.kernels import launch
 
     if (DEVICE.type == "cpu") != launch._kernels_interpreted():
-        for name in ("_common", "_dense", "_moments", "_select", "_local", "_apply", "launch"):
+        for name in ("_common", "_dense", "_window", "_fallback", "_local", "_apply", "_resolve", "launch"):
             importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
         from maskopt.kernels import launch
     return launch
@@ -189,12 +190,11 @@ def test_block_size_matches_reference(block_size, layout):
                             alpha=0.15, steps_n=1)
 
 
-def test_many_segments_narrow_digits():
-    # a tight histogram budget: 8-bit digits, eight radix levels
-    with launch.config(**dict(MULTI, max_hist_bytes=1)):
-        assert len(launch._levels(8)) == 8
+def test_many_long_segments_with_ties():
+    # block_size longer than local_max: every block is a segment of the two-pass path
+    with launch.config(**MULTI):
         _compare_with_reference("topk_momentum", [(4097,), (2500,)], block_size=300, alpha=0.15,
-                                grad_kind="ternary", steps_n=1)
+                                grad_kind="ternary", steps_n=2)
 
 
 @pytest.mark.parametrize("selection,grad_kind", [("topk_momentum", "ternary"),
@@ -216,24 +216,96 @@ def test_all_ties_zero_gradient(layout):
         assert bool(changed[:k].all()) and not bool(changed[k:].any())
 
 
-@pytest.mark.parametrize("cand", ["fits", "overflows", "off"])
-def test_candidate_compaction_and_its_fallback(cand):
-    knobs = dict(fits=dict(cand_frac=1.0), overflows=dict(cand_frac=1e-9, cand_min=1),
-                 off=dict(compact=False))[cand]
+MODES = {0: "window", 1: "digit", 2: "zero", 3: "exact"}
+
+
+def _momenta(kind, shapes, step, gen):
+    """Gradients whose momenta put the boundary where each selection mode is needed."""
+    out = []
+    for s in shapes:
+        n = math.prod(s)
+        if kind == "gaussian":
+            g = torch.randn(n, generator=gen) * 1e-3
+        elif kind == "laplace":
+            g = torch.distributions.Laplace(0.0, 1e-3).sample((n,))
+        elif kind == "row_scaled":
+            g = torch.randn(n, generator=gen).view(-1, 100 if n % 100 == 0 else 1)
+            g = (g * torch.logspace(-5, -1, g.shape[0])[:, None]).view(-1)
+        elif kind == "few_values":
+            g = torch.randint(1, 4, (n,), generator=gen).float() * 1e-3
+        elif kind == "zeros":
+            g = torch.zeros(n)
+        elif kind == "mostly_zero":  # embedding rows never seen: most |m| exactly 0
+            g = torch.randn(n, generator=gen) * 1e-3 * (torch.arange(n) % 17 == 3)
+        elif kind == "spikes":  # x1000 then x0.001: the threshold leaves the window
+            g = torch.randn(n, generator=gen) * 1e-3 * (1000.0 if step == 2 else 1e-3 if step == 3 else 1.0)
+        out.append(g.view(s).to(DEVICE))
+    return out
+
+
+@pytest.mark.parametrize("kind,alpha,expected", [
+    ("gaussian", 0.1, {"window"}),
+    ("laplace", 0.1, {"window"}),
+    ("row_scaled", 0.1, {"window"}),
+    ("few_values", 0.3, {"exact"}),
+    ("zeros", 0.3, {"zero"}),
+    ("mostly_zero", 0.2, {"zero"}),
+    ("spikes", 0.1, {"window", "exact"}),
+    ("gaussian", 1e-9, {"digit"}),  # k = 1: the largest is alone in its bin
+    ("gaussian", 0.9999, {"digit"}),  # k = n
+])
+def test_two_pass_modes_match_the_reference(kind, alpha, expected):
+    """Every selection mode of the two-pass path is exact: Gaussian, Laplace and row-scaled
+    momenta, few distinct values, zeros, spikes, k = 1 and k = n (odd sizes, several steps)."""
+    shapes = [(3000,), (37, 100), (5003,)]
+    ps, ms, vs, steps = _tensors(shapes)
+    ref_p = [p.detach().cpu().clone() for p in ps]
+    ref_state = [{} for _ in shapes]
+    gen = torch.Generator().manual_seed(5)
     launch._debug_capture = seen = []
     try:
-        with launch.config(**dict(MULTI, **knobs)):
-            _compare_with_reference("topk_momentum", [(3000,), (5, 123)], alpha=0.2, grad_kind="ternary",
-                                    steps_n=1)
+        with launch.config(**MULTI):
+            for it in range(5):
+                grads = _momenta(kind, shapes, it, gen)
+                before = [p.detach().cpu().clone() for p in ps]
+                _run("topk_momentum", ps, ms, vs, steps, grads, alpha=alpha)
+                for i, p in enumerate(ps):
+                    mask = reference_step(ref_p[i], grads[i].cpu(), ref_state[i], selection="topk_momentum",
+                                          alpha=alpha, block_size=None, mask_weight_decay=True, seed=7,
+                                          tensor_index=3 * i + 1, hash_counter=None, **HP)
+                    moved = p.detach().cpu() != before[i]
+                    assert torch.equal(moved, mask), f"step {it}, tensor {i}: selection differs"
+                    torch.testing.assert_close(p.detach().cpu().double(), ref_p[i].double(),
+                                               rtol=2e-6, atol=2e-6)
+    finally:
+        launch._debug_capture = None
+    modes = {MODES[int(m)] for rec in seen[1:] for m in rec["sst"][0].cpu()}  # after step 1
+    assert expected <= modes, f"modes {modes}, expected {expected} among them"
+
+
+def test_capacity_overflow_takes_the_exact_fallback():
+    launch._debug_capture = seen = []
+    try:
+        with launch.config(**dict(MULTI, cand_frac=1e-9, cand_min=1)):
+            _compare_with_reference("topk_momentum", [(3000,), (5, 123)], alpha=0.2, steps_n=3)
             _compare_with_reference("random_exact", [(3000,)], alpha=0.2, steps_n=1)
     finally:
         launch._debug_capture = None
-    assert seen and all(rec["compact"] == (cand != "off") for rec in seen)
-    overflowed = [bool((rec["sst"][4].cpu() > rec["stab"][1].cpu()).any()) for rec in seen]
-    if cand == "fits":
-        assert not any(overflowed)
-    elif cand == "overflows":
-        assert any(overflowed)
+    # the momentum steps: every boundary bin is fuller than one entry
+    assert all(rec["sst"][0].cpu().tolist() == [3, 3] for rec in seen[:3])
+
+
+def test_window_follows_the_threshold():
+    # from the second step on, Gaussian momenta resolve in the window: no fallback
+    launch._debug_capture = seen = []
+    try:
+        with launch.config(**MULTI):
+            _compare_with_reference("topk_momentum", [(3000,), (5, 1230)], alpha=0.1, steps_n=4)
+            _compare_with_reference("random_exact", [(3000,)], alpha=0.1, steps_n=2)
+    finally:
+        launch._debug_capture = None
+    later = [rec for i, rec in enumerate(seen) if i not in (0, 4)]
+    assert all(int(m) == 0 for rec in later for m in rec["sst"][0].cpu())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -330,25 +402,55 @@ def test_lr0_zero_grad_changes_no_parameter():
     assert [s.item() for s in steps] == [1.0, 1.0]
 
 
-def test_many_tensors_per_launch():
+KERNELS = ("prologue_kernel", "dense_step_kernel", "local_step_kernel", "moments_window_kernel",
+           "window_select_kernel", "exact_select_kernel", "apply_compact_kernel", "resolve_kernel")
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    calls = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.kernel[grid]
+
+    for name in KERNELS:
+        monkeypatch.setattr(launch, name, Counting(name, getattr(launch, name)))
+    return calls
+
+
+@pytest.mark.parametrize("selection", ["topk_momentum", "random_exact", "random", "all"])
+def test_launches_per_step_do_not_grow_with_tensors(selection, count_launches):
     gen = torch.Generator().manual_seed(3)
     sizes = torch.randint(0, 600, (300,), generator=gen).tolist() + [5000, 9000]
-    shapes = [(n,) for n in sizes]
-    calls = []
     with launch.config(chunk=1024, local_max=512, local_tile=8192):
-        orig = launch.refine_kernel
+        _compare_with_reference(selection, [(n,) for n in sizes], alpha=0.2, steps_n=1)
+    # top-k: prologue, the local pass for short and for longer rows, then the five launches of
+    # the two-pass path; dense: prologue and one pass
+    assert len(count_launches) == (8 if selection.endswith(("momentum", "exact")) else 2), count_launches
 
-        class Counting:
-            def __getitem__(self, grid):
-                calls.append(grid)
-                return orig[grid]
 
-        launch.refine_kernel = Counting()
-        try:
-            _compare_with_reference("topk_momentum", shapes, alpha=0.2, steps_n=1)
-        finally:
-            launch.refine_kernel = orig
-    assert len(calls) == len(launch._levels(launch.get_config().hist_bits)) - 1  # one launch per level, not per tensor
+def test_a_fused_step_never_synchronises_with_the_host(monkeypatch):
+    shapes = [(3000,), (5, 123), (40,)]
+    ps, ms, vs, steps = _tensors(shapes)
+    grads = _grads(ps, 0)
+    with launch.config(**MULTI):
+        for selection in ("topk_momentum", "topk_gradient", "random_exact", "random"):
+            _run(selection, ps, ms, vs, steps, grads)  # builds the plans and workspaces
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a fused step synchronised with the host")
+
+        for name in ("item", "cpu", "tolist", "__bool__", "__int__", "__float__"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        for selection in ("topk_momentum", "topk_gradient", "random_exact", "random"):
+            _run(selection, ps, ms, vs, steps, grads, grad_scale=torch.ones(1, device=DEVICE),
+                 found_inf=torch.zeros(1, device=DEVICE))
+        monkeypatch.undo()
 
 
 def test_argument_errors():

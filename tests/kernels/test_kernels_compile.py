@@ -4,7 +4,8 @@ The Triton interpreter (how CI runs the kernels) accepts code that the GPU compi
 and vice versa; this compiles each kernel specialisation to a cubin for sm_90 (H100; sm_80
 on request) with Triton's bundled ptxas, so GPU lowering errors show up on a CPU-only
 machine. It runs in a subprocess because TRITON_INTERPRET decides at import time whether
-``@triton.jit`` builds interpreted or compiled kernels. About three minutes on 2 cores: ``slow``.
+``@triton.jit`` builds interpreted or compiled kernels. Every variant: about three minutes on 2
+cores (``slow``); the vector-access check of the masked full tiles: about 15 s.
 
 Manual use: ``python tests/kernels/test_kernels_compile.py [capability ...]`` prints register and
 spill counts per variant (from ``ptxas -v``).
@@ -26,12 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _variants(full=True):
     import triton.language as tl
 
-    from maskopt.kernels import _apply, _common, _dense, _local, _moments, _select
+    from maskopt.kernels import _apply, _common, _dense, _fallback, _local, _resolve, _window
 
     P64, I = "*i64", "i64"
     out = []
     dtypes = (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16))
+    window = dict(FRAC=5, NB_LOG2=9)
     for pdt_name, pdt in dtypes if full else dtypes[:2]:
+        sec = 8 if pdt_name == "fp32" else 16
         base = dict(ttab=P64, T="i32", ctab=P64, C="i32", ws="*fp32", found_inf_ptr="*fp32",
                     grad_scale_ptr="*fp32")
         for mode in (0, 1):
@@ -39,26 +42,27 @@ def _variants(full=True):
                 sig = dict(base, beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32", eps="fp32",
                            decay="fp32", hash_counter="i32", threshold=I)
                 cx = dict(PDT=pdt, MODE=mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
-                          USE_HCOUNTER=mode == 1, HUGE=False, ALIGNED=True, CHUNK=4096)
+                          USE_HCOUNTER=mode == 1, HUGE=False, ALIGNED=True, SEC=sec, CHUNK=4096)
                 out.append((f"dense/{pdt_name}/mode{mode}/decay{decay}", _dense.dense_step_kernel, sig, cx))
         for key_mode in (0, 1, 2):
-            sig = dict(base, hist="*i32", beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32",
-                       hash_counter="i32")
+            idxb = 31 if key_mode == 2 else 32
+            sig = dict(base, per_program="i32", sst=P64, S="i32", hist="*i32", zcount=P64,
+                       beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32", hash_counter="i32")
             cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
-                      HUGE=key_mode == 2, ALIGNED=True, KEY_SHIFT=20, BITS=11, CHUNK=4096)
-            out.append((f"moments/{pdt_name}/key{key_mode}", _moments.moments_hist_kernel, sig, cx))
-            for phase, shift, bits in ((1, 41, 11), (2, 8, 8), (0, 19, 11)):
-                sig = dict(base, hist="*i32", sst=P64, S="i32", stab=P64, cand=P64, hash_counter="i32")
-                cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
-                          HUGE=False, ALIGNED=True, PHASE=phase, IDXB=31 if key_mode == 2 else 32,
-                          SHIFT=shift, BITS=bits, CHUNK=4096)
-                out.append((f"refine/{pdt_name}/key{key_mode}/phase{phase}", _select.refine_kernel, sig, cx))
+                      HUGE=key_mode == 2, ALIGNED=True, CHUNK=4096, **window)
+            out.append((f"moments/{pdt_name}/key{key_mode}", _window.moments_window_kernel, sig, cx))
+            sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, found_inf_ptr="*fp32",
+                       grad_scale_ptr="*fp32", hash_counter="i32")
+            cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
+                      HUGE=False, IDXB=idxb, CHUNK=4096)
+            out.append((f"fallback/{pdt_name}/key{key_mode}", _fallback.exact_select_kernel, sig, cx))
             for decay in (1, 2):
-                sig = dict(base, sst=P64, S="i32", eps="fp32", decay="fp32", hash_counter="i32")
+                sig = dict(base, per_program="i32", sst=P64, S="i32", stab=P64, cand=P64, zcount=P64,
+                           eps="fp32", decay="fp32", hash_counter="i32")
                 cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
-                          USE_HCOUNTER=False, HUGE=False, ALIGNED=True,
-                          IDXB=31 if key_mode == 2 else 32, CHUNK=4096)
-                out.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _apply.apply_kernel, sig, cx))
+                          USE_HCOUNTER=False, HUGE=False, ALIGNED=True, IDXB=idxb, SEC=sec, CHUNK=4096,
+                          **window)
+                out.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _apply.apply_compact_kernel, sig, cx))
             for rows, bb in ((1, 4096), (16, 256)):
                 sig = dict(ttab=P64, T="i32", ltab=P64, SL="i32", ws="*fp32", found_inf_ptr="*fp32",
                            grad_scale_ptr="*fp32", beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32",
@@ -67,13 +71,16 @@ def _variants(full=True):
                           USE_HCOUNTER=True, HUGE=False, KEYBITS=32 if key_mode == 2 else 31,
                           ROWS=rows, BB=bb)
                 out.append((f"local/{pdt_name}/key{key_mode}/bb{bb}", _local.local_step_kernel, sig, cx))
-    sig = dict(ktab=P64, K="i32", hist="*i32", sst=P64, S="i32", stab=P64, cand=P64, found_inf_ptr="*fp32")
-    out.append(("cand_refine", _select.cand_refine_kernel, sig,
-                dict(HAS_INF=True, SHIFT=30, BITS=11, CHUNK=4096)))
-    for first in (True, False):
-        sig = dict(hist="*i32", sst=P64, S="i32", stab=P64, found_inf_ptr="*fp32")
-        cx = dict(HAS_INF=True, FIRST=first, SHIFT=52 if first else 0, BITS=11)
-        out.append((f"select/first{first}", _select.select_kernel, sig, cx))
+        for decay in (1, 2):
+            sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, cand=P64,
+                       found_inf_ptr="*fp32", eps="fp32", decay="fp32")
+            cx = dict(PDT=pdt, HAS_INF=True, DECAY=decay, FLOAT_KEY=True, IDXB=32, TOP_SHIFT=48,
+                      TILE=2048, **window)
+            out.append((f"resolve/{pdt_name}/decay{decay}", _resolve.resolve_kernel, sig, cx))
+    for float_key in (True, False):
+        sig = dict(hist="*i32", sst=P64, S="i32", stab=P64, zcount=P64, found_inf_ptr="*fp32")
+        cx = dict(HAS_INF=True, FLOAT_KEY=float_key, NB_LOG2=9, SCAN=1024)
+        out.append((f"select/float{float_key}", _window.window_select_kernel, sig, cx))
     sig = dict(ttab=P64, T="i32", ws="*fp32", found_inf_ptr="*fp32", b1_hi="fp32", b1_lo="fp32",
                b2_hi="fp32", b2_lo="fp32", lr_hi="fp32", lr_lo="fp32")
     out.append(("prologue", _common.prologue_kernel, sig, dict(HAS_INF=True, BLOCK=1024)))
@@ -95,7 +102,8 @@ def compile_all(capabilities=(90,), only=None, verbose=False, full=True):
         for cap in capabilities:
             try:
                 src = ASTSource(fn=fn, signature=full_sig, constexprs=cx)
-                num_warps = 4 if name.startswith(("select", "prologue")) else 16 if name.startswith("local") else 8
+                num_warps = (4 if name.startswith(("select", "prologue", "resolve")) else
+                             16 if name.startswith("local") else 8)
                 num_warps = int(os.environ.get("NW", num_warps))
                 k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                    options={"num_warps": num_warps})
@@ -160,3 +168,65 @@ if __name__ == "__main__":
     bad = {k: v for k, v in res.items() if v}
     print(f"{len(res) - len(bad)}/{len(res)} variants compiled")
     sys.exit(1 if bad else 0)
+
+
+def full_tile_accesses(capability=90):
+    """Global access counts and ptxas spill stores of the full-tile bodies of pass 2 and of
+    RandomBCD's pass, per variant: {name: (Counter of ld/st.global forms, spill stores)}."""
+    import collections
+    import re
+
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _full_tiles
+
+    out = {}
+    tables = dict(tab="*i64", ttab="*i64", T="i32", ws="*fp32")
+    for pdt_name, pdt, sec in (("fp32", tl.float32, 8), ("bf16", tl.bfloat16, 16)):
+        cases = []
+        for key_mode in (0, 1, 2):
+            for decay in (1, 2):
+                sig = dict(tables, sst="*i64", S="i32", stab="*i64", cand="*i64", zcount="*i64",
+                           grad_scale_ptr="*fp32", eps="fp32", decay="fp32")
+                cx = dict(PDT=pdt, KEY_MODE=key_mode, DECAY=decay, SEC=sec, CHUNK=4096)
+                cases.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _full_tiles.apply_full_tile, sig, cx))
+        for decay in (1, 2):
+            sig = dict(tables, grad_scale_ptr="*fp32", eps="fp32", decay="fp32", threshold="i64")
+            cx = dict(PDT=pdt, DECAY=decay, SEC=sec, CHUNK=4096)
+            cases.append((f"random/{pdt_name}/decay{decay}", _full_tiles.dense_full_tile, sig, cx))
+        for name, fn, sig, cx in cases:
+            full_sig = dict(sig, **{k: "constexpr" for k in cx})
+            k = triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=cx),
+                               target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
+            forms = collections.Counter(m.group(0) for m in re.finditer(r"\b(ld|st)\.global[\w.]*", k.asm["ptx"]))
+            spills = re.search(r"spill_stores=(\d+)", _ptxas_info(k.asm["ptx"], capability))
+            out[name] = (forms, int(spills.group(1)) if spills else None)
+    return out
+
+
+def test_masked_full_tiles_use_vector_accesses_without_spills():
+    """p, v (and m) move in 128-bit accesses under the sector masks of pass 2 and RandomBCD:
+    the only scalar 32-bit accesses left are the per-tensor scalars (step size, bias
+    correction, grad scale); 64-bit ones are table reads and candidate stores."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    code = (
+        "import sys, json; sys.path.insert(0, 'tests/kernels');"
+        "from test_kernels_compile import full_tile_accesses;"
+        "r = full_tile_accesses();"
+        "print(json.dumps({k: [dict(v[0]), v[1]] for k, v in r.items()}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    for name, (forms, spills) in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        scalar = {f: c for f, c in forms.items() if f.endswith((".b32", ".b16")) and ".v" not in f}
+        assert not any(f.startswith("st.") for f in scalar), (name, forms)
+        assert sum(scalar.values()) <= 3, (name, forms)
+        assert forms.get("ld.global.v4.b32", 0) >= 8, (name, forms)
+        assert spills == 0, (name, spills)

@@ -1,0 +1,90 @@
+"""The last launch of the exact top-k path: resolve the candidates, update them, move the window.
+
+One program per segment. In ``MODE_WINDOW`` it radix-selects the r-th largest composite key
+among the boundary bin's candidates (8-bit digits from the highest one the bin leaves open;
+the key digits, then the index digits only under exact ties), then updates the candidates at
+or above it (and, when every entry decays, decays all of them: pass 2 left them alone). Then
+the segment's window is centred on this step's threshold for the next step.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import (
+    G_COFF, G_START, G_TENSOR, MODE_DIGIT, MODE_EXACT, MODE_WINDOW, ROW_M, ROW_P, ROW_V,
+    S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, WS_BC2_SQRT, WS_STEP_SIZE,
+    adam_update, pick_bin, skip_step,
+)
+
+
+@triton.jit
+def resolve_kernel(
+    ttab, T, ws, sst, S, stab, cand, found_inf_ptr, eps, decay,
+    PDT: tl.constexpr, HAS_INF: tl.constexpr, DECAY: tl.constexpr, FLOAT_KEY: tl.constexpr,
+    IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, TOP_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    s = tl.program_id(0)
+    mode = tl.load(sst + S_MODE * S + s)
+    NB: tl.constexpr = 1 << NB_LOG2
+    center = tl.load(sst + S_CENTER * S + s)
+    if mode == MODE_WINDOW:
+        count = tl.load(sst + S_CCOUNT * S + s)
+        region = cand + tl.load(stab + G_COFF * S + s)
+        lane = tl.arange(0, TILE)
+        bins = tl.arange(0, 256)
+        r = tl.load(sst + S_R * S + s)
+        # every candidate shares the bits the window bin fixes, so any one gives them
+        prefix = tl.load(region) >> (TOP_SHIFT + 8)
+        shift = tl.zeros([], tl.int64) + TOP_SHIFT
+        done = tl.zeros([], tl.int32)
+        thr = tl.zeros([], tl.int64)
+        while done == 0:
+            acc = tl.zeros([256], tl.int32)
+            for j in range(0, count, TILE):
+                cmask = j + lane < count
+                comp = tl.load(region + j + lane, mask=cmask, other=0)
+                match = cmask & (((comp >> shift) >> 8) == prefix)
+                acc += tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+            b, r, h_b = pick_bin(acc.to(tl.int64), bins, r)
+            prefix = (prefix << 8) | b.to(tl.int64)
+            finished = (r == h_b) | (shift == 0)
+            done = finished.to(tl.int32)
+            thr = tl.where(finished, prefix << shift, thr)
+            shift = tl.where(finished, shift, shift - 8)
+        tl.store(sst + S_THR * S + s, thr)
+
+        t = tl.load(stab + G_TENSOR * S + s)
+        seg_start = tl.load(stab + G_START * S + s)
+        p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+        step_size = tl.load(ws + WS_STEP_SIZE * T + t)
+        bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
+        for j in range(0, count, TILE):
+            cmask = j + lane < count
+            comp = tl.load(region + j + lane, mask=cmask, other=0)
+            sel = cmask & (comp >= thr)
+            offs = seg_start + (((1 << IDXB) - 1) - (comp & ((1 << IDXB) - 1)))
+            if DECAY == 2:
+                pmask = cmask
+            else:
+                pmask = sel
+            m = tl.load(m_ptr + offs, mask=sel, other=0.0)
+            v = tl.load(v_ptr + offs, mask=sel, other=0.0)
+            p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
+            p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
+            tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
+    if FLOAT_KEY:
+        # the fine key of the threshold, for the next step's window
+        if (mode == MODE_WINDOW) | (mode == MODE_EXACT):
+            center = (tl.load(sst + S_THR * S + s) >> (IDXB + 23 - FRAC))
+        elif mode == MODE_DIGIT:
+            lowest = tl.load(sst + S_DSEL * S + s) + 1  # the lowest bin taken
+            if (lowest >= 2) & (lowest <= NB - 2):
+                center = center - NB // 2 + lowest
+        tl.store(sst + S_CENTER * S + s, center)

@@ -1,0 +1,148 @@
+"""Pass 1 of the exact top-k path and the window select that follows it.
+
+Pass 1 (``moments_window_kernel``) updates m and v of every entry (reads g, m, v; writes m,
+v: 20 B/param in fp32) and histograms the window digit of each entry's key
+(``_common.window_digit``): with float keys, 2**FRAC bins per binade over a window of
+(NB - 3) / 2**FRAC binades centred on the segment's previous threshold, plus a zero bin and a
+clamp bin on each side. Programs are persistent: each walks a contiguous run of chunks and
+keeps its histogram in registers until the segment changes, so a segment costs one flush per
+program rather than one per chunk. The count of exact zeros of each chunk is stored too.
+
+``window_select_kernel`` (one program per segment) finds the bin holding the k-th largest
+key and decides how pass 2 selects (``MODE_*`` in ``_common``): the bin is taken whole,
+resolved among its compacted candidates, completed by the first zeros in index order (the
+chunk zero counts become exclusive prefix sums here), or left to the exact fallback when the
+bin is a clamp bin (the threshold moved out of the window, or there is no previous one) or
+holds more entries than the segment's candidate capacity.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import (
+    C_LEN, C_SEG, C_START, C_TENSOR, G_CAP, G_CFIRST, G_K, G_NCHUNKS, MODE_DIGIT, MODE_EXACT,
+    MODE_WINDOW, MODE_ZERO, ROW_G, ROW_M, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R,
+    adam_moments, abs_key, hash_key_of, load_grad, pick_bin, skip_step, window_digit,
+)
+
+
+@triton.jit
+def _moments_window_body(
+    ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, n, base, grad_scale_ptr,
+    beta1, omb1, beta2, omb2, hash_counter,
+    KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr,
+    FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
+):
+    lane = tl.arange(0, CHUNK)
+    offs = start + lane
+    mask = lane < n
+    g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if KEY_MODE == 0:
+        key = abs_key(m)
+    elif KEY_MODE == 1:
+        key = abs_key(g)
+    else:
+        key = hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER, HUGE)
+    digit = window_digit(key, base, KEY_MODE != 2, FRAC, NB_LOG2)
+    return tl.histogram(digit, 1 << NB_LOG2, mask=mask)
+
+
+@triton.jit
+def moments_window_kernel(
+    ttab, T, ctab, C, per_program, ws, sst, S, hist, zcount, found_inf_ptr, grad_scale_ptr,
+    beta1, omb1, beta2, omb2, hash_counter,
+    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+    FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
+):
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    NB: tl.constexpr = 1 << NB_LOG2
+    bins = tl.arange(0, NB)
+    c0 = tl.program_id(0) * per_program
+    c1 = tl.minimum(c0 + per_program, C)
+    acc = tl.zeros([NB], tl.int32)
+    cur = tl.zeros([], tl.int64) - 1
+    for c in range(c0, c1):
+        seg = tl.load(ctab + C_SEG * C + c)
+        changed = seg != cur
+        row = hist + tl.maximum(cur, 0) * NB + bins
+        tl.atomic_add(row, acc, mask=(acc > 0) & changed, sem="relaxed")
+        acc = tl.where(changed, 0, acc)
+        cur = seg
+        t = tl.load(ctab + C_TENSOR * C + c)
+        start = tl.load(ctab + C_START * C + c)
+        n = tl.load(ctab + C_LEN * C + c)
+        base = (tl.load(sst + S_CENTER * S + seg) - (NB // 2)).to(tl.int32)
+        g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:  # 16-byte aligned bases: 128-bit accesses on full chunks
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+            start = tl.multiple_of(start, 16)
+        if ALIGNED and n == CHUNK:
+            h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, CHUNK, base,
+                                     grad_scale_ptr, beta1, omb1, beta2, omb2, hash_counter,
+                                     KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
+        else:
+            h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, n, base,
+                                     grad_scale_ptr, beta1, omb1, beta2, omb2, hash_counter,
+                                     KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
+        acc += h
+        if KEY_MODE != 2:
+            tl.store(zcount + c, tl.sum(tl.where(bins == 0, h, 0), axis=0).to(tl.int64))
+    row = hist + tl.maximum(cur, 0) * NB + bins
+    tl.atomic_add(row, acc, mask=(acc > 0) & (cur >= 0), sem="relaxed")
+
+
+@triton.jit
+def window_select_kernel(
+    hist, sst, S, stab, zcount, found_inf_ptr,
+    HAS_INF: tl.constexpr, FLOAT_KEY: tl.constexpr, NB_LOG2: tl.constexpr, SCAN: tl.constexpr,
+):
+    """One program per segment: the boundary bin, the mode, and the histogram row reset."""
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    s = tl.program_id(0)
+    NB: tl.constexpr = 1 << NB_LOG2
+    bins = tl.arange(0, NB)
+    row = hist + s * NB + bins
+    h = tl.load(row).to(tl.int64)
+    tl.store(row, tl.zeros([NB], tl.int32))
+    k = tl.load(stab + G_K * S + s)
+    b, r, h_b = pick_bin(h, bins, k)
+    whole = r == h_b
+    if FLOAT_KEY:
+        zero = b == 0
+        miss = (b == 1) | (b == NB - 1)
+    else:
+        zero = b < 0
+        miss = b < 0
+    over = h_b > tl.load(stab + G_CAP * S + s)
+    mode = tl.where(whole, MODE_DIGIT,
+                    tl.where(zero, MODE_ZERO, tl.where(miss | over, MODE_EXACT, MODE_WINDOW)))
+    dsel = tl.where(whole, b - 1, b).to(tl.int64)
+    tl.store(sst + S_MODE * S + s, mode.to(tl.int64))
+    tl.store(sst + S_DSEL * S + s, dsel)
+    tl.store(sst + S_R * S + s, r)
+    tl.store(sst + S_CCOUNT * S + s, tl.zeros([], tl.int64))
+    if mode == MODE_ZERO:
+        # the zeros before each chunk of the segment, so pass 2 ranks its zeros by index
+        first = tl.load(stab + G_CFIRST * S + s)
+        count = tl.load(stab + G_NCHUNKS * S + s)
+        lane = tl.arange(0, SCAN)
+        carry = tl.zeros([], tl.int64)
+        for j in range(0, count, SCAN):
+            cmask = j + lane < count
+            z = tl.load(zcount + first + j + lane, mask=cmask, other=0)
+            tl.store(zcount + first + j + lane, carry + tl.cumsum(z, axis=0) - z, mask=cmask)
+            carry += tl.sum(z, axis=0)
