@@ -1,8 +1,8 @@
-"""Try kernel configurations (radix digit width, warps, candidate share) for the exact top-k
+"""Try kernel configurations (window resolution, warps, persistent programs) for the exact top-k
 path on CUDA: each configuration is checked against the PyTorch path (same selected entries,
 same values to fp32 rounding) and then timed on TinyLlama-1.1B's shapes, fp32, alpha=0.1.
 
-    python benchmarks/tune_kernels.py [--grid "hist_bits=8,num_warps=8;hist_bits=11"]
+    python benchmarks/tune_kernels.py [--grid "window_frac=4,window_bins_log2=8;num_warps=4"]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as bc  # noqa: E402
 
 DEFAULT_GRID = ";".join([
-    "hist_bits=11", "hist_bits=10", "hist_bits=9", "hist_bits=8", "hist_bits=7", "hist_bits=6",
-    "hist_bits=8,num_warps=4", "hist_bits=8,cand_frac=0.125",
+    "window_frac=5,window_bins_log2=9", "window_frac=4,window_bins_log2=8",
+    "window_frac=6,window_bins_log2=10", "num_warps=4", "programs=264", "programs=1056",
 ])
 
 

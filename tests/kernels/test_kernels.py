@@ -545,3 +545,43 @@ def test_halfadam_fused_equals_pytorch_path():
             o.step()
     for pa, pb in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not _CUDA, reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name,kwargs", [
+    ("MoFO", dict(alpha=0.1)), ("MoFO", dict(alpha=0.1, filter="gradient")),
+    ("RandomBCD", dict(alpha=0.2, seed=3)), ("HalfAdam", dict(seed=2)),
+])
+def test_a_captured_step_replays_like_the_eager_step(name, kwargs):
+    maskopt = pytest.importorskip("maskopt")
+    models = [_model(), _model()]
+    opts = [getattr(maskopt, name)(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True, **kwargs)
+            for m in models]
+    params = [list(m.parameters()) for m in models]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    grads = [[torch.randn(p.shape, device=DEVICE, generator=gen) for p in params[0]] for _ in range(6)]
+    for ps in params:
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: plans, workspaces and compiled kernels
+        for step in range(2):
+            for ps, opt in zip(params, opts):
+                for p, g in zip(ps, grads[step]):
+                    p.grad.copy_(g)
+                opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opts[1].step()
+    for step in range(2, 6):
+        for p, g in zip(params[0], grads[step]):
+            p.grad.copy_(g)
+        opts[0].step()
+        for p, g in zip(params[1], grads[step]):
+            p.grad.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
