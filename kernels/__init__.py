@@ -67,8 +67,8 @@ def fused_adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs
         params: the parameters, float32, bfloat16 or float16, contiguous, all on one CUDA
             device (or the CPU under ``TRITON_INTERPRET=1``, see :func:`is_available`).
         grads: their dense gradients, same dtype and shape as each parameter.
-        exp_avgs: first moments, float32, shape of each parameter.
-        exp_avg_sqs: second moments, float32, shape of each parameter.
+        exp_avgs: first moments, float32 or bfloat16, shape of each parameter.
+        exp_avg_sqs: second moments, the dtype of exp_avgs, shape of each parameter.
         state_steps: one-element float32 step counters on the parameters' device,
             incremented in place (they also key the random masks when ``policy.counter`` is
             None).

@@ -37,10 +37,10 @@ def _prefix_sum_2d(x):
 def _apply_body(
     ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr, start, lstart, n,
     grad_scale_ptr, eps, decay, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, DECAY: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr, IDXB: tl.constexpr,
-    FRAC: tl.constexpr, NB_LOG2: tl.constexpr, SEC: tl.constexpr, CHUNK: tl.constexpr,
-    FULL: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+    IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, SEC: tl.constexpr,
+    CHUNK: tl.constexpr, FULL: tl.constexpr,
 ):
     R: tl.constexpr = CHUNK // SEC
     cols = tl.arange(0, SEC)[None, :]
@@ -53,11 +53,11 @@ def _apply_body(
     mode = tl.load(sst + S_MODE * S + seg)
     base = (tl.load(sst + S_CENTER * S + seg) - ((1 << NB_LOG2) // 2)).to(tl.int32)
     if KEY_MODE == 0:
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         key = abs_key(m)
     else:
         key = load_key(ttab, T, t, ws, offs, mask, grad_scale_ptr, hash_counter,
-                       PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, ALIGNED)
+                       PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, ALIGNED)
     digit = window_digit(key, base, KEY_MODE != 2, FRAC, NB_LOG2)
     dsel = tl.load(sst + S_DSEL * S + seg)
     comp = composite(key, lstart + lane, IDXB)
@@ -80,8 +80,8 @@ def _apply_body(
 
     sector = (tl.max(sel.to(tl.int32), axis=1) > 0)[:, None] & (cols < SEC)
     if KEY_MODE != 0:
-        m = tl.load(m_ptr + offs, mask=sector & mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=sector & mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=sector & mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=sector & mask, other=0.0).to(tl.float32)
     if DECAY == 2:  # every entry decays, but the candidates only once they are resolved
         pmask = mask
     else:
@@ -99,8 +99,8 @@ def _apply_body(
 def apply_compact_kernel(
     ttab, T, ctab, C, per_program, ws, sst, S, stab, cand, zcount, found_inf_ptr, grad_scale_ptr,
     eps, decay, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
-    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
     IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, SEC: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
@@ -115,8 +115,8 @@ def apply_compact_kernel(
         seg = tl.load(ctab + C_SEG * C + c)
         lstart = start - tl.load(ctab + C_SEGOFF * C + c)
         p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
+        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
         if ALIGNED:  # 16-byte aligned bases: 128-bit accesses on full chunks
             p_ptr = tl.multiple_of(p_ptr, 16)
             m_ptr = tl.multiple_of(m_ptr, 16)
@@ -125,10 +125,10 @@ def apply_compact_kernel(
         if ALIGNED and n == CHUNK:
             _apply_body(ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr,
                         start, lstart, CHUNK, grad_scale_ptr, eps, decay, hash_counter,
-                        PDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB,
+                        PDT, MDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB,
                         FRAC, NB_LOG2, SEC, CHUNK, True)
         else:
             _apply_body(ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr,
                         start, lstart, n, grad_scale_ptr, eps, decay, hash_counter,
-                        PDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB,
+                        PDT, MDT, KEY_MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, ALIGNED, IDXB,
                         FRAC, NB_LOG2, SEC, CHUNK, False)

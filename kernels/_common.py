@@ -9,20 +9,24 @@ Layouts (all tables are int64 device tensors built by ``launch.py``):
   ``sqrt(1 - beta2^t)`` and the new step t.
 * chunk table ``ctab`` [N_CROWS, C]: one row per program of the streaming kernels:
   tensor, start offset in the tensor, length (<= CHUNK), selection segment, segment start.
-* segment table ``stab`` [N_GROWS, S]: per selection segment k, and the capacity and offset
-  of its region of the candidate buffer.
-* segment state ``sst`` [N_SROWS, S]: per selection segment the remaining rank r, the radix
-  prefix found so far, the final threshold, a done flag and the candidate count.
-* candidate buffer ``cand`` (int64): the composite keys of the entries left in the boundary
-  bucket after the first level, compacted by the second level's pass; ``ktab`` [N_KROWS, K]
-  maps the programs of the candidate levels to (segment, start in its region).
+* segment table ``stab`` [N_GROWS, S]: per selection segment of the two-pass path its k,
+  candidate capacity and region offset, tensor, start, length and chunk range (``G_*``).
+* segment state ``sst`` [N_SROWS, S]: kept on the device between steps: the mode of this
+  step's selection, the boundary digit, the rank left, the threshold, the candidate count
+  and the window centre (``S_*``).
+* candidate buffer ``cand`` (int64): the composite keys of the boundary bin's entries,
+  compacted by pass 2 for the resolve.
+
+Moments are fp32 or bf16 (``MDT``); arithmetic is fp32, and the moments are rounded to their
+dtype as soon as they are computed, so the selection and the update read what is stored.
 
 Selection order: entry i of a segment has the 63-bit composite key
 ``(key(i) << IDXB) | (IDXMASK - i)`` with ``key`` the magnitude bits (31 bits for |x| of an
 fp32, 32 bits for RandomBCD's hash ``u``) and ``i`` the index inside the segment. Composite
 keys are distinct, so "the k largest composite keys" is exactly "the k largest keys, ties
-at the k-th value broken by lowest index". The radix select finds the k-th largest composite
-``thr`` and the apply pass selects ``composite >= thr``.
+at the k-th value broken by lowest index". The selection of a segment is ``composite >= thr``
+for its k-th largest composite ``thr``; the window histogram of pass 1 finds the bin that
+holds it, and the resolve (or the fallback) finds it inside that bin.
 """
 
 from __future__ import annotations
@@ -165,9 +169,34 @@ def adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY: tl.constex
 
 
 @triton.jit
-def adam_moments(g, m, v, beta1, omb1, beta2, omb2):
-    """Adam's moment update in fp32 (multiply-add, as torch's fused AdamW)."""
-    return beta1 * m + omb1 * g, beta2 * v + omb2 * g * g
+def rounded_to(x, MDT: tl.constexpr):
+    """fp32 ``x`` rounded to the moments' dtype (nearest even, NaN kept), still as fp32.
+
+    Done on the bits because the Triton interpreter truncates float casts; this gives the
+    bits of torch's ``.to(torch.bfloat16)`` on the GPU and under the interpreter alike."""
+    if MDT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(nan, (bits | 0x00400000) & 0xFFFF0000, up).to(tl.float32, bitcast=True)
+    else:
+        return x
+
+
+@triton.jit
+def as_moment(x, MDT: tl.constexpr):
+    """A value from :func:`rounded_to`, in the moments' dtype for a store (exact)."""
+    if MDT == tl.bfloat16:
+        return (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x
+
+
+@triton.jit
+def adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT: tl.constexpr):
+    """Adam's moment update in fp32 (multiply-add, as torch's fused AdamW), rounded to the
+    moments' dtype: the selection and the update read what is stored."""
+    return rounded_to(beta1 * m + omb1 * g, MDT), rounded_to(beta2 * v + omb2 * g * g, MDT)
 
 
 @triton.jit
@@ -184,15 +213,15 @@ def hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER: tl.constexpr, 
 @triton.jit
 def load_key(
     ttab, T, t, ws, offs, mask, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
     USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """The selection key (uint32) of entries ``offs`` of tensor ``t``, after the moment update."""
     if KEY_MODE == 0:
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
         if ALIGNED:
             m_ptr = tl.multiple_of(m_ptr, 16)
-        key = abs_key(tl.load(m_ptr + offs, mask=mask, other=0.0))
+        key = abs_key(tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     elif KEY_MODE == 1:
         g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
         if ALIGNED:

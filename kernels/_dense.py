@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_START, C_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_moments, adam_update, hash_key_of, load_grad, skip_step,
+    adam_moments, adam_update, as_moment, hash_key_of, load_grad, skip_step,
 )
 
 
@@ -23,9 +23,9 @@ from ._common import (
 def _dense_body(
     ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
     beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-    PDT: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, DECAY: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, SEC: tl.constexpr, CHUNK: tl.constexpr,
-    FULL: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, SEC: tl.constexpr,
+    CHUNK: tl.constexpr, FULL: tl.constexpr,
 ):
     # rows of SEC entries, one 32-byte sector of p: RandomBCD reads and writes p for whole
     # sectors holding a selected entry, so its accesses stay 128-bit wide
@@ -39,11 +39,11 @@ def _dense_body(
         mask = lane < n
 
     g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
+    tl.store(m_ptr + offs, as_moment(m, MDT), mask=mask)
+    tl.store(v_ptr + offs, as_moment(v, MDT), mask=mask)
 
     if MODE == 0:
         sel = mask
@@ -67,7 +67,8 @@ def _dense_body(
 def dense_step_kernel(
     ttab, T, ctab, C, ws, found_inf_ptr, grad_scale_ptr,
     beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-    PDT: tl.constexpr, MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
     SEC: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -79,8 +80,8 @@ def dense_step_kernel(
     n = tl.load(ctab + C_LEN * C + c)
     p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
     g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
-    m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
+    v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
     if ALIGNED:
         # 16-byte aligned bases and a full chunk: the compiler can use 128-bit accesses
         p_ptr = tl.multiple_of(p_ptr, 16)
@@ -91,8 +92,8 @@ def dense_step_kernel(
         if n == CHUNK:
             _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, CHUNK, grad_scale_ptr,
                         beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-                        PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, True)
+                        PDT, MDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, True)
             return
     _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
                 beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-                PDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, False)
+                PDT, MDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, False)

@@ -24,7 +24,8 @@ from ._common import (
 @triton.jit
 def exact_select_kernel(
     ttab, T, ws, sst, S, stab, found_inf_ptr, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr, CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
@@ -47,7 +48,7 @@ def exact_select_kernel(
             local = j + lane
             lmask = local < n
             key = load_key(ttab, T, t, ws, start + local, lmask, grad_scale_ptr, hash_counter,
-                           PDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
+                           PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
             comp = composite(key, local, IDXB)
             match = lmask & (((comp >> shift) >> 8) == prefix)
             acc += tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._common import (
     L_K, L_LEN, L_START, L_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
-    abs_key, adam_moments, adam_update, hash_key_of, load_grad, skip_step,
+    abs_key, adam_moments, adam_update, as_moment, hash_key_of, load_grad, skip_step,
 )
 
 
@@ -22,7 +22,8 @@ from ._common import (
 def local_step_kernel(
     ttab, T, ltab, SL, ws, found_inf_ptr, grad_scale_ptr,
     beta1, omb1, beta2, omb2, eps, decay, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr,
     KEYBITS: tl.constexpr, ROWS: tl.constexpr, BB: tl.constexpr,
 ):
@@ -36,8 +37,8 @@ def local_step_kernel(
     k = tl.load(ltab + L_K * SL + rows, mask=rmask, other=0)
     p_ptr = tl.load(ttab + ROW_P * T + t, mask=rmask, other=0).to(tl.pointer_type(PDT))
     g_ptr = tl.load(ttab + ROW_G * T + t, mask=rmask, other=0).to(tl.pointer_type(PDT))
-    m_ptr = tl.load(ttab + ROW_M * T + t, mask=rmask, other=0).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(ttab + ROW_V * T + t, mask=rmask, other=0).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(ttab + ROW_M * T + t, mask=rmask, other=0).to(tl.pointer_type(MDT))
+    v_ptr = tl.load(ttab + ROW_V * T + t, mask=rmask, other=0).to(tl.pointer_type(MDT))
     step_size = tl.load(ws + WS_STEP_SIZE * T + t, mask=rmask, other=0.0)
     bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t, mask=rmask, other=1.0)
 
@@ -46,11 +47,11 @@ def local_step_kernel(
     offs = start[:, None] + cols[None, :]
 
     g = load_grad(g_ptr[:, None], offs, mask, grad_scale_ptr, HAS_SCALE)
-    m = tl.load(m_ptr[:, None] + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr[:, None] + offs, mask=mask, other=0.0)
-    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2)
-    tl.store(m_ptr[:, None] + offs, m, mask=mask)
-    tl.store(v_ptr[:, None] + offs, v, mask=mask)
+    m = tl.load(m_ptr[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
+    tl.store(m_ptr[:, None] + offs, as_moment(m, MDT), mask=mask)
+    tl.store(v_ptr[:, None] + offs, as_moment(v, MDT), mask=mask)
 
     if KEY_MODE == 0:
         key = abs_key(m).to(tl.int32, bitcast=True)

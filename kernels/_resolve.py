@@ -22,7 +22,8 @@ from ._common import (
 @triton.jit
 def resolve_kernel(
     ttab, T, ws, sst, S, stab, cand, found_inf_ptr, eps, decay,
-    PDT: tl.constexpr, HAS_INF: tl.constexpr, DECAY: tl.constexpr, FLOAT_KEY: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, HAS_INF: tl.constexpr, DECAY: tl.constexpr,
+    FLOAT_KEY: tl.constexpr,
     IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, TOP_SHIFT: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -61,8 +62,8 @@ def resolve_kernel(
         t = tl.load(stab + G_TENSOR * S + s)
         seg_start = tl.load(stab + G_START * S + s)
         p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
+        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
         step_size = tl.load(ws + WS_STEP_SIZE * T + t)
         bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
         for j in range(0, count, TILE):
@@ -74,8 +75,8 @@ def resolve_kernel(
                 pmask = cmask
             else:
                 pmask = sel
-            m = tl.load(m_ptr + offs, mask=sel, other=0.0)
-            v = tl.load(v_ptr + offs, mask=sel, other=0.0)
+            m = tl.load(m_ptr + offs, mask=sel, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=sel, other=0.0).to(tl.float32)
             p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
             p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
             tl.store(p_ptr + offs, p.to(PDT), mask=pmask)

@@ -24,7 +24,7 @@ import triton.language as tl
 from ._common import (
     C_LEN, C_SEG, C_START, C_TENSOR, G_CAP, G_CFIRST, G_K, G_NCHUNKS, MODE_DIGIT, MODE_EXACT,
     MODE_WINDOW, MODE_ZERO, ROW_G, ROW_M, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R,
-    adam_moments, abs_key, hash_key_of, load_grad, pick_bin, skip_step, window_digit,
+    adam_moments, abs_key, as_moment, hash_key_of, load_grad, pick_bin, skip_step, window_digit,
 )
 
 
@@ -32,18 +32,18 @@ from ._common import (
 def _moments_window_body(
     ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, n, base, grad_scale_ptr,
     beta1, omb1, beta2, omb2, hash_counter,
-    KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr,
-    FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
+    MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
 ):
     lane = tl.arange(0, CHUNK)
     offs = start + lane
     mask = lane < n
     g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
+    tl.store(m_ptr + offs, as_moment(m, MDT), mask=mask)
+    tl.store(v_ptr + offs, as_moment(v, MDT), mask=mask)
     if KEY_MODE == 0:
         key = abs_key(m)
     elif KEY_MODE == 1:
@@ -58,8 +58,8 @@ def _moments_window_body(
 def moments_window_kernel(
     ttab, T, ctab, C, per_program, ws, sst, S, hist, zcount, found_inf_ptr, grad_scale_ptr,
     beta1, omb1, beta2, omb2, hash_counter,
-    PDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr, HAS_SCALE: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
     FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
@@ -82,8 +82,8 @@ def moments_window_kernel(
         n = tl.load(ctab + C_LEN * C + c)
         base = (tl.load(sst + S_CENTER * S + seg) - (NB // 2)).to(tl.int32)
         g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
+        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
         if ALIGNED:  # 16-byte aligned bases: 128-bit accesses on full chunks
             g_ptr = tl.multiple_of(g_ptr, 16)
             m_ptr = tl.multiple_of(m_ptr, 16)
@@ -92,11 +92,11 @@ def moments_window_kernel(
         if ALIGNED and n == CHUNK:
             h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, CHUNK, base,
                                      grad_scale_ptr, beta1, omb1, beta2, omb2, hash_counter,
-                                     KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
+                                     MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
         else:
             h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, n, base,
                                      grad_scale_ptr, beta1, omb1, beta2, omb2, hash_counter,
-                                     KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
+                                     MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
         acc += h
         if KEY_MODE != 2:
             tl.store(zcount + c, tl.sum(tl.where(bins == 0, h, 0), axis=0).to(tl.int64))

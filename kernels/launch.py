@@ -49,6 +49,7 @@ from ._window import moments_window_kernel, window_select_kernel
 
 S_CENTER_ROW = S_CENTER.value
 SELECTIONS = ("all", "topk_momentum", "topk_gradient", "random", "random_exact")
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _PARAM_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KEY_MODE = {"topk_momentum": KEY_MOMENTUM, "topk_gradient": KEY_GRADIENT, "random_exact": KEY_HASH}
 
@@ -398,9 +399,9 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha, 
             raise TypeError(f"fused_adam_step_: grad {i} is sparse; the fused path needs dense gradients")
         if g.dtype != p.dtype:
             raise TypeError(f"fused_adam_step_: grad {i} has dtype {g.dtype}, param has {p.dtype}")
-        if m.dtype != torch.float32 or v.dtype != torch.float32:
-            raise TypeError(f"fused_adam_step_: exp_avg/exp_avg_sq {i} must be float32, "
-                            f"got {m.dtype}/{v.dtype}")
+        if m.dtype not in _MOMENT_DTYPES or v.dtype != m.dtype:
+            raise TypeError(f"fused_adam_step_: exp_avg/exp_avg_sq {i} must both be float32 or both "
+                            f"bfloat16, got {m.dtype}/{v.dtype}")
         if s.dtype != torch.float32 or s.numel() != 1:
             raise TypeError(f"fused_adam_step_: state_steps[{i}] must be a float32 scalar tensor, "
                             f"got dtype {s.dtype} with {s.numel()} elements")
@@ -471,9 +472,9 @@ def fused_adam_step_(
     device = _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha,
                     block_size, tensor_indices, grad_scale, found_inf)
     check_device(device)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
+    by_dtype: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        by_dtype.setdefault((p.dtype, m.dtype), []).append(i)
     # Triton launches on the current CUDA device: make it the tensors' device
     guard = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     with guard:
@@ -487,12 +488,12 @@ def fused_adam_step_(
 def _step_dtype_groups(by_dtype, params, grads, exp_avgs, exp_avg_sqs, state_steps, tensor_indices, device,
                        *, selection, alpha, block_size, lr, beta1, beta2, eps, weight_decay,
                        mask_weight_decay, seed, hash_counter, grad_scale, found_inf):
-    for dtype, idx in by_dtype.items():
+    for (dtype, mdtype), idx in by_dtype.items():
         _step_group(
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
             [exp_avg_sqs[i] for i in idx], [state_steps[i] for i in idx],
             [tensor_indices[i] for i in idx] if selection in ("random", "random_exact") else None,
-            dtype, device, selection=selection, alpha=float(alpha), block_size=block_size,
+            dtype, mdtype, device, selection=selection, alpha=float(alpha), block_size=block_size,
             lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
             weight_decay=float(weight_decay), mask_weight_decay=bool(mask_weight_decay),
             seed=int(seed), hash_counter=hash_counter, grad_scale=grad_scale, found_inf=found_inf)
@@ -504,7 +505,7 @@ def _tl_dtype(dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection, alpha, block_size,
+def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, selection, alpha, block_size,
                 lr, beta1, beta2, eps, weight_decay, mask_weight_decay, seed, hash_counter,
                 grad_scale, found_inf):
     cfg = _CONFIG
@@ -545,7 +546,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
         ttab, T, ws, inf_arg, b1[0], b1[1], b2[0], b2[1], lrs[0], lrs[1],
         HAS_INF=has_inf, BLOCK=1024, num_warps=4)
 
-    common = dict(PDT=pdt, HAS_INF=has_inf, HAS_SCALE=has_scale, USE_HCOUNTER=use_hc, HUGE=plan.huge)
+    common = dict(PDT=pdt, MDT=_tl_dtype(mdtype), HAS_INF=has_inf, HAS_SCALE=has_scale, USE_HCOUNTER=use_hc, HUGE=plan.huge)
     omb1, omb2 = 1.0 - beta1, 1.0 - beta2
 
     if selection in ("all", "random"):
@@ -596,6 +597,6 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, device, *, selection,
         _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
     resolve_kernel[(S,)](
         ttab, T, ws, work.sst, S, plan.stab, work.cand, inf_arg, eps, decay,
-        PDT=pdt, HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
+        PDT=pdt, MDT=_tl_dtype(mdtype), HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
         TOP_SHIFT=((open_bits - 1) // 8) * 8, TILE=cfg.resolve_tile, num_warps=cfg.select_num_warps,
         **window)

@@ -75,7 +75,7 @@ def masked_adam_(
 
     Args:
         params, grads, exp_avgs, exp_avg_sqs, state_steps: per-tensor lists (plain, local
-            tensors); the moments in float32 (float64 for float64 parameters).
+            tensors); the moments in float32 (float64 for float64 parameters) or bfloat16.
         policy: the ``SelectionPolicy`` shared by all the tensors.
         lr, beta1, beta2, eps, weight_decay, mask_weight_decay: the AdamW hyperparameters.
         tensor_indices: each tensor's index in its optimizer (keys the random masks).
@@ -88,7 +88,13 @@ def masked_adam_(
     if found_inf is not None and bool(found_inf.item()):
         return  # GradScaler found inf/nan: a skipped step changes nothing, counters included.
 
-    # Arithmetic in the moments' dtype: float32 for fp32/bf16/fp16 params, float64 for float64.
+    # Arithmetic in the moments' dtype (float32 for fp32/bf16/fp16 params, float64 for
+    # float64), and in float32 for bfloat16 moments, which are rounded as they are stored.
+    stored_m, stored_v = exp_avgs, exp_avg_sqs
+    low = [i for i, m in enumerate(exp_avgs) if m.dtype == torch.bfloat16]
+    if low:
+        exp_avgs = [m.float() if m.dtype == torch.bfloat16 else m for m in exp_avgs]
+        exp_avg_sqs = [v.float() if v.dtype == torch.bfloat16 else v for v in exp_avg_sqs]
     grads32 = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     if grad_scale is not None:
         grads32 = torch._foreach_div(grads32, grad_scale.item())
@@ -101,6 +107,10 @@ def masked_adam_(
     torch._foreach_lerp_(exp_avgs, grads32, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads32, grads32, 1 - beta2)
+    for i in low:  # store rounded; select and update with what is stored
+        for work, stored in ((exp_avgs[i], stored_m[i]), (exp_avg_sqs[i], stored_v[i])):
+            stored.copy_(work)
+            work.copy_(stored)
 
     selected = _select(policy, exp_avgs, grads32, step_values, tensor_indices=tensor_indices, shards=shards)
 

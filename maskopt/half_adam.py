@@ -75,6 +75,12 @@ class HalfAdam(MaskedAdam):
         round: the round to start in (default 0). torch.distributed.checkpoint creates state
             before it loads, so a resumed HalfAdam must already hold the saved round.
         maximize: maximize the objective instead of minimising it (default False).
+        moment_dtype: the dtype ``exp_avg`` and ``exp_avg_sq`` are stored in: None (default)
+            keeps float32 moments for float32/bfloat16/float16 parameters (float64 for
+            float64 ones); ``torch.bfloat16`` halves the optimizer state, as torch's fused
+            AdamW does for bfloat16 parameters (the moments are computed in float32 and
+            rounded to nearest as they are stored; the selection reads the stored values);
+            ``torch.float32`` forces float32.
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class HalfAdam(MaskedAdam):
         balance: str = "count",
         round: int = 0,  # noqa: A002 - the param-group key of the same name
         maximize: bool = False,
+        moment_dtype: torch.dtype | None = None,
     ) -> None:
         # Planner options live on the optimizer, not in param_groups: a callable `classify`
         # would stop the state dict from loading with torch.load(weights_only=True).
@@ -108,6 +115,7 @@ class HalfAdam(MaskedAdam):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ratio=ratio, strategy=strategy,
             seed=seed, freeze=freeze, round=round, foreach=foreach, fused=fused, maximize=maximize,
+            moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
         self.plan = None

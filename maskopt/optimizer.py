@@ -45,14 +45,19 @@ _REPLACED_PARAMS = (
 _TORCH_ONLY_DEFAULTS = ("differentiable",)
 
 
-def moment_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype of ``param``'s moments: float32 for fp32/bf16/fp16 parameters, float64 for
-    float64 ones.
+MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+def moment_dtype(param: torch.Tensor, group: dict[str, Any] | None = None) -> torch.dtype:
+    """The dtype of ``param``'s moments: the group's ``moment_dtype`` when it is set, else
+    float32 for fp32/bf16/fp16 parameters and float64 for float64 ones.
 
     Args:
         param: a floating-point parameter.
+        group: its param group (None: the default for its dtype).
     """
-    return torch.promote_types(param.dtype, torch.float32)
+    chosen = None if group is None else group.get("moment_dtype")
+    return chosen if chosen is not None else torch.promote_types(param.dtype, torch.float32)
 
 
 # -- argument checks ----------------------------------------------------------------------------
@@ -138,6 +143,7 @@ class MaskedAdam(Optimizer):
         for key in ("mask_weight_decay", "maximize"):
             if key in group:
                 check_choice(key, group[key], (True, False))
+        check_choice("moment_dtype", group.get("moment_dtype"), MOMENT_DTYPES)
         foreach, fused = group.get("foreach"), group.get("fused")
         check_choice("foreach", foreach, (None, True, False))
         check_choice("fused", fused, (None, True, False))
@@ -225,9 +231,9 @@ class MaskedAdam(Optimizer):
             self._tensor_index = {p: i for i, p in enumerate(self._param_list())}
         return self._tensor_index
 
-    def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
+    def _state_for(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[param]
-        moments = moment_dtype(param)
+        moments = moment_dtype(param, group)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
@@ -275,13 +281,14 @@ class MaskedAdam(Optimizer):
             for pid in ids
         }
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, param in zip(ids, params):
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        for pid, (param, group) in zip(ids, params):
             for key, value in saved[pid].items():
                 if key == "step":
                     self.state[param][key] = value.clone()
                 else:
-                    self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param), copy=True)
+                    self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param, group),
+                                                      copy=True)
 
     # -- step -----------------------------------------------------------------------------------
 
@@ -347,7 +354,7 @@ class MaskedAdam(Optimizer):
 
     def _run(self, bucket: _Bucket, grad_scale, found_inf) -> None:
         group, params = bucket.group, bucket.params
-        states = [self._state_for(p) for p in params]
+        states = [self._state_for(p, bucket.group) for p in params]
         shards = bucket.shards if any(s is not None for s in bucket.shards) else None
         grads = bucket.grads
         exp_avgs = [s["exp_avg"] for s in states]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .optimizer import MaskedAdam, check_choice, check_int, check_range
 from .policy import SelectionPolicy, cached_policy
 from .selection import ALL, RANDOM, RANDOM_EXACT
@@ -33,6 +35,12 @@ class RandomBCD(MaskedAdam):
         fused: None (default): the Triton path on CUDA when available; True: require it;
             False: the PyTorch path.
         maximize: maximize the objective instead of minimising it (default False).
+        moment_dtype: the dtype ``exp_avg`` and ``exp_avg_sq`` are stored in: None (default)
+            keeps float32 moments for float32/bfloat16/float16 parameters (float64 for
+            float64 ones); ``torch.bfloat16`` halves the optimizer state, as torch's fused
+            AdamW does for bfloat16 parameters (the moments are computed in float32 and
+            rounded to nearest as they are stored; the selection reads the stored values);
+            ``torch.float32`` forces float32.
     """
 
     def __init__(
@@ -50,10 +58,12 @@ class RandomBCD(MaskedAdam):
         fused: bool | None = None,
         *,
         maximize: bool = False,
+        moment_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, seed=seed, exact=exact,
             mask_weight_decay=mask_weight_decay, foreach=foreach, fused=fused, maximize=maximize,
+            moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
 

@@ -136,6 +136,7 @@ def reference_step(
     tensor_index: int = 0,
     hash_counter: int | None = None,
     dtype: torch.dtype = torch.float64,
+    moment_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One step on one tensor. Updates ``p`` (in its own dtype) and ``state`` in place.
 
@@ -164,6 +165,9 @@ def reference_step(
         hash_counter: random kinds: the hash counter; None (default) uses the step after
             its increment (a fresh mask each step).
         dtype: the dtype of the moments and of the arithmetic (default float64).
+        moment_dtype: the dtype the optimizer stores its moments in, or None (default) for
+            ``dtype``: the new moments are rounded to it before the selection and the update
+            read them.
     """
     if "step" not in state:
         state["step"] = 0
@@ -173,6 +177,9 @@ def reference_step(
     g64 = g.detach().to("cpu", dtype)
     m = state["exp_avg"] = beta1 * state["exp_avg"].to(dtype) + (1 - beta1) * g64
     v = state["exp_avg_sq"] = beta2 * state["exp_avg_sq"].to(dtype) + (1 - beta2) * g64 * g64
+    if moment_dtype is not None:
+        m = state["exp_avg"] = m.to(moment_dtype).to(dtype)
+        v = state["exp_avg_sq"] = v.to(moment_dtype).to(dtype)
 
     counter = t if hash_counter is None else hash_counter
     mask = select(selection, m, g64, alpha=alpha, block_size=block_size, seed=seed,

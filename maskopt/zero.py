@@ -164,12 +164,14 @@ class ZeroStep:
 
     Args:
         optimizer: the ``MaskedAdam`` that steps.
+        group: the param group (its ``moment_dtype`` sets the partitions' moments).
         options: the group's :func:`maskopt.functional.masked_adamw` keyword arguments
             (``maskopt.optimizer.adamw_options``).
     """
 
-    def __init__(self, optimizer, options: dict[str, Any]) -> None:
+    def __init__(self, optimizer, group: dict[str, Any], options: dict[str, Any]) -> None:
         self.optimizer = optimizer
+        self.group = group
         self.options = options
         # (flat partition, the tensors of its group) for every partition with a gradient
         self.flats: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
@@ -186,7 +188,7 @@ class ZeroStep:
         states = {}
         for flat, built in self.flats:
             fresh = len(opt.state.get(flat, {})) == 0
-            states[flat] = opt._state_for(flat)
+            states[flat] = opt._state_for(flat, self.group)
             if fresh:
                 _relink_state(flat, states[flat], built)
         stepped: dict[torch.Tensor, torch.Tensor] = {}
@@ -256,7 +258,7 @@ def plan_partitions(optimizer, group: dict[str, Any], options: dict[str, Any]) -
         if (p.requires_grad and numel and not _in_partition(p, z3)
                 and optimizer._policy(group, p) is not None):
             raise _not_partitioned(who, optimizer.tensor_index(p), p)
-    step = ZeroStep(optimizer, options)
+    step = ZeroStep(optimizer, group, options)
     blocked: dict[int, list] = {}
     for flat, frags in found:
         if flat.grad is None:

@@ -35,31 +35,32 @@ def _variants(full=True):
     window = dict(FRAC=5, NB_LOG2=9)
     for pdt_name, pdt in dtypes if full else dtypes[:2]:
         sec = 8 if pdt_name == "fp32" else 16
+        mdt = tl.bfloat16 if pdt_name == "bf16" else tl.float32  # bf16 parameters: bf16 moments
         base = dict(ttab=P64, T="i32", ctab=P64, C="i32", ws="*fp32", found_inf_ptr="*fp32",
                     grad_scale_ptr="*fp32")
         for mode in (0, 1):
             for decay in (0, 1, 2):
                 sig = dict(base, beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32", eps="fp32",
                            decay="fp32", hash_counter="i32", threshold=I)
-                cx = dict(PDT=pdt, MODE=mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
+                cx = dict(PDT=pdt, MDT=mdt, MODE=mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
                           USE_HCOUNTER=mode == 1, HUGE=False, ALIGNED=True, SEC=sec, CHUNK=4096)
                 out.append((f"dense/{pdt_name}/mode{mode}/decay{decay}", _dense.dense_step_kernel, sig, cx))
         for key_mode in (0, 1, 2):
             idxb = 31 if key_mode == 2 else 32
             sig = dict(base, per_program="i32", sst=P64, S="i32", hist="*i32", zcount=P64,
                        beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32", hash_counter="i32")
-            cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
+            cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
                       HUGE=key_mode == 2, ALIGNED=True, CHUNK=4096, **window)
             out.append((f"moments/{pdt_name}/key{key_mode}", _window.moments_window_kernel, sig, cx))
             sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, found_inf_ptr="*fp32",
                        grad_scale_ptr="*fp32", hash_counter="i32")
-            cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
+            cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
                       HUGE=False, IDXB=idxb, CHUNK=4096)
             out.append((f"fallback/{pdt_name}/key{key_mode}", _fallback.exact_select_kernel, sig, cx))
             for decay in (1, 2):
                 sig = dict(base, per_program="i32", sst=P64, S="i32", stab=P64, cand=P64, zcount=P64,
                            eps="fp32", decay="fp32", hash_counter="i32")
-                cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
+                cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
                           USE_HCOUNTER=False, HUGE=False, ALIGNED=True, IDXB=idxb, SEC=sec, CHUNK=4096,
                           **window)
                 out.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _apply.apply_compact_kernel, sig, cx))
@@ -67,14 +68,14 @@ def _variants(full=True):
                 sig = dict(ttab=P64, T="i32", ltab=P64, SL="i32", ws="*fp32", found_inf_ptr="*fp32",
                            grad_scale_ptr="*fp32", beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32",
                            eps="fp32", decay="fp32", hash_counter="i32")
-                cx = dict(PDT=pdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=1,
+                cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=1,
                           USE_HCOUNTER=True, HUGE=False, KEYBITS=32 if key_mode == 2 else 31,
                           ROWS=rows, BB=bb)
                 out.append((f"local/{pdt_name}/key{key_mode}/bb{bb}", _local.local_step_kernel, sig, cx))
         for decay in (1, 2):
             sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, cand=P64,
                        found_inf_ptr="*fp32", eps="fp32", decay="fp32")
-            cx = dict(PDT=pdt, HAS_INF=True, DECAY=decay, FLOAT_KEY=True, IDXB=32, TOP_SHIFT=48,
+            cx = dict(PDT=pdt, MDT=mdt, HAS_INF=True, DECAY=decay, FLOAT_KEY=True, IDXB=32, TOP_SHIFT=48,
                       TILE=2048, **window)
             out.append((f"resolve/{pdt_name}/decay{decay}", _resolve.resolve_kernel, sig, cx))
     for float_key in (True, False):
@@ -185,17 +186,18 @@ def full_tile_accesses(capability=90):
 
     out = {}
     tables = dict(tab="*i64", ttab="*i64", T="i32", ws="*fp32")
-    for pdt_name, pdt, sec in (("fp32", tl.float32, 8), ("bf16", tl.bfloat16, 16)):
+    for pdt_name, pdt, sec, mdt in (("fp32", tl.float32, 8, tl.float32), ("bf16", tl.bfloat16, 16, tl.float32),
+                                    ("bf16-bf16moments", tl.bfloat16, 16, tl.bfloat16)):
         cases = []
         for key_mode in (0, 1, 2):
             for decay in (1, 2):
                 sig = dict(tables, sst="*i64", S="i32", stab="*i64", cand="*i64", zcount="*i64",
                            grad_scale_ptr="*fp32", eps="fp32", decay="fp32")
-                cx = dict(PDT=pdt, KEY_MODE=key_mode, DECAY=decay, SEC=sec, CHUNK=4096)
+                cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, DECAY=decay, SEC=sec, CHUNK=4096)
                 cases.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _full_tiles.apply_full_tile, sig, cx))
         for decay in (1, 2):
             sig = dict(tables, grad_scale_ptr="*fp32", eps="fp32", decay="fp32", threshold="i64")
-            cx = dict(PDT=pdt, DECAY=decay, SEC=sec, CHUNK=4096)
+            cx = dict(PDT=pdt, MDT=mdt, DECAY=decay, SEC=sec, CHUNK=4096)
             cases.append((f"random/{pdt_name}/decay{decay}", _full_tiles.dense_full_tile, sig, cx))
         for name, fn, sig, cx in cases:
             full_sig = dict(sig, **{k: "constexpr" for k in cx})
@@ -228,5 +230,5 @@ def test_masked_full_tiles_use_vector_accesses_without_spills():
         scalar = {f: c for f, c in forms.items() if f.endswith((".b32", ".b16")) and ".v" not in f}
         assert not any(f.startswith("st.") for f in scalar), (name, forms)
         assert sum(scalar.values()) <= 3, (name, forms)
-        assert forms.get("ld.global.v4.b32", 0) >= 8, (name, forms)
+        assert forms.get("ld.global.v4.b32", 0) >= 4, (name, forms)
         assert spills == 0, (name, spills)
