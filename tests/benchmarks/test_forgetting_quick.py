@@ -1,8 +1,10 @@
-"""`benchmarks/forgetting.py --quick` end to end, from an empty cache, in a temp directory."""
+"""`benchmarks/forgetting.py --quick --seeds 2` end to end on the shipped checkpoint, and its refusals."""
 
 import csv
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,11 @@ pytest.importorskip("maskopt")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "forgetting.py"
+CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
+FINETUNE = ["adamw", "halfadam", "mofo5", "mofo15", "mofo15-grad", "rbcd15"]
 LABELS = ["AdamW", "HalfAdam (HFT)", "MoFO a=5%", "MoFO a=15%", "MoFO-grad a=15%", "RandomBCD a=15%"]
 CONTINUAL = ["adamw", "halfadam", "mofo5", "rbcd5"]
+TASKS = ["english", "codecs", "email", "asyncio"]
 
 
 def _run(*args, timeout=300):
@@ -29,10 +34,9 @@ def _run(*args, timeout=300):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    cache = tmp_path_factory.mktemp("cache")
-    proc = _run("--quick", "--quiet", "--out", str(out), "--cache", str(cache))
+    proc = _run("--quick", "--seeds", "2", "--quiet", "--threads", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, cache, proc
+    return out, proc
 
 
 def _rows(path):
@@ -40,67 +44,118 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_table_on_stdout(quick):
-    _, _, proc = quick
+def test_loads_the_shipped_checkpoint(quick):
+    _, proc = quick
+    recipe = json.loads((CHECKPOINTS / "cpu.json").read_text())
+    assert f"sha256 {recipe['sha256'][:12]}" in proc.stdout
+    assert f"pre-trained {recipe['steps_run']} steps" in proc.stdout
+
+
+def test_tables_on_stdout(quick):
+    _, proc = quick
     out = proc.stdout
-    assert "| optimizer" in out and "forgetting" in out and "entries moved" in out
+    assert "Same lr for every optimizer" in out and "mean ± std over seeds" in out
+    assert "paired by seed, mean ± 95 % t-interval half-width" in out
     for label in LABELS:
         assert f"| {label}" in out, label
-    assert "OP (acc %)" in out and "BWT (MoFO)" in out
-    # --quiet: no progress bars, only one line per finished optimizer
-    assert "step/s" not in proc.stderr
+    assert "OP (acc %)" in out and "BWT (MoFO)" in out and "BWT (HFT)" in out
+    assert "smoke test" in out  # the preset says what it is
+    assert "step/s" not in proc.stderr  # --quiet: no progress bars
 
 
-def test_finetune_csv(quick):
-    out, _, _ = quick
-    rows = _rows(out / "forgetting.csv")
-    assert [r["optimizer"] for r in rows] == ["theta0", "adamw", "halfadam", "mofo5", "mofo15",
-                                              "mofo15-grad", "rbcd15"]
-    by = {r["optimizer"]: {k: float(v) for k, v in r.items() if k not in ("optimizer", "label")}
-          for r in rows}
-    for name, r in by.items():
-        for key in ("ft_loss", "code_loss", "dist", "moved"):
-            assert math.isfinite(r[key]), (name, key)
-    base = by["theta0"]
-    # pre-training worked: the code model knows code better than English
+def test_finetune_csv_has_every_optimizer_and_seed(quick):
+    out, _ = quick
+    rows = _rows(out / "finetune.csv")
+    assert rows[0]["optimizer"] == "theta0"
+    runs = rows[1:]
+    assert sorted((r["optimizer"], r["seed"]) for r in runs) == sorted(
+        (n, s) for n in FINETUNE for s in ("0", "1"))
+    base = {k: float(rows[0][k]) for k in ("ft_loss", "code_loss")}
+    # the shipped checkpoint knows code much better than English
     assert base["code_loss"] < base["ft_loss"] - 0.2
-    assert by["adamw"]["dist_rel"] == pytest.approx(1.0)
-    for name in ("adamw", "halfadam", "mofo5", "mofo15", "mofo15-grad", "rbcd15"):
-        r = by[name]
-        assert r["learned"] > 0, name  # every optimizer lowered the held-out English loss
-        assert 0 < r["moved"] <= 1 and r["ms_step"] > 0
-    # MoFO moves far fewer entries than AdamW, and stays closer to theta0
-    assert by["mofo5"]["moved"] < 0.5 * by["adamw"]["moved"]
-    assert by["mofo5"]["dist_rel"] < 0.8
-    # HalfAdam freezes about half of the layers' tensors
-    assert by["halfadam"]["moved"] < 0.8 * by["adamw"]["moved"]
+    for r in runs:
+        for key in ("ft_loss", "code_loss", "forgetting", "dist", "moved", "best_step"):
+            assert math.isfinite(float(r[key])), (r["optimizer"], key)
+        assert float(r["learned"]) == pytest.approx(base["ft_loss"] - float(r["ft_loss"]), abs=1e-4)
+        assert float(r["forgetting"]) == pytest.approx(float(r["code_loss"]) - base["code_loss"], abs=1e-4)
+        assert 0 <= int(r["best_step"]) <= int(r["steps"])
+        assert r["stopped_by"] in ("plateau", "max_steps")
+    by = {(r["optimizer"], r["seed"]): r for r in runs}
+    for s in ("0", "1"):
+        assert float(by[("adamw", s)]["learned"]) > 0
+        # MoFO 5 % moves far fewer entries than AdamW
+        assert float(by[("mofo5", s)]["moved"]) < 0.5 * float(by[("adamw", s)]["moved"])
+    # seeds change the data order, so the two AdamW runs differ
+    assert by[("adamw", "0")]["ft_loss"] != by[("adamw", "1")]["ft_loss"]
 
 
 def test_continual_csv_matches_metrics(quick):
     from maskopt.metrics import backward_transfer, overall_performance
 
-    out, _, _ = quick
-    rows = {r["optimizer"]: r for r in _rows(out / "continual.csv")}
-    assert list(rows) == CONTINUAL
+    out, _ = quick
+    rows = _rows(out / "continual.csv")
+    assert sorted((r["optimizer"], r["seed"]) for r in rows) == sorted(
+        (n, s) for n in CONTINUAL for s in ("0", "1"))
     cells = _rows(out / "continual_matrix.csv")
-    tasks = ["english", "codecs", "email", "asyncio"]
-    for name in CONTINUAL:
+    for row in rows:
         R = [[None] * 4 for _ in range(4)]
         for c in cells:
-            if c["optimizer"] == name and c["eval_task"] in tasks:
-                R[int(c["after_task"]) - 1][tasks.index(c["eval_task"])] = float(c["acc"])
-        assert float(rows[name]["OP"]) == pytest.approx(overall_performance(R), abs=1e-4)
-        assert float(rows[name]["BWT"]) == pytest.approx(backward_transfer(R), abs=1e-4)
-        assert float(rows[name]["BWT_hft"]) == pytest.approx(
-            backward_transfer(R, convention="hft"), abs=1e-4)
+            if c["optimizer"] == row["optimizer"] and c["seed"] == row["seed"] and c["eval_task"] in TASKS:
+                R[int(c["after_task"]) - 1][TASKS.index(c["eval_task"])] = float(c["acc"])
+        assert float(row["OP"]) == pytest.approx(overall_performance(R), abs=1e-4)
+        assert float(row["BWT"]) == pytest.approx(backward_transfer(R), abs=1e-4)
+        assert float(row["BWT_hft"]) == pytest.approx(backward_transfer(R, convention="hft"), abs=1e-4)
 
 
-def test_png_and_cache(quick):
-    out, cache, _ = quick
+def test_png(quick):
+    out, _ = quick
     png = out / "forgetting.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size < 400_000
-    assert len(list(cache.glob("pretrain-quick-*.pt"))) == 1
+
+
+def test_size_axis_report_from_a_sweep(tmp_path):
+    """Two lrs and two seeds on a tiny budget: the equal-learning and size-axis paths run."""
+    out = tmp_path / "sweep"
+    proc = _run("--quick", "--seeds", "2", "--lr", "1e-3,3e-3", "--mode", "finetune", "--optimizers",
+                "adamw,mofo15", "--quiet", "--threads", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "At equal learning, against AdamW" in proc.stdout
+    axis = _run("--size-axis", str(out), "--out", str(tmp_path / "axis"))
+    assert axis.returncode == 0, axis.stdout[-3000:] + axis.stderr[-3000:]
+    assert "| cpu " in axis.stdout and "MoFO a=15%" in axis.stdout
+    assert (tmp_path / "axis" / "size_axis.png").stat().st_size > 1000
+
+
+@pytest.fixture
+def checkpoint_copy(tmp_path):
+    target = tmp_path / "checkpoints"
+    target.mkdir()
+    for name in ("cpu.pt", "cpu.json"):
+        shutil.copy(CHECKPOINTS / name, target / name)
+    return target
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip a byte", "has sha256"),
+    ("delete the .pt", "is missing"),
+    ("delete the .json", "is missing"),
+])
+def test_damaged_checkpoint_is_refused_with_the_rebuild_command(checkpoint_copy, tmp_path, damage, message):
+    pt, meta = checkpoint_copy / "cpu.pt", checkpoint_copy / "cpu.json"
+    if damage == "flip a byte":
+        blob = bytearray(pt.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        pt.write_bytes(bytes(blob))
+    elif damage == "delete the .pt":
+        pt.unlink()
+    else:
+        meta.unlink()
+    proc = _run("--quick", "--quiet", "--checkpoints", str(checkpoint_copy), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "python benchmarks/forgetting.py --pretrain --size cpu" in proc.stderr
+    assert not (tmp_path / "o" / "finetune.csv").exists()
 
 
 def _load_module():
@@ -117,15 +172,16 @@ def _load_module():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "expected a positive integer"),
+        (["--seeds", "0"], "expected a positive integer"),
+        (["--max-steps", "0"], "expected a positive integer"),
         (["--seed", "-1"], "expected an integer >= 0"),
         (["--lr", "abc"], "expected a learning rate"),
         (["--lr=-1e-3"], "must be finite and > 0"),
         (["--lr", "1e-3,0"], "must be finite and > 0"),
         (["--optimizers", "adamw,sgd"], "unknown optimizer"),
         (["--size", "huge"], "invalid choice"),
-        (["--quick", "--size", "gpu"], "conflicts"),
-        (["--continual", "--mode", "finetune"], "conflicts"),
+        (["--quick", "--full"], "not allowed with argument"),
+        (["--pretrain", "--quick"], "conflicts"),
         (["--threads", "0"], "expected a positive integer"),
         (["--device", "tpu"], "--device"),
         (["--device", "cuda:99"], "--device"),
