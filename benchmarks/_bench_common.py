@@ -121,10 +121,11 @@ def minimal_bytes(method: str, n: int, alpha: float, p_bytes: int, trainable: fl
 
     AdamW: read p, g, m, v; write p, m, v. MoFO: the moments pass (read g, m, v; write m, v)
     plus the masked apply (read the key |m| or |g| again, then v and p in, p out for the
-    sectors that hold a selected entry). RandomBCD: the moments pass plus p in/out for the
-    selected sectors (the mask is computed, not read). HalfAdam: AdamW on its trainable share.
+    sectors that hold a selected entry; 2-byte moments for ``bf16m``). RandomBCD: the moments
+    pass plus p in/out for the selected sectors (the mask is computed, not read). HalfAdam:
+    AdamW on its trainable share.
     """
-    g_b, mv = p_bytes, 4
+    g_b, mv = p_bytes, 2 if "bf16m" in method else 4
     adamw = n * (2 * p_bytes + g_b + 4 * mv)
     moments = n * (g_b + 4 * mv)
     if method.startswith("AdamW"):

@@ -4,7 +4,8 @@
 #   PHASE "tests": versions, tests/kernels/test_kernels.py on CUDA (slow tests included), tinyllama fp32
 #   PHASE "sweep": the alpha sweep, the size sweep and tinyllama in bf16
 #   PHASE "issue10": the two-pass kernels in one call (about 8 min): kernel tests twice (races),
-#     the CUDA-graph test, tinyllama fp32, alpha 0.01, 1M parameters, bf16, and a profile
+#     the CUDA-graph test, tinyllama fp32, alpha 0.01, 1M parameters, bf16 (with bf16 moments too),
+#     FSDP2 on one GPU against the unsharded step, and a profile
 # The machine has torch and triton but cannot install: maskopt runs from the tree, with
 # maskopt.kernels made importable by a link (setuptools maps it to kernels/ in an install).
 set -u
@@ -24,7 +25,8 @@ if [ "$phase" = issue10 ]; then
   timeout 150 python3 benchmarks/step_bench.py --cases tinyllama --methods "AdamW(fused=True),official loop+topk,MoFO fused,MoFO(gradient) fused,RandomBCD fused,HalfAdam fused" --csv "$out/step_bench_tinyllama_fp32.csv" 2>&1 | tee "$out/step_bench_tinyllama_fp32.log"
   timeout 60 python3 benchmarks/step_bench.py --cases alpha --alphas 0.01 --methods "AdamW(fused=True),MoFO fused" --csv "$out/step_bench_alpha001.csv" 2>&1 | tee "$out/step_bench_alpha001.log"
   timeout 40 python3 benchmarks/step_bench.py --cases sweep --sizes 1e6 --methods "AdamW(fused=True),MoFO fused,RandomBCD fused" --csv "$out/step_bench_1m.csv" 2>&1 | tee "$out/step_bench_1m.log"
-  timeout 90 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --methods "AdamW(fused=True),MoFO fused,RandomBCD fused,HalfAdam fused" --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
+  timeout 90 python3 benchmarks/step_bench.py --cases tinyllama --dtype bf16 --methods "AdamW(fused=True),MoFO fused,MoFO(bf16m) fused,RandomBCD fused,HalfAdam fused" --csv "$out/step_bench_tinyllama_bf16.csv" 2>&1 | tee "$out/step_bench_bf16.log"
+  timeout 60 python3 benchmarks/fsdp_step.py 2>&1 | tee "$out/fsdp_step.log"
   timeout 60 python3 benchmarks/profile_step.py --methods "AdamW(fused=True),MoFO fused,RandomBCD fused" 2>&1 | tee "$out/profile.log"
 elif [ "$phase" = tests ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

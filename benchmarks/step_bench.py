@@ -35,7 +35,7 @@ import _bench_common as bc  # noqa: E402
 
 ALL_METHODS = [
     "AdamW(fused=True)", "AdamW(foreach=True)", "official loop+topk",
-    "MoFO fused", "MoFO torch", "MoFO(gradient) fused", "MoFO(gradient) torch",
+    "MoFO fused", "MoFO torch", "MoFO(gradient) fused", "MoFO(gradient) torch", "MoFO(bf16m) fused",
     "RandomBCD fused", "RandomBCD torch", "HalfAdam fused", "HalfAdam torch",
 ]
 ALPHA_METHODS = ["MoFO fused", "MoFO torch", "official loop+topk", "RandomBCD fused"]
@@ -55,6 +55,8 @@ def make_optimizer(method: str, named, alpha: float):
         return torch.optim.AdamW(params, foreach=True, **HP)
     if method == "official loop+topk":
         return bc.LoopTopkMoFO(params, alpha=alpha, **HP)
+    if method.startswith("MoFO(bf16m)"):  # bf16 moments (moment_dtype=torch.bfloat16)
+        return MoFO(params, alpha=alpha, fused=fused, moment_dtype=torch.bfloat16, **HP)
     if method.startswith("MoFO(gradient)"):
         return MoFO(params, alpha=alpha, filter="gradient", fused=fused, **HP)
     if method.startswith("MoFO"):

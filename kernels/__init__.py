@@ -1,15 +1,16 @@
 """Triton kernels of maskopt (installed as ``maskopt.kernels``).
 
-The fused hot path: multi-tensor masked Adam with exact per-tensor top-k (radix select on
-the bit patterns of |m| or |g|), in-kernel RandomBCD masks and plain AdamW, for fp32, bf16
-and fp16 parameters with fp32 moments. Importing this package never fails: without Triton
-``is_available`` returns False and ``fused_adam_step_`` raises a clear error. The kernel
-modules are imported on first use, so ``TRITON_INTERPRET=1`` (CPU, CI) can be set any time
-before the first fused step.
+The fused hot path: multi-tensor masked Adam with exact per-tensor top-k (two passes over the
+data: a histogram of |m| or |g| in a window around the previous threshold, then the update),
+in-kernel RandomBCD masks and plain AdamW, for fp32, bf16 and fp16 parameters with fp32 or
+bf16 moments, on whole tensors or FSDP2 shards. Importing this package never fails: without
+Triton ``is_available`` returns False and ``fused_adam_step_`` raises a clear error. The
+kernel modules are imported on first use, so ``TRITON_INTERPRET=1`` (CPU, CI) can be set any
+time before the first fused step.
 
-Layers: ``_common`` / ``_dense`` / ``_moments`` / ``_select`` / ``_local`` / ``_apply`` hold the
-``@triton.jit`` kernels, ``launch`` builds the device tables and issues the launches, and this
-module is the public API.
+Layers: ``_common`` / ``_dense`` / ``_local`` / ``_window`` / ``_fallback`` / ``_apply`` /
+``_resolve`` / ``_sharded`` hold the ``@triton.jit`` kernels, ``launch`` builds the device
+tables and issues the launches, and this module is the public API.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def fused_adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kwargs
               device (gradients are divided by it), or None.
             - ``found_inf``: GradScaler's one-element flag tensor on the parameters' device
               (nonzero: the step changes nothing, step counters included), or None.
+            - ``shards`` (optional): per tensor a ``maskopt.distributed.Shard`` when every
+              tensor is the local shard of a larger one over one process group (FSDP2); the
+              selection is then exact over the whole tensors, with collectives between the
+              launches (every rank of the group must make the same call).
 
     Raises:
         RuntimeError: Triton is not installed, or the device cannot run the kernels.

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_CAP, G_COFF, MODE_EXACT, MODE_WINDOW,
-    MODE_ZERO, ROW_M, ROW_P, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR,
+    MODE_ZERO, ROW_M, ROW_P, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, S_ZBASE,
     WS_BC2_SQRT, WS_STEP_SIZE,
     abs_key, adam_update, composite, load_key, skip_step, window_digit,
 )
@@ -60,12 +60,19 @@ def _apply_body(
                        PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, ALIGNED)
     digit = window_digit(key, base, KEY_MODE != 2, FRAC, NB_LOG2)
     dsel = tl.load(sst + S_DSEL * S + seg)
-    comp = composite(key, lstart + lane, IDXB)
-    sel = tl.where(mode == MODE_EXACT, comp >= tl.load(sst + S_THR * S + seg), digit > dsel)
+    # composite >= thr without 64-bit vectors (registers): a larger key, or the threshold's key
+    # at an index up to the threshold's
+    thr = tl.load(sst + S_THR * S + seg)
+    thr_key = (thr >> IDXB).to(tl.uint32)
+    last = ((1 << IDXB) - 1) - (thr & ((1 << IDXB) - 1)) - lstart  # last lane taken among ties
+    last = tl.minimum(tl.maximum(last, -1), CHUNK).to(tl.int32)
+    at_or_above = (key > thr_key) | ((key == thr_key) & (lane <= last))
+    sel = tl.where(mode == MODE_EXACT, at_or_above, digit > dsel)
     if KEY_MODE != 2:
         if mode == MODE_ZERO:
             zero = mask & (key == 0)
-            rank = tl.load(zcount + c) + _prefix_sum_2d(zero.to(tl.int32))
+            before = tl.load(zcount + c) + tl.load(sst + S_ZBASE * S + seg)  # earlier chunks and ranks
+            rank = before + _prefix_sum_2d(zero.to(tl.int32))
             sel = sel | (zero & (rank <= tl.load(sst + S_R * S + seg)))
     sel = sel & mask
     is_cand = mask & (digit == dsel) & (mode == MODE_WINDOW)
@@ -76,6 +83,7 @@ def _apply_body(
             at = tl.atomic_add(sst + S_CCOUNT * S + seg, cnt.to(tl.int64), sem="relaxed")
             pos = at + (_prefix_sum_2d(hits) - 1).to(tl.int64)
             room = pos < tl.load(stab + G_CAP * S + seg)
+            comp = composite(key, lstart + lane, IDXB)
             tl.store(cand + tl.load(stab + G_COFF * S + seg) + pos, comp, mask=is_cand & room)
 
     sector = (tl.max(sel.to(tl.int32), axis=1) > 0)[:, None] & (cols < SEC)

@@ -3,8 +3,9 @@
 Layouts (all tables are int64 device tensors built by ``launch.py``):
 
 * tensor table ``ttab`` [N_TROWS, T]: per tensor the addresses of param, grad, exp_avg,
-  exp_avg_sq and step, its numel, and the part of the RandomBCD stream key that does not
-  depend on the step (``mix32(mix32(fold(seed) ^ S1) ^ tensor_index ^ S2)``).
+  exp_avg_sq and step, its numel, the part of the RandomBCD stream key that does not
+  depend on the step (``mix32(mix32(fold(seed) ^ S1) ^ tensor_index ^ S2)``) and the global
+  flat index of its first local entry (a shard's offset under FSDP2, else 0).
 * workspace ``ws`` (fp32) [N_WSROWS, T]: written by the prologue kernel: ``lr / (1 - beta1^t)``,
   ``sqrt(1 - beta2^t)`` and the new step t.
 * chunk table ``ctab`` [N_CROWS, C]: one row per program of the streaming kernels:
@@ -42,7 +43,8 @@ ROW_V = tl.constexpr(3)
 ROW_STEP = tl.constexpr(4)
 ROW_NUMEL = tl.constexpr(5)
 ROW_HKEY = tl.constexpr(6)
-N_TROWS = 7
+ROW_BASE = tl.constexpr(7)  # global flat index of the first local entry (a shard's offset; else 0)
+N_TROWS = 8
 
 # workspace rows (fp32)
 WS_STEP_SIZE = tl.constexpr(0)
@@ -83,7 +85,12 @@ S_R = tl.constexpr(2)  # entries still to take from the boundary (bucket, zeros 
 S_THR = tl.constexpr(3)  # the k-th largest composite key (MODE_EXACT, and after the resolve)
 S_CCOUNT = tl.constexpr(4)  # candidates compacted by pass 2
 S_CENTER = tl.constexpr(5)  # window centre: fine key of the last threshold
-N_SROWS = 6
+# sharded segments only: the digits fixed so far by the level-by-level selects, whether the
+# threshold is found, and the zeros that lie on the ranks before this one
+S_PREFIX = tl.constexpr(6)
+S_DONE = tl.constexpr(7)
+S_ZBASE = tl.constexpr(8)
+N_SROWS = 9
 
 # segment modes
 MODE_WINDOW = tl.constexpr(0)  # boundary in a window bin: its entries are candidates
@@ -207,7 +214,7 @@ def hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER: tl.constexpr, 
     else:
         counter = tl.load(ws + WS_T * T + t).to(tl.int64)
     skey = stream_key(tl.load(ttab + ROW_HKEY * T + t), counter)
-    return hash_u(offs, skey, HUGE)
+    return hash_u(offs + tl.load(ttab + ROW_BASE * T + t), skey, HUGE)
 
 
 @triton.jit

@@ -4,7 +4,9 @@ One program per segment. In ``MODE_WINDOW`` it radix-selects the r-th largest co
 among the boundary bin's candidates (8-bit digits from the highest one the bin leaves open;
 the key digits, then the index digits only under exact ties), then updates the candidates at
 or above it (and, when every entry decays, decays all of them: pass 2 left them alone). Then
-the segment's window is centred on this step's threshold for the next step.
+the segment's window is centred on this step's threshold for the next step. For sharded
+segments the threshold comes from ``_sharded``'s level-by-level selects (``THR_KNOWN``) and
+this launch only updates the candidates and moves the window.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def resolve_kernel(
     PDT: tl.constexpr, MDT: tl.constexpr, HAS_INF: tl.constexpr, DECAY: tl.constexpr,
     FLOAT_KEY: tl.constexpr,
     IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, TOP_SHIFT: tl.constexpr,
-    TILE: tl.constexpr,
+    TILE: tl.constexpr, THR_KNOWN: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -44,6 +46,9 @@ def resolve_kernel(
         shift = tl.zeros([], tl.int64) + TOP_SHIFT
         done = tl.zeros([], tl.int32)
         thr = tl.zeros([], tl.int64)
+        if THR_KNOWN:  # sharded: found level by level across the ranks (_sharded)
+            done += 1
+            thr = tl.load(sst + S_THR * S + s)
         while done == 0:
             acc = tl.zeros([256], tl.int32)
             for j in range(0, count, TILE):

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_SEG, C_START, C_TENSOR, G_CAP, G_CFIRST, G_K, G_NCHUNKS, MODE_DIGIT, MODE_EXACT,
-    MODE_WINDOW, MODE_ZERO, ROW_G, ROW_M, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R,
+    MODE_WINDOW, MODE_ZERO, ROW_G, ROW_M, ROW_V, S_CCOUNT, S_CENTER, S_DONE, S_DSEL, S_MODE,
+    S_PREFIX, S_R,
     adam_moments, abs_key, as_moment, hash_key_of, load_grad, pick_bin, skip_step, window_digit,
 )
 
@@ -106,10 +107,16 @@ def moments_window_kernel(
 
 @triton.jit
 def window_select_kernel(
-    hist, sst, S, stab, zcount, found_inf_ptr,
-    HAS_INF: tl.constexpr, FLOAT_KEY: tl.constexpr, NB_LOG2: tl.constexpr, SCAN: tl.constexpr,
+    hist, sst, S, stab, zcount, ztotal, rank, world, found_inf_ptr,
+    HAS_INF: tl.constexpr, FLOAT_KEY: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr,
+    IDXB: tl.constexpr, TOP_SHIFT: tl.constexpr, SCAN: tl.constexpr,
 ):
-    """One program per segment: the boundary bin, the mode, and the histogram row reset."""
+    """One program per segment: the boundary bin, the mode, and the histogram row reset.
+
+    For the level-by-level selects of sharded segments it also sets the digits the window
+    bin fixes (``S_PREFIX``, above ``TOP_SHIFT + 8``) and, in ``MODE_ZERO``, this rank's count
+    of zeros in its row of ``ztotal`` [world, S] (the other rows zeroed, all-reduced by the
+    launcher)."""
     if skip_step(found_inf_ptr, HAS_INF):
         return
     s = tl.program_id(0)
@@ -133,8 +140,17 @@ def window_select_kernel(
     dsel = tl.where(whole, b - 1, b).to(tl.int64)
     tl.store(sst + S_MODE * S + s, mode.to(tl.int64))
     tl.store(sst + S_DSEL * S + s, dsel)
-    tl.store(sst + S_R * S + s, r)
+    tl.store(sst + S_R * S + s, tl.where(mode == MODE_EXACT, k, r))  # the fallback ranks from the top
     tl.store(sst + S_CCOUNT * S + s, tl.zeros([], tl.int64))
+    tl.store(sst + S_DONE * S + s, tl.zeros([], tl.int64))
+    if FLOAT_KEY:
+        fine = tl.load(sst + S_CENTER * S + s) - (NB // 2) + dsel
+        fixed = fine << (23 - FRAC + IDXB)
+    else:
+        fixed = dsel << (32 - NB_LOG2 + IDXB)
+    tl.store(sst + S_PREFIX * S + s, tl.where(mode == MODE_WINDOW, fixed >> (TOP_SHIFT + 8), 0))
+    for other in range(0, world):
+        tl.store(ztotal + other * S + s, tl.zeros([], tl.int64))
     if mode == MODE_ZERO:
         # the zeros before each chunk of the segment, so pass 2 ranks its zeros by index
         first = tl.load(stab + G_CFIRST * S + s)
@@ -146,3 +162,4 @@ def window_select_kernel(
             z = tl.load(zcount + first + j + lane, mask=cmask, other=0)
             tl.store(zcount + first + j + lane, carry + tl.cumsum(z, axis=0) - z, mask=cmask)
             carry += tl.sum(z, axis=0)
+        tl.store(ztotal + rank * S + s, carry)

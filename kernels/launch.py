@@ -39,15 +39,17 @@ from maskopt import _hash
 from ._apply import apply_compact_kernel
 from ._common import (
     DECAY_ALL, DECAY_MASKED, DECAY_NONE, KEY_GRADIENT, KEY_HASH, KEY_MOMENTUM, N_SROWS,
-    N_WSROWS, S_CENTER, prologue_kernel,
+    MODE_EXACT, MODE_WINDOW, N_WSROWS, S_CENTER, S_ZBASE, prologue_kernel,
 )
 from ._dense import dense_step_kernel
 from ._fallback import exact_select_kernel
 from ._local import local_step_kernel
 from ._resolve import resolve_kernel
+from ._sharded import cand_level_kernel, data_level_kernel, level_select_kernel
 from ._window import moments_window_kernel, window_select_kernel
 
 S_CENTER_ROW = S_CENTER.value
+S_ZBASE_ROW = S_ZBASE.value
 SELECTIONS = ("all", "topk_momentum", "topk_gradient", "random", "random_exact")
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _PARAM_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -172,11 +174,14 @@ class _Plan:
     huge: bool
 
 
-def _chunk_table(seg_tensor, seg_start, seg_len, chunk):
+def _chunk_table(seg_tensor, seg_start, seg_len, chunk, seg_origin=None):
     """Split segments into chunks of at most ``chunk`` entries (vectorised); also returns
-    each segment's first chunk and chunk count."""
+    each segment's first chunk and chunk count. ``seg_origin``: where index 0 of each
+    segment's composite keys lies in its tensor (default: the segment's start; minus the
+    shard's offset for a shard, whose keys use global indices)."""
     seg_tensor = torch.as_tensor(seg_tensor, dtype=torch.int64)
     seg_start = torch.as_tensor(seg_start, dtype=torch.int64)
+    seg_origin = seg_start if seg_origin is None else torch.as_tensor(seg_origin, dtype=torch.int64)
     seg_len = torch.as_tensor(seg_len, dtype=torch.int64)
     nch = (seg_len + chunk - 1) // chunk
     total = int(nch.sum())
@@ -185,10 +190,12 @@ def _chunk_table(seg_tensor, seg_start, seg_len, chunk):
     j = torch.arange(total, dtype=torch.int64) - first[seg]
     start = seg_start[seg] + j * chunk
     length = torch.minimum(torch.full_like(start, chunk), seg_len[seg] - j * chunk)
-    return torch.stack([seg_tensor[seg], start, length, seg, seg_start[seg]]), total, first, nch
+    return torch.stack([seg_tensor[seg], start, length, seg, seg_origin[seg]]), total, first, nch
 
 
-def _build_plan(numels, selection, alpha, block_size, cfg, device) -> _Plan:
+def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None) -> _Plan:
+    if sharding is not None:
+        return _build_sharded_plan(numels, selection, alpha, cfg, device, sharding)
     huge = any(n > (1 << 32) for n in numels)
     if selection in ("all", "random"):
         ts = [i for i, n in enumerate(numels) if n > 0]
@@ -259,21 +266,93 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device) -> _Plan:
     return _Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
 
 
+def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Plan:
+    """Every local shard is one segment of the two-pass path, its keys on global indices,
+    its k and candidate capacity from the whole tensor (the same on every rank, so that
+    every rank takes the same decisions)."""
+    world = sharding.world
+    huge = any(n > (1 << 32) for n in sharding.numels)
+    idx_limit = (1 << 31) if selection == "random_exact" else (1 << 32)
+    g_t = [i for i, n in enumerate(numels) if sharding.numels[i] > 0]
+    for i in g_t:
+        if sharding.numels[i] > idx_limit:
+            raise ValueError(f"a sharded tensor of {sharding.numels[i]} entries is too large for the fused "
+                             f"{selection!r} path (limit {idx_limit}); use fused=False")
+    n_seg = len(g_t)
+    if not n_seg:
+        return _Plan(None, 0, None, 0, 0, [], True, huge)
+    g_n = [numels[i] for i in g_t]
+    g_k = [_topk_count(sharding.numels[i], alpha) for i in g_t]
+    origin = [-sharding.offsets[i] for i in g_t]
+    ctab, total, first, nch = _chunk_table(g_t, [0] * n_seg, g_n, cfg.chunk, seg_origin=origin)
+    caps = [min(sharding.numels[i], max(cfg.cand_min, math.ceil(sharding.numels[i] * cfg.cand_frac / world)))
+            for i in g_t]
+    coff = [0] * n_seg
+    for i in range(1, n_seg):
+        coff[i] = coff[i - 1] + caps[i - 1]
+    stab = torch.tensor([g_k, caps, coff, g_t, origin, g_n, first.tolist(), nch.tolist()], dtype=torch.int64)
+    return _Plan(ctab.to(device), total, stab.to(device), n_seg, coff[-1] + caps[-1], [], True, huge)
+
+
+@dataclass(frozen=True)
+class _Sharding:
+    """The tensors of one call are shards over one process group (FSDP2)."""
+
+    group: object
+    rank: int  # this rank's position in the group, which is also its shards' order
+    world: int
+    numels: tuple  # whole tensors
+    offsets: tuple  # global flat index of each local shard's first entry
+
+
+_CHECKED_ORDER: set = set()
+
+
+def _sharding(params, shards) -> _Sharding | None:
+    """The sharding of a call (None: no shard), checked: one process group, and shards laid
+    out in rank order (as FSDP2's ``Shard(0)``), which the zero ranking relies on."""
+    import torch.distributed as dist
+
+    if shards is None or all(s is None for s in shards):
+        return None
+    if any(s is None for s in shards) or len({id(s.group) for s in shards}) != 1:
+        raise ValueError("fused_adam_step_: sharded and whole tensors, or shards over different process "
+                         "groups, must be stepped in separate calls")
+    group = shards[0].group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    offsets = tuple(int(s.offset) for s in shards)
+    numels = tuple(int(s.numel) for s in shards)
+    key = (id(group), numels, offsets)
+    if key not in _CHECKED_ORDER:  # once per layout: a collective and a host sync
+        mine = torch.tensor(offsets, dtype=torch.int64, device=params[0].device)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        table = torch.stack(every).cpu()
+        if not bool((table[1:] >= table[:-1]).all()):
+            raise NotImplementedError("the fused path needs shards in rank order (FSDP2's Shard(0)); "
+                                      "use fused=False for this layout")
+        _CHECKED_ORDER.add(key)
+    return _Sharding(group, rank, world, numels, offsets)
+
+
 _SHORT_ROW = 256
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 64
 
 
-def _plan(numels, selection, alpha, block_size, device):
+def _plan(numels, selection, alpha, block_size, device, sharding=None):
     """The plan of these shapes and its cache key."""
     cfg = _CONFIG
     kind = selection if selection not in ("all", "random") else "dense"
+    if kind == "dense":
+        sharding = None  # entry by entry: global indices come from the tensor table
     key = (str(device), tuple(numels), kind,
            None if kind == "dense" else float(alpha),
-           block_size if kind.startswith("topk") else None)
+           block_size if kind.startswith("topk") else None,
+           None if sharding is None else (sharding.world, sharding.numels, sharding.offsets))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _build_plan(numels, selection, alpha, block_size, cfg, device)
+        plan = _build_plan(numels, selection, alpha, block_size, cfg, device, sharding)
         _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
@@ -294,6 +373,8 @@ class _Workspace:
     hist: torch.Tensor | None = None  # int32 [S, NB]
     zcount: torch.Tensor | None = None  # int64 [C]: zeros per chunk, then zeros before it
     cand: torch.Tensor | None = None  # int64 candidate composites
+    ztotal: torch.Tensor | None = None  # int64 [world, S]: zeros per rank (MODE_ZERO)
+    levels: torch.Tensor | None = None  # int32 [S, 256]: the sharded level-by-level histograms
 
 
 _WORKSPACES: OrderedDict = OrderedDict()
@@ -305,7 +386,7 @@ def _initial_center(frac: int) -> int:
     return struct.unpack("<I", struct.pack("<f", 1e-4))[0] >> (23 - frac)
 
 
-def _workspace(plan_key, plan: _Plan, params, device) -> _Workspace:
+def _workspace(plan_key, plan: _Plan, params, device, world: int = 1) -> _Workspace:
     key = (plan_key, tuple(p.data_ptr() for p in params))
     work = _WORKSPACES.get(key)
     if work is not None:
@@ -317,8 +398,11 @@ def _workspace(plan_key, plan: _Plan, params, device) -> _Workspace:
         work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
         work.sst[S_CENTER_ROW] = _initial_center(cfg.window_frac)
         work.hist = torch.zeros((plan.n_seg, 1 << cfg.window_bins_log2), dtype=torch.int32, device=device)
-        work.zcount = torch.zeros(plan.n_chunks, dtype=torch.int64, device=device)
+        work.zcount = torch.zeros(max(1, plan.n_chunks), dtype=torch.int64, device=device)
         work.cand = torch.empty(max(1, plan.n_cand), dtype=torch.int64, device=device)
+        work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
+        if world > 1 or plan_key[-1] is not None:
+            work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
     _WORKSPACES[key] = work
     if len(_WORKSPACES) > _MAX_WORKSPACES:
         _WORKSPACES.popitem(last=False)
@@ -350,7 +434,7 @@ _TTABS: OrderedDict = OrderedDict()
 _MAX_TTABS = 16
 
 
-def _tensor_table(params, grads, ms, vs, steps, hkeys, device) -> torch.Tensor:
+def _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device) -> torch.Tensor:
     rows = (
         tuple(p.data_ptr() for p in params),
         tuple(g.data_ptr() for g in grads),
@@ -359,6 +443,7 @@ def _tensor_table(params, grads, ms, vs, steps, hkeys, device) -> torch.Tensor:
         tuple(s.data_ptr() for s in steps),
         tuple(p.numel() for p in params),
         tuple(hkeys),
+        tuple(bases),
     )
     key = (str(device), rows)
     tab = _TTABS.get(key)
@@ -454,6 +539,7 @@ def fused_adam_step_(
     tensor_indices: Sequence[int],
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    shards: Sequence | None = None,
 ) -> None:
     """One masked-AdamW step of one parameter group (docs/semantics.md), in place.
 
@@ -464,6 +550,11 @@ def fused_adam_step_(
         lr, beta1, beta2, eps, weight_decay, mask_weight_decay: the AdamW hyperparameters.
         tensor_indices: each tensor's index in its optimizer (keys the random masks).
         grad_scale, found_inf: GradScaler's one-element tensors, or None.
+        shards: None, or per tensor its ``maskopt.distributed.Shard``: every tensor the local
+            shard of a larger one, all over one process group, in rank order (FSDP2). The
+            selection is then exact over each whole tensor: histograms are all-reduced
+            between launches (a fixed number of collectives per step, on the stream). Every
+            rank of the group must make the same call.
     """
     if len(params) == 0:
         return
@@ -472,6 +563,12 @@ def fused_adam_step_(
     device = _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha,
                     block_size, tensor_indices, grad_scale, found_inf)
     check_device(device)
+    # Shards hash their global indices; a whole-tensor selection is taken across the ranks,
+    # while blocks lie inside one shard (the optimizer checks it) and are selected locally.
+    bases = [0] * len(params) if shards is None else [0 if s is None else int(s.offset) for s in shards]
+    across = selection in ("topk_momentum", "topk_gradient", "random_exact") and not (
+        block_size is not None and selection.startswith("topk"))
+    sharding = _sharding(params, shards) if across else None
     by_dtype: dict[tuple, list[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         by_dtype.setdefault((p.dtype, m.dtype), []).append(i)
@@ -482,13 +579,15 @@ def fused_adam_step_(
                            device, selection=selection, alpha=alpha, block_size=block_size, lr=lr,
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                            mask_weight_decay=mask_weight_decay, seed=seed, hash_counter=hash_counter,
-                           grad_scale=grad_scale, found_inf=found_inf)
+                           grad_scale=grad_scale, found_inf=found_inf, sharding=sharding, bases=bases)
 
 
 def _step_dtype_groups(by_dtype, params, grads, exp_avgs, exp_avg_sqs, state_steps, tensor_indices, device,
                        *, selection, alpha, block_size, lr, beta1, beta2, eps, weight_decay,
-                       mask_weight_decay, seed, hash_counter, grad_scale, found_inf):
+                       mask_weight_decay, seed, hash_counter, grad_scale, found_inf, sharding, bases):
     for (dtype, mdtype), idx in by_dtype.items():
+        part = None if sharding is None else replace(
+            sharding, numels=tuple(sharding.numels[i] for i in idx), offsets=tuple(sharding.offsets[i] for i in idx))
         _step_group(
             [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
             [exp_avg_sqs[i] for i in idx], [state_steps[i] for i in idx],
@@ -496,7 +595,8 @@ def _step_dtype_groups(by_dtype, params, grads, exp_avgs, exp_avg_sqs, state_ste
             dtype, mdtype, device, selection=selection, alpha=float(alpha), block_size=block_size,
             lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
             weight_decay=float(weight_decay), mask_weight_decay=bool(mask_weight_decay),
-            seed=int(seed), hash_counter=hash_counter, grad_scale=grad_scale, found_inf=found_inf)
+            seed=int(seed), hash_counter=hash_counter, grad_scale=grad_scale, found_inf=found_inf,
+            sharding=part, bases=[bases[i] for i in idx])
 
 
 def _tl_dtype(dtype):
@@ -507,7 +607,7 @@ def _tl_dtype(dtype):
 
 def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, selection, alpha, block_size,
                 lr, beta1, beta2, eps, weight_decay, mask_weight_decay, seed, hash_counter,
-                grad_scale, found_inf):
+                grad_scale, found_inf, sharding, bases):
     cfg = _CONFIG
     T = len(params)
     numels = [p.numel() for p in params]
@@ -515,9 +615,9 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
         hkeys = [_hash.tensor_key(seed, j) for j in tidx]
     else:
         hkeys = [0] * T
-    ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, device)
-    plan, plan_key = _plan(numels, selection, alpha, block_size, device)
-    work = _workspace(plan_key, plan, params, device)
+    ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device)
+    plan, plan_key = _plan(numels, selection, alpha, block_size, device, sharding)
+    work = _workspace(plan_key, plan, params, device, 1 if sharding is None else sharding.world)
     ws = work.ws
 
     has_inf = found_inf is not None
@@ -573,30 +673,64 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     S, C = plan.n_seg, plan.n_chunks
     programs = _programs(C, device)
     per_program = triton.cdiv(C, programs)
-    programs = triton.cdiv(C, per_program)
+    programs = triton.cdiv(C, per_program) if C else 0
     window = dict(FRAC=cfg.window_frac, NB_LOG2=cfg.window_bins_log2)
     # the window bin fixes the composite bits from idxb + (key bits below the bin) upwards
     open_bits = idxb + (23 - cfg.window_frac if float_key else 32 - cfg.window_bins_log2)
-    moments_window_kernel[(programs,)](
-        ttab, T, plan.ctab, C, per_program, ws, work.sst, S, work.hist, work.zcount, inf_arg, scale_arg,
-        beta1, omb1, beta2, omb2, hc,
-        KEY_MODE=key_mode, ALIGNED=aligned, CHUNK=cfg.chunk, num_warps=nw, **window, **common)
+    top_shift = ((open_bits - 1) // 8) * 8
+    rank = 0 if sharding is None else sharding.rank
+    if programs:
+        moments_window_kernel[(programs,)](
+            ttab, T, plan.ctab, C, per_program, ws, work.sst, S, work.hist, work.zcount, inf_arg, scale_arg,
+            beta1, omb1, beta2, omb2, hc,
+            KEY_MODE=key_mode, ALIGNED=aligned, CHUNK=cfg.chunk, num_warps=nw, **window, **common)
+    if sharding is not None:
+        _all_reduce(work.hist, sharding)
     window_select_kernel[(S,)](
-        work.hist, work.sst, S, plan.stab, work.zcount, inf_arg,
-        HAS_INF=has_inf, FLOAT_KEY=float_key, NB_LOG2=cfg.window_bins_log2, SCAN=1024,
-        num_warps=cfg.select_num_warps)
-    exact_select_kernel[(S,)](
-        ttab, T, ws, work.sst, S, plan.stab, inf_arg, scale_arg, hc,
-        KEY_MODE=key_mode, IDXB=idxb, CHUNK=cfg.chunk, num_warps=nw, **common)
-    apply_compact_kernel[(programs,)](
-        ttab, T, plan.ctab, C, per_program, ws, work.sst, S, plan.stab, work.cand, work.zcount,
-        inf_arg, scale_arg, eps, decay, hc,
-        KEY_MODE=key_mode, DECAY=decay_mode, ALIGNED=aligned, IDXB=idxb, SEC=sec, CHUNK=cfg.chunk,
-        num_warps=nw, **window, **common)
+        work.hist, work.sst, S, plan.stab, work.zcount, work.ztotal, rank, work.ztotal.shape[0], inf_arg,
+        HAS_INF=has_inf, FLOAT_KEY=float_key, IDXB=idxb, TOP_SHIFT=top_shift, SCAN=1024,
+        num_warps=cfg.select_num_warps, **window)
+    if sharding is None:
+        exact_select_kernel[(S,)](
+            ttab, T, ws, work.sst, S, plan.stab, inf_arg, scale_arg, hc,
+            KEY_MODE=key_mode, IDXB=idxb, CHUNK=cfg.chunk, num_warps=nw, **common)
+    else:
+        # the zeros on the ranks before this one (each rank wrote its own row and zeroed the
+        # others), then the fallback level by level across the ranks
+        _all_reduce(work.ztotal, sharding)
+        torch.sum(work.ztotal[:rank], dim=0, out=work.sst[S_ZBASE_ROW])
+        for shift in range(56, -1, -8):
+            if programs:
+                data_level_kernel[(programs,)](
+                    ttab, T, plan.ctab, C, per_program, ws, work.sst, S, work.levels, inf_arg, scale_arg, hc,
+                    shift, KEY_MODE=key_mode, IDXB=idxb, CHUNK=cfg.chunk, num_warps=nw, **common)
+            _all_reduce(work.levels, sharding)
+            level_select_kernel[(S,)](work.levels, work.sst, S, inf_arg, shift, MODE=MODE_EXACT.value,
+                                      HAS_INF=has_inf, num_warps=cfg.select_num_warps)
+    if programs:
+        apply_compact_kernel[(programs,)](
+            ttab, T, plan.ctab, C, per_program, ws, work.sst, S, plan.stab, work.cand, work.zcount,
+            inf_arg, scale_arg, eps, decay, hc,
+            KEY_MODE=key_mode, DECAY=decay_mode, ALIGNED=aligned, IDXB=idxb, SEC=sec, CHUNK=cfg.chunk,
+            num_warps=nw, **window, **common)
+    if sharding is not None:  # the candidates' threshold across the ranks
+        for shift in range(top_shift, -1, -8):
+            cand_level_kernel[(S,)](work.sst, S, plan.stab, work.cand, work.levels, inf_arg, shift,
+                                    HAS_INF=has_inf, TILE=cfg.resolve_tile, num_warps=cfg.select_num_warps)
+            _all_reduce(work.levels, sharding)
+            level_select_kernel[(S,)](work.levels, work.sst, S, inf_arg, shift, MODE=MODE_WINDOW.value,
+                                      HAS_INF=has_inf, num_warps=cfg.select_num_warps)
     if _debug_capture is not None:  # tests: the mode each segment took
         _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
     resolve_kernel[(S,)](
         ttab, T, ws, work.sst, S, plan.stab, work.cand, inf_arg, eps, decay,
         PDT=pdt, MDT=_tl_dtype(mdtype), HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
-        TOP_SHIFT=((open_bits - 1) // 8) * 8, TILE=cfg.resolve_tile, num_warps=cfg.select_num_warps,
-        **window)
+        TOP_SHIFT=top_shift, TILE=cfg.resolve_tile, THR_KNOWN=sharding is not None,
+        num_warps=cfg.select_num_warps, **window)
+
+
+def _all_reduce(tensor: torch.Tensor, sharding: _Sharding) -> None:
+    """Sum over the group, ordered on the current stream (no host synchronisation)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, group=sharding.group)

@@ -62,23 +62,25 @@ def fused_by_default(param: torch.Tensor) -> bool:
 
 
 def use_fused(fused: bool | None, params: Sequence[torch.Tensor], policy: SelectionPolicy, sharded: bool,
-              who: str = "masked_adamw") -> bool:
+              who: str = "masked_adamw", shard_kernels: bool = False) -> bool:
     """Whether tensors take the Triton path, refusing what it cannot do.
 
     Args:
         fused: the ``fused`` option: True (required), False (the PyTorch path) or None (the
-            Triton path when every tensor allows it and no selection spans shards).
+            Triton path when every tensor allows it and no selection spans shards it cannot
+            handle).
         params: the (local) tensors.
         policy: their selection policy.
-        sharded: whether some of the tensors are shards of larger ones (FSDP2, ZeRO): a
-            selection that needs the whole tensor has no Triton version yet.
+        sharded: whether some of the tensors are shards of larger ones (FSDP2, ZeRO).
         who: the name errors start with.
+        shard_kernels: the shards are whole-tensor slices in rank order (FSDP2's ``Shard(0)``),
+            which the Triton path selects across (DeepSpeed ZeRO's fragments are not).
 
     Raises:
-        ValueError: ``fused=True`` with a selection across shards.
+        ValueError: ``fused=True`` with a selection across shards the Triton path cannot take.
         RuntimeError: ``fused=True`` where the Triton path cannot run.
     """
-    across_shards = sharded and not policy.moves_all
+    across_shards = sharded and not policy.moves_all and not shard_kernels
     if fused is None:
         return not across_shards and all(fused_by_default(p) for p in params)
     if fused:
@@ -101,6 +103,17 @@ def _batches(sizes: list[int], limit: int) -> list[list[int]]:
         batches[-1].append(i)
         total += size
     return batches
+
+
+def _shard_runs(shards: Sequence | None, n: int) -> list[tuple[list[int], list | None]]:
+    """Index runs for the fused path: the unsharded tensors, then the shards of each process
+    group (in order of first appearance, the same on every rank)."""
+    if shards is None or all(s is None for s in shards):
+        return [(list(range(n)), None)]
+    runs: dict = {}
+    for i, s in enumerate(shards):
+        runs.setdefault(None if s is None else id(s.group), []).append(i)
+    return [(idx, None if key is None else [shards[i] for i in idx]) for key, idx in runs.items()]
 
 
 def masked_adamw(
@@ -144,7 +157,7 @@ def masked_adamw(
         grad_scale, found_inf: GradScaler's one-element tensors: gradients are divided by
             ``grad_scale``, and a nonzero ``found_inf`` makes the step change nothing.
         shards: per tensor, a ``maskopt.distributed.Shard`` for the local shard of a larger
-            tensor (the selection is then exact over the whole tensor), or None.
+            tensor (the selection is then exact over the whole tensor, on either path), or None.
         foreach: False steps one tensor at a time on the PyTorch path; None/True batch them.
         fused: True takes the Triton path, False the PyTorch path, None the Triton path when
             every tensor is a CUDA float32/bfloat16/float16 tensor and Triton is installed.
@@ -154,14 +167,19 @@ def masked_adamw(
     if tensor_indices is None:
         tensor_indices = list(range(len(params)))
     sharded = shards is not None and any(s is not None for s in shards)
-    fused = use_fused(fused, params, policy, sharded)
+    fused = use_fused(fused, params, policy, sharded, shard_kernels=True)
     if maximize:
         grads = torch._foreach_neg(grads)
     hyper = dict(policy=policy, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  mask_weight_decay=mask_weight_decay, grad_scale=grad_scale, found_inf=found_inf)
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if fused:
-        _kernels().fused_adam_step_(*lists, tensor_indices=tensor_indices, **hyper)
+        # whole tensors in one call, the shards of each process group in another: a call's
+        # collectives run over one group, in the same order on every rank
+        for run, run_shards in _shard_runs(shards, len(params)):
+            _kernels().fused_adam_step_(*([x[i] for i in run] for x in lists),
+                                        tensor_indices=[tensor_indices[i] for i in run],
+                                        shards=run_shards, **hyper)
         return
     if foreach is False:
         runs = [[i] for i in range(len(params))]

@@ -340,7 +340,8 @@ class MaskedAdam(Optimizer):
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
                 if shard is not None and policy.block_size and policy.is_topk:
                     blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
-                fused = use_fused(group.get("fused"), [distributed.local(p)], policy, shard is not None, name)
+                fused = use_fused(group.get("fused"), [distributed.local(p)], policy, shard is not None, name,
+                                  shard_kernels=True)
                 bucket = by_policy.setdefault(policy, _Bucket(group, policy))
                 bucket.fused = bucket.fused and fused  # the Triton path only if every tensor can take it
                 bucket.params.append(p)

@@ -31,3 +31,16 @@ def test_step_bench_quick_mode_writes_its_csv(tmp_path):
     with target.open() as fh:
         rows = list(csv.DictReader(fh))
     assert rows and {"device", "commit"} <= set(rows[0])
+
+
+def test_fsdp_step_benchmark_runs_the_sharded_path():
+    out = run(["benchmarks/fsdp_step.py", "--quick"], MASTER_PORT=str(_free_port()))
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines()}
+    assert "MoFO fused, sharded" in lines and "MoFO fused, unsharded" in lines
+    assert float(lines["sharded / unsharded"].split(":")[1].strip().rstrip("x")) > 0
+
+
+def _free_port():
+    from _helpers import free_port
+
+    return free_port()

@@ -107,6 +107,60 @@ def mofo_momentum(rank, world):
     _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1))
 
 
+def _interpreted_kernels(**knobs):
+    """The fused path on CPU: the Triton interpreter, set before the kernels are built, with
+    chunks and capacities small enough for these shapes to take every mode."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from maskopt.kernels import launch
+
+    return launch.config(**{**dict(chunk=16, local_max=8, local_tile=64, cand_min=1, cand_frac=0.05), **knobs})
+
+
+def fused_mofo(rank, world):
+    """The Triton path on shards (interpreted): the same bits as one process on whole tensors."""
+    from maskopt import MoFO, RandomBCD
+
+    with _interpreted_kernels():
+        for make in (
+            lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1, fused=True),
+            lambda ps: MoFO(ps, lr=1e-2, alpha=0.1, filter="gradient", mask_weight_decay=False,
+                            weight_decay=0.1, fused=True),
+            lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, exact=True, fused=True),
+            lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, fused=True),
+        ):
+            _compare_direct(rank, world, make, steps=3)
+        from maskopt.kernels import launch
+
+        sharded_plans = [key for key in launch._PLANS if key[-1] is not None]  # (cleared on leaving)
+        assert sharded_plans and all(key[-1][0] == world for key in sharded_plans)
+
+
+def fused_mofo_zeros_and_spikes(rank, world):
+    """Momenta mostly zero (ranked by global index across the ranks) and a spike that sends the
+    threshold out of the window (the level-by-level fallback)."""
+    from maskopt import MoFO
+
+    def grads(step):
+        out = _grads(step)
+        out[4] = torch.zeros(SHAPES[4])
+        out[4][5::7] = 1e-3
+        out[0] = out[0] * (1e4 if step == 2 else 1.0)
+        return out
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    from maskopt.kernels import launch
+
+    launch._debug_capture = seen = []
+    with _interpreted_kernels(cand_frac=3.0):  # every bin fits: window ties resolved across ranks
+        _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, fused=True), steps=4, grads=grads)
+    launch._debug_capture = None
+    modes = {int(m) for rec in seen for m in rec["sst"][0]}
+    assert {0, 2, 3} <= modes, modes  # window, zeros, fallback
+    with _interpreted_kernels():
+        _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, fused=True, moment_dtype=torch.bfloat16),
+                        steps=2)
+
+
 def mofo_float64(rank, world):
     from maskopt import MoFO
 
@@ -320,6 +374,12 @@ def tensor_parallel_refused(rank, world):
 
 
 # ------------------------------------------------------------------------------ tests
+
+def test_fused_sharded_step_equals_single_process_bitwise():
+    """FSDP2 shards on the Triton path (the interpreter here; NCCL and CUDA on a GPU): exact
+    over the whole tensor, bitwise equal to the fused step of one process."""
+    _spawn("fused_mofo,fused_mofo_zeros_and_spikes")
+
 
 def test_sharded_dtensor_step_equals_single_process_bitwise():
     _spawn("mofo_momentum,mofo_float64,mofo_nan,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,"

@@ -1,0 +1,122 @@
+"""Level-by-level selects for sharded segments (FSDP2): exact over the whole tensor.
+
+A rank holds a contiguous range of each sharded tensor's global flat indices, and the
+composite keys use global indices (the chunk table's segment offset is minus the shard's
+offset), so "the k largest composite keys over all ranks" is the single-process selection.
+Between two launches the launcher all-reduces a ``[segments, 256]`` histogram on the stream,
+so every rank takes the same decision; the number of launches and collectives is fixed
+(8 levels for the fallback, 7 for the candidates), and a level with nothing to do exits at
+once. Two sources of keys:
+
+* ``data_level_kernel``: the segments the window select left to the fallback
+  (``MODE_EXACT``) re-read their keys, 8 bits of the composite per level from the top;
+* ``cand_level_kernel``: the segments resolved in the window (``MODE_WINDOW``) histogram their
+  compacted candidates, from the highest digit the window bin leaves open.
+
+``level_select_kernel`` (one program per segment) picks the digit of the r-th largest in
+the all-reduced row, resets the row, and stores the threshold once the rank left is the
+population of its bucket (or the last digit is reached).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import (
+    C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_COFF, MODE_EXACT, MODE_WINDOW, S_CCOUNT,
+    S_DONE, S_MODE, S_PREFIX, S_R, S_THR,
+    composite, load_key, pick_bin, skip_step,
+)
+
+
+@triton.jit
+def _data_level_body(
+    ttab, T, t, ws, start, lstart, n, prefix, shift, grad_scale_ptr, hash_counter,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr, CHUNK: tl.constexpr,
+):
+    lane = tl.arange(0, CHUNK)
+    mask = lane < n
+    key = load_key(ttab, T, t, ws, start + lane, mask, grad_scale_ptr, hash_counter,
+                   PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
+    comp = composite(key, lstart + lane, IDXB)
+    match = mask & (((comp >> shift) >> 8) == prefix)
+    return tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+
+
+@triton.jit
+def data_level_kernel(
+    ttab, T, ctab, C, per_program, ws, sst, S, hist, found_inf_ptr, grad_scale_ptr, hash_counter,
+    shift,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One fallback level over the data, persistent programs over the chunks."""
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    bins = tl.arange(0, 256)
+    c0 = tl.program_id(0) * per_program
+    c1 = tl.minimum(c0 + per_program, C)
+    acc = tl.zeros([256], tl.int32)
+    cur = tl.zeros([], tl.int64) - 1
+    for c in range(c0, c1):
+        seg = tl.load(ctab + C_SEG * C + c)
+        changed = seg != cur
+        tl.atomic_add(hist + tl.maximum(cur, 0) * 256 + bins, acc, mask=(acc > 0) & changed, sem="relaxed")
+        acc = tl.where(changed, 0, acc)
+        cur = seg
+        wanted = (tl.load(sst + S_MODE * S + seg) == MODE_EXACT) & (tl.load(sst + S_DONE * S + seg) == 0)
+        if wanted:
+            start = tl.load(ctab + C_START * C + c)
+            acc += _data_level_body(
+                ttab, T, tl.load(ctab + C_TENSOR * C + c), ws, start,
+                start - tl.load(ctab + C_SEGOFF * C + c), tl.load(ctab + C_LEN * C + c),
+                tl.load(sst + S_PREFIX * S + seg), shift, grad_scale_ptr, hash_counter,
+                PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, IDXB, CHUNK)
+    tl.atomic_add(hist + tl.maximum(cur, 0) * 256 + bins, acc, mask=(acc > 0) & (cur >= 0), sem="relaxed")
+
+
+@triton.jit
+def cand_level_kernel(
+    sst, S, stab, cand, hist, found_inf_ptr, shift,
+    HAS_INF: tl.constexpr, TILE: tl.constexpr,
+):
+    """One candidate level: one program per segment over its compacted candidates."""
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    s = tl.program_id(0)
+    if (tl.load(sst + S_MODE * S + s) != MODE_WINDOW) | (tl.load(sst + S_DONE * S + s) != 0):
+        return
+    count = tl.load(sst + S_CCOUNT * S + s)
+    region = cand + tl.load(stab + G_COFF * S + s)
+    prefix = tl.load(sst + S_PREFIX * S + s)
+    lane = tl.arange(0, TILE)
+    acc = tl.zeros([256], tl.int32)
+    for j in range(0, count, TILE):
+        cmask = j + lane < count
+        comp = tl.load(region + j + lane, mask=cmask, other=0)
+        match = cmask & (((comp >> shift) >> 8) == prefix)
+        acc += tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+    tl.store(hist + s * 256 + tl.arange(0, 256), acc)
+
+
+@triton.jit
+def level_select_kernel(hist, sst, S, found_inf_ptr, shift, MODE: tl.constexpr, HAS_INF: tl.constexpr):
+    """One program per segment of mode ``MODE`` still open: the digit at ``shift``."""
+    if skip_step(found_inf_ptr, HAS_INF):
+        return
+    s = tl.program_id(0)
+    bins = tl.arange(0, 256)
+    row = hist + s * 256 + bins
+    h = tl.load(row).to(tl.int64)
+    tl.store(row, tl.zeros([256], tl.int32))
+    if (tl.load(sst + S_MODE * S + s) == MODE) & (tl.load(sst + S_DONE * S + s) == 0):
+        b, r, h_b = pick_bin(h, bins, tl.load(sst + S_R * S + s))
+        prefix = (tl.load(sst + S_PREFIX * S + s) << 8) | b.to(tl.int64)
+        tl.store(sst + S_R * S + s, r)
+        tl.store(sst + S_PREFIX * S + s, prefix)
+        if (r == h_b) | (shift == 0):
+            tl.store(sst + S_DONE * S + s, tl.zeros([], tl.int64) + 1)
+            tl.store(sst + S_THR * S + s, prefix << shift)
