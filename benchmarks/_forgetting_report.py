@@ -327,3 +327,40 @@ def plot_size_axis(path: Path, axis: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def checkpoint_table(recipes: list[dict]) -> str:
+    headers = ["size", "parameters", "steps", "stopped by", "epochs of the code",
+               "held-out code loss", "held-out English loss", "time (s)", "sha256"]
+    body = [[r["size"], f"{r['parameters'] / 1e6:.2f} M", str(r["steps_run"]), r["stopped_by"],
+             f"{r['bytes_seen'] / r['train_bytes']:.1f} epochs", f"{r['held_out_code_loss']:.3f}",
+             f"{r['held_out_english_loss']:.3f}", f"{r['seconds']:.0f}", r["sha256"][:12]] for r in recipes]
+    return fmt_table(headers, body)
+
+
+def plot_pretraining(path: Path, recipes: list[dict], title: str) -> None:
+    """Held-out code loss against pre-training step, one line per size; lr drops marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=90)
+    for i, r in enumerate(recipes):
+        steps = [c[0] for c in r["curve"]][1:]
+        losses = [c[2] for c in r["curve"]][1:]
+        ax.plot(steps, losses, color=f"C{i}", lw=1.2,
+                label=f"{r['size']} ({r['parameters'] / 1e6:.2f} M): {r['held_out_code_loss']:.3f}")
+        drops = [c[0] for a, c in zip(r["curve"], r["curve"][1:]) if c[1] < a[1]]
+        for d in drops:
+            ax.axvline(d, color=f"C{i}", lw=0.6, ls=":")
+    ax.set_xlabel("pre-training step (batch 16 x 128 bytes)")
+    ax.set_ylabel("held-out code loss (nats/byte)")
+    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.set_title("pre-training until the held-out loss plateaus\n(dotted: lr divided by 4)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -51,9 +51,12 @@ def snapshot(model) -> list[torch.Tensor]:
 
 
 def restore(model, state: list[torch.Tensor]) -> None:
+    """Put the weights back and make every parameter trainable again: HalfAdam freezes half of
+    them through ``requires_grad``, and the next run must not inherit that."""
     with torch.no_grad():
         for p, s in zip(model.parameters(), state):
             p.copy_(s)
+            p.requires_grad_(True)
             p.grad = None
 
 

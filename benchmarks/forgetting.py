@@ -87,7 +87,7 @@ PRESETS = {
                    note="default demo: AdamW and MoFO only, one lr, one seed (seed 0 of --full, so no "
                         "spread); --full adds HalfAdam, a second lr and 3 seeds, as in docs/forgetting.md"),
     "full": Preset(optimizers=("adamw", "halfadam", "mofo15"), lrs=(1e-3, 3e-3), seeds=3,
-                   finetune=_FULL_BUDGET, continual_optimizers=("adamw", "halfadam", "mofo5", "rbcd5"),
+                   finetune=_FULL_BUDGET, continual_optimizers=("adamw", "halfadam", "mofo5"),
                    continual_lr=1e-3, task_steps=60, task_eval_windows=64,
                    note="--full: 2 lrs x 3 seeds behind docs/forgetting.md"),
 }
@@ -245,7 +245,11 @@ def run_size_axis(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.plot_size_axis(out / "size_axis.png", axis, versions_line())
-    print(f"\nwrote {out / 'size_axis.png'}")
+    recipes = [models.load_recipe(size, Path(args.checkpoints)) for size in per_size]
+    print("\nThe pre-trained checkpoints")
+    print(report.checkpoint_table(recipes))
+    report.plot_pretraining(out / "pretraining.png", recipes, versions_line())
+    print(f"\nwrote {out / 'size_axis.png'}, {out / 'pretraining.png'}")
     return 0
 
 

@@ -85,6 +85,9 @@ def test_finetune_csv_has_every_optimizer_and_seed(quick):
         assert float(by[("adamw", s)]["learned"]) > 0
         # MoFO 5 % moves far fewer entries than AdamW
         assert float(by[("mofo5", s)]["moved"]) < 0.5 * float(by[("adamw", s)]["moved"])
+        # HalfAdam freezes half of the parameters; the runs after it (MoFO, then the next seed's
+        # AdamW) must start with every parameter trainable again
+        assert float(by[("adamw", s)]["moved"]) > 1.3 * float(by[("halfadam", s)]["moved"])
     # seeds change the data order, so the two AdamW runs differ
     assert by[("adamw", "0")]["ft_loss"] != by[("adamw", "1")]["ft_loss"]
 
