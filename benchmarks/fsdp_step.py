@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
                     p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
             opt = MoFO(params, lr=1e-5, alpha=args.alpha, fused=True)
             opt.step()  # state, plans, compiled kernels
-            times[name] = bc.bench(opt.step, device, cpu_reps=2)
+            times[name] = bc.bench(opt.step, device, cpu_reps=1, cpu_warmup=0)
             print(f"MoFO fused, {name:9s}: {times[name]:9.3f} ms  ({bc.numel(shapes) / 1e6:.1f}M parameters, "
                   f"{len(shapes)} tensors, {device})", flush=True)
             del opt, params

@@ -121,14 +121,14 @@ def fused_mofo(rank, world):
     from maskopt import MoFO, RandomBCD
 
     with _interpreted_kernels():
-        for make in (
+        for i, make in enumerate((
             lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1, fused=True),
             lambda ps: MoFO(ps, lr=1e-2, alpha=0.1, filter="gradient", mask_weight_decay=False,
                             weight_decay=0.1, fused=True),
             lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, exact=True, fused=True),
             lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, fused=True),
-        ):
-            _compare_direct(rank, world, make, steps=3)
+        )):
+            _compare_direct(rank, world, make, steps=3 if i == 0 else 2)  # the first takes every mode
         from maskopt.kernels import launch
 
         sharded_plans = [key for key in launch._PLANS if key[-1] is not None]  # (cleared on leaving)
