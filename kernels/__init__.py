@@ -9,8 +9,9 @@ kernel modules are imported on first use, so ``TRITON_INTERPRET=1`` (CPU, CI) ca
 time before the first fused step.
 
 Layers: ``_common`` / ``_dense`` / ``_local`` / ``_window`` / ``_fallback`` / ``_apply`` /
-``_resolve`` / ``_sharded`` hold the ``@triton.jit`` kernels, ``launch`` builds the device
-tables and issues the launches, and this module is the public API.
+``_resolve`` / ``_sharded`` hold the ``@triton.jit`` kernels, ``_plan`` builds the cached
+plans, workspaces and device tables, ``launch`` checks the arguments and issues the launches,
+and this module is the public API.
 """
 
 from __future__ import annotations

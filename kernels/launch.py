@@ -22,11 +22,8 @@ kernels reset what they use).
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import struct
-from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -38,17 +35,17 @@ from maskopt import _hash
 
 from ._apply import apply_compact_kernel
 from ._common import (
-    DECAY_ALL, DECAY_MASKED, DECAY_NONE, KEY_GRADIENT, KEY_HASH, KEY_MOMENTUM, N_SROWS,
-    MODE_EXACT, MODE_WINDOW, N_WSROWS, S_CENTER, S_ZBASE, prologue_kernel,
+    DECAY_ALL, DECAY_MASKED, DECAY_NONE, KEY_GRADIENT, KEY_HASH, KEY_MOMENTUM, MODE_EXACT,
+    MODE_WINDOW, S_ZBASE, prologue_kernel,
 )
 from ._dense import dense_step_kernel
 from ._fallback import exact_select_kernel
 from ._local import local_step_kernel
+from ._plan import _PLANS, _WORKSPACES, _Sharding, _plan, _programs, _sharding, _tensor_table, _workspace
 from ._resolve import resolve_kernel
 from ._sharded import cand_level_kernel, data_level_kernel, level_select_kernel
 from ._window import moments_window_kernel, window_select_kernel
 
-S_CENTER_ROW = S_CENTER.value
 S_ZBASE_ROW = S_ZBASE.value
 SELECTIONS = ("all", "topk_momentum", "topk_gradient", "random", "random_exact")
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
@@ -141,320 +138,7 @@ def check_device(device: torch.device) -> None:
                        f"not {device.type!r}; use fused=False")
 
 
-# ---------------------------------------------------------------------------------------
-# plans: chunk and segment tables, cached per (device, shapes, selection, alpha, block_size)
-
-def _topk_count(n: int, alpha: float) -> int:
-    from maskopt.selection import topk_count
-
-    return topk_count(n, alpha)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@dataclass
-class _Local:
-    ltab: torch.Tensor  # int64 [N_LROWS, SL]
-    n_seg: int
-    bb: int
-    rows: int
-
-
-@dataclass
-class _Plan:
-    ctab: torch.Tensor | None  # int64 [N_CROWS, C] streaming chunks
-    n_chunks: int
-    stab: torch.Tensor | None  # int64 [N_GROWS, S]: see G_* in _common
-    n_seg: int
-    n_cand: int  # candidate buffer length
-    locals_: list
-    starts_aligned: bool
-    huge: bool
-
-
-def _chunk_table(seg_tensor, seg_start, seg_len, chunk, seg_origin=None):
-    """Split segments into chunks of at most ``chunk`` entries (vectorised); also returns
-    each segment's first chunk and chunk count. ``seg_origin``: where index 0 of each
-    segment's composite keys lies in its tensor (default: the segment's start; minus the
-    shard's offset for a shard, whose keys use global indices)."""
-    seg_tensor = torch.as_tensor(seg_tensor, dtype=torch.int64)
-    seg_start = torch.as_tensor(seg_start, dtype=torch.int64)
-    seg_origin = seg_start if seg_origin is None else torch.as_tensor(seg_origin, dtype=torch.int64)
-    seg_len = torch.as_tensor(seg_len, dtype=torch.int64)
-    nch = (seg_len + chunk - 1) // chunk
-    total = int(nch.sum())
-    seg = torch.repeat_interleave(torch.arange(len(nch), dtype=torch.int64), nch)
-    first = torch.cumsum(nch, 0) - nch
-    j = torch.arange(total, dtype=torch.int64) - first[seg]
-    start = seg_start[seg] + j * chunk
-    length = torch.minimum(torch.full_like(start, chunk), seg_len[seg] - j * chunk)
-    return torch.stack([seg_tensor[seg], start, length, seg, seg_origin[seg]]), total, first, nch
-
-
-def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None) -> _Plan:
-    if sharding is not None:
-        return _build_sharded_plan(numels, selection, alpha, cfg, device, sharding)
-    huge = any(n > (1 << 32) for n in numels)
-    if selection in ("all", "random"):
-        ts = [i for i, n in enumerate(numels) if n > 0]
-        ctab, total, _, _ = _chunk_table(ts, [0] * len(ts), [numels[i] for i in ts], cfg.chunk)
-        return _Plan(ctab.to(device), total, None, 0, 0, [], True, huge)
-
-    use_blocks = block_size is not None and selection != "random_exact"
-    seg_t, seg_s, seg_n = [], [], []
-    for i, n in enumerate(numels):
-        if n == 0:
-            continue
-        if use_blocks and n > block_size:
-            nb = -(-n // block_size)
-            seg_t += [i] * nb
-            seg_s += range(0, n, block_size)
-            seg_n += [block_size] * (nb - 1) + [n - (nb - 1) * block_size]
-        else:
-            seg_t.append(i)
-            seg_s.append(0)
-            seg_n.append(n)
-    kcache: dict[int, int] = {}
-
-    def kof(n):
-        if n not in kcache:
-            kcache[n] = _topk_count(n, alpha)
-        return kcache[n]
-
-    idx_limit = (1 << 31) if selection == "random_exact" else (1 << 32)
-    loc: dict[int, list] = {}
-    g_t, g_s, g_n, g_k = [], [], [], []
-    for t, s, n in zip(seg_t, seg_s, seg_n):
-        if n <= cfg.local_max:
-            bb = max(16, _next_pow2(n))
-            loc.setdefault(bb, []).append((t, s, n, kof(n)))
-        else:
-            if n > idx_limit:
-                raise ValueError(f"a selection segment of {n} entries is too large for the fused "
-                                 f"{selection!r} path (limit {idx_limit}); use block_size or fused=False")
-            g_t.append(t)
-            g_s.append(s)
-            g_n.append(n)
-            g_k.append(kof(n))
-    # Two row widths at most, short and long, whatever the number of tensors: a launch costs
-    # more than the masked lanes of a short segment in a wider row.
-    classes: dict[bool, list] = {}
-    for bb in sorted(loc):
-        classes.setdefault(bb <= _SHORT_ROW, []).append(bb)
-    locals_ = []
-    for widths in classes.values():
-        bb = max(widths)
-        rows = [row for w in widths for row in loc[w]]
-        ltab = torch.tensor(rows, dtype=torch.int64).T.contiguous()
-        locals_.append(_Local(ltab.to(device), len(rows), bb, max(1, cfg.local_tile // bb)))
-    n_seg = len(g_t)
-    ctab = stab = None
-    total = n_cand = 0
-    if n_seg:
-        ctab, total, first, nch = _chunk_table(g_t, g_s, g_n, cfg.chunk)
-        ctab = ctab.to(device)
-        caps = [min(n, max(cfg.cand_min, math.ceil(n * cfg.cand_frac))) for n in g_n]
-        coff = [0] * n_seg
-        for i in range(1, n_seg):
-            coff[i] = coff[i - 1] + caps[i - 1]
-        n_cand = coff[-1] + caps[-1]
-        stab = torch.tensor([g_k, caps, coff, g_t, g_s, g_n, first.tolist(), nch.tolist()],
-                            dtype=torch.int64).to(device)
-    aligned = all(s % 16 == 0 for s in g_s)
-    return _Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
-
-
-def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Plan:
-    """Every local shard is one segment of the two-pass path, its keys on global indices,
-    its k and candidate capacity from the whole tensor (the same on every rank, so that
-    every rank takes the same decisions)."""
-    world = sharding.world
-    huge = any(n > (1 << 32) for n in sharding.numels)
-    idx_limit = (1 << 31) if selection == "random_exact" else (1 << 32)
-    g_t = [i for i, n in enumerate(numels) if sharding.numels[i] > 0]
-    for i in g_t:
-        if sharding.numels[i] > idx_limit:
-            raise ValueError(f"a sharded tensor of {sharding.numels[i]} entries is too large for the fused "
-                             f"{selection!r} path (limit {idx_limit}); use fused=False")
-    n_seg = len(g_t)
-    if not n_seg:
-        return _Plan(None, 0, None, 0, 0, [], True, huge)
-    g_n = [numels[i] for i in g_t]
-    g_k = [_topk_count(sharding.numels[i], alpha) for i in g_t]
-    origin = [-sharding.offsets[i] for i in g_t]
-    ctab, total, first, nch = _chunk_table(g_t, [0] * n_seg, g_n, cfg.chunk, seg_origin=origin)
-    caps = [min(sharding.numels[i], max(cfg.cand_min, math.ceil(sharding.numels[i] * cfg.cand_frac / world)))
-            for i in g_t]
-    coff = [0] * n_seg
-    for i in range(1, n_seg):
-        coff[i] = coff[i - 1] + caps[i - 1]
-    stab = torch.tensor([g_k, caps, coff, g_t, origin, g_n, first.tolist(), nch.tolist()], dtype=torch.int64)
-    return _Plan(ctab.to(device), total, stab.to(device), n_seg, coff[-1] + caps[-1], [], True, huge)
-
-
-@dataclass(frozen=True)
-class _Sharding:
-    """The tensors of one call are shards over one process group (FSDP2)."""
-
-    group: object
-    rank: int  # this rank's position in the group, which is also its shards' order
-    world: int
-    numels: tuple  # whole tensors
-    offsets: tuple  # global flat index of each local shard's first entry
-
-
-_CHECKED_ORDER: set = set()
-
-
-def _sharding(params, shards) -> _Sharding | None:
-    """The sharding of a call (None: no shard), checked: one process group, and shards laid
-    out in rank order (as FSDP2's ``Shard(0)``), which the zero ranking relies on."""
-    import torch.distributed as dist
-
-    if shards is None or all(s is None for s in shards):
-        return None
-    if any(s is None for s in shards) or len({id(s.group) for s in shards}) != 1:
-        raise ValueError("fused_adam_step_: sharded and whole tensors, or shards over different process "
-                         "groups, must be stepped in separate calls")
-    group = shards[0].group
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    offsets = tuple(int(s.offset) for s in shards)
-    numels = tuple(int(s.numel) for s in shards)
-    key = (id(group), numels, offsets)
-    if key not in _CHECKED_ORDER:  # once per layout: a collective and a host sync
-        mine = torch.tensor(offsets, dtype=torch.int64, device=params[0].device)
-        every = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine, group=group)
-        table = torch.stack(every).cpu()
-        if not bool((table[1:] >= table[:-1]).all()):
-            raise NotImplementedError("the fused path needs shards in rank order (FSDP2's Shard(0)); "
-                                      "use fused=False for this layout")
-        _CHECKED_ORDER.add(key)
-    return _Sharding(group, rank, world, numels, offsets)
-
-
-_SHORT_ROW = 256
-_PLANS: OrderedDict = OrderedDict()
-_MAX_PLANS = 64
-
-
-def _plan(numels, selection, alpha, block_size, device, sharding=None):
-    """The plan of these shapes and its cache key."""
-    cfg = _CONFIG
-    kind = selection if selection not in ("all", "random") else "dense"
-    if kind == "dense":
-        sharding = None  # entry by entry: global indices come from the tensor table
-    key = (str(device), tuple(numels), kind,
-           None if kind == "dense" else float(alpha),
-           block_size if kind.startswith("topk") else None,
-           None if sharding is None else (sharding.world, sharding.numels, sharding.offsets))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _build_plan(numels, selection, alpha, block_size, cfg, device, sharding)
-        _PLANS[key] = plan
-        if len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
-    return plan, key
-
-
-# ---------------------------------------------------------------------------------------
-# workspaces: per plan and set of parameters, kept between steps (the window centres are
-# per-segment state; the histogram rows, candidate counts and zero counts are reset by the
-# kernels that consume them), so a step allocates and clears nothing
-
-@dataclass
-class _Workspace:
-    ws: torch.Tensor  # fp32 [N_WSROWS, T]: bias corrections and step, written by the prologue
-    sst: torch.Tensor | None = None  # int64 [N_SROWS, S]: see S_* in _common
-    hist: torch.Tensor | None = None  # int32 [S, NB]
-    zcount: torch.Tensor | None = None  # int64 [C]: zeros per chunk, then zeros before it
-    cand: torch.Tensor | None = None  # int64 candidate composites
-    ztotal: torch.Tensor | None = None  # int64 [world, S]: zeros per rank (MODE_ZERO)
-    levels: torch.Tensor | None = None  # int32 [S, 256]: the sharded level-by-level histograms
-
-
-_WORKSPACES: OrderedDict = OrderedDict()
-_MAX_WORKSPACES = 64
-
-
-def _initial_center(frac: int) -> int:
-    """Window centre before the first threshold is known: the fine key of 1e-4."""
-    return struct.unpack("<I", struct.pack("<f", 1e-4))[0] >> (23 - frac)
-
-
-def _workspace(plan_key, plan: _Plan, params, device, world: int = 1) -> _Workspace:
-    key = (plan_key, tuple(p.data_ptr() for p in params))
-    work = _WORKSPACES.get(key)
-    if work is not None:
-        _WORKSPACES.move_to_end(key)
-        return work
-    cfg = _CONFIG
-    work = _Workspace(torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
-    if plan.n_seg:
-        work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
-        work.sst[S_CENTER_ROW] = _initial_center(cfg.window_frac)
-        work.hist = torch.zeros((plan.n_seg, 1 << cfg.window_bins_log2), dtype=torch.int32, device=device)
-        work.zcount = torch.zeros(max(1, plan.n_chunks), dtype=torch.int64, device=device)
-        work.cand = torch.empty(max(1, plan.n_cand), dtype=torch.int64, device=device)
-        work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
-        if world > 1 or plan_key[-1] is not None:
-            work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
-    _WORKSPACES[key] = work
-    if len(_WORKSPACES) > _MAX_WORKSPACES:
-        _WORKSPACES.popitem(last=False)
-    return work
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _programs(n_chunks: int, device: torch.device) -> int:
-    """Persistent programs for the streaming kernels."""
-    want = _CONFIG.programs
-    if not want:
-        if device.type == "cuda":
-            want = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        else:
-            want = 8
-    return max(1, min(n_chunks, want))
-
-
-# ---------------------------------------------------------------------------------------
-# tensor tables (addresses change whenever grads are reallocated: rebuilt, small LRU)
-
 _debug_capture: list | None = None  # set to a list to record each step's segment state
-
-_TTABS: OrderedDict = OrderedDict()
-_MAX_TTABS = 16
-
-
-def _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device) -> torch.Tensor:
-    rows = (
-        tuple(p.data_ptr() for p in params),
-        tuple(g.data_ptr() for g in grads),
-        tuple(m.data_ptr() for m in ms),
-        tuple(v.data_ptr() for v in vs),
-        tuple(s.data_ptr() for s in steps),
-        tuple(p.numel() for p in params),
-        tuple(hkeys),
-        tuple(bases),
-    )
-    key = (str(device), rows)
-    tab = _TTABS.get(key)
-    if tab is None:
-        tab = torch.tensor(rows, dtype=torch.int64).to(device)
-        _TTABS[key] = tab
-        if len(_TTABS) > _MAX_TTABS:
-            _TTABS.popitem(last=False)
-    else:
-        _TTABS.move_to_end(key)
-    return tab
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,8 +300,8 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     else:
         hkeys = [0] * T
     ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device)
-    plan, plan_key = _plan(numels, selection, alpha, block_size, device, sharding)
-    work = _workspace(plan_key, plan, params, device, 1 if sharding is None else sharding.world)
+    plan, plan_key = _plan(numels, selection, alpha, block_size, device, cfg, sharding)
+    work = _workspace(plan_key, plan, params, device, cfg, 1 if sharding is None else sharding.world)
     ws = work.ws
 
     has_inf = found_inf is not None
@@ -671,7 +355,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
         return
 
     S, C = plan.n_seg, plan.n_chunks
-    programs = _programs(C, device)
+    programs = _programs(C, device, cfg)
     per_program = triton.cdiv(C, programs)
     programs = triton.cdiv(C, per_program) if C else 0
     window = dict(FRAC=cfg.window_frac, NB_LOG2=cfg.window_bins_log2)

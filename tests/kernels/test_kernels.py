@@ -41,7 +41,8 @@ def _load_launch():
     from maskopt.kernels import launch
 
     if (DEVICE.type == "cpu") != launch._kernels_interpreted():
-        for name in ("_common", "_dense", "_window", "_fallback", "_local", "_apply", "_resolve", "launch"):
+        for name in ("_common", "_dense", "_window", "_fallback", "_local", "_apply", "_resolve", "_sharded",
+                     "_plan", "launch"):
             importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
         from maskopt.kernels import launch
     return launch
