@@ -144,19 +144,17 @@ _debug_capture: list | None = None  # set to a list to record each step's segmen
 # ---------------------------------------------------------------------------------------
 # argument checks
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha, block_size,
-           tensor_indices, grad_scale, found_inf):
+def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, tensor_indices, grad_scale,
+           found_inf, shards):
     n = len(params)
+    if shards is not None and len(shards) != n:
+        raise ValueError(f"fused_adam_step_: len(shards)={len(shards)} != len(params)={n}")
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("state_steps", state_steps)):
         if len(lst) != n:
             raise ValueError(f"fused_adam_step_: len({name})={len(lst)} != len(params)={n}")
-    if selection not in SELECTIONS:
+    if selection not in SELECTIONS:  # (SelectionPolicy has checked alpha and block_size)
         raise ValueError(f"fused_adam_step_: selection must be one of {SELECTIONS}, got {selection!r}")
-    if not (0.0 < alpha <= 1.0):
-        raise ValueError(f"fused_adam_step_: alpha must be in (0, 1], got {alpha}")
-    if block_size is not None and (int(block_size) != block_size or block_size < 1):
-        raise ValueError(f"fused_adam_step_: block_size must be a positive int or None, got {block_size}")
     if selection in ("random", "random_exact") and len(tensor_indices) != n:
         raise ValueError(f"fused_adam_step_: len(tensor_indices)={len(tensor_indices)} != len(params)={n}")
     device = params[0].device
@@ -244,8 +242,8 @@ def fused_adam_step_(
         return
     selection = "all" if policy.moves_all else policy.kind
     alpha, block_size, seed, hash_counter = policy.alpha, policy.block_size, policy.seed, policy.counter
-    device = _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, alpha,
-                    block_size, tensor_indices, grad_scale, found_inf)
+    device = _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, tensor_indices,
+                    grad_scale, found_inf, shards)
     check_device(device)
     # Shards hash their global indices; a whole-tensor selection is taken across the ranks,
     # while blocks lie inside one shard (the optimizer checks it) and are selected locally.
