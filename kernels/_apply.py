@@ -20,9 +20,9 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_CAP, G_COFF, MODE_EXACT, MODE_WINDOW,
-    MODE_ZERO, ROW_M, ROW_P, ROW_V, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, S_ZBASE,
+    MODE_ZERO, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, S_ZBASE,
     WS_BC2_SQRT, WS_STEP_SIZE,
-    abs_key, adam_update, composite, load_key, skip_step, window_digit,
+    abs_key, adam_update, composite, load_key, skip_step, tensor_pointers, window_digit,
 )
 
 
@@ -122,13 +122,8 @@ def apply_compact_kernel(
         n = tl.load(ctab + C_LEN * C + c)
         seg = tl.load(ctab + C_SEG * C + c)
         lstart = start - tl.load(ctab + C_SEGOFF * C + c)
-        p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
-        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
-        if ALIGNED:  # 16-byte aligned bases: 128-bit accesses on full chunks
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
+        p_ptr, _, m_ptr, v_ptr = tensor_pointers(ttab, T, t, PDT, MDT, ALIGNED)
+        if ALIGNED:
             start = tl.multiple_of(start, 16)
         if ALIGNED and n == CHUNK:
             _apply_body(ttab, T, t, ws, sst, S, stab, cand, zcount, c, seg, p_ptr, m_ptr, v_ptr,

@@ -207,6 +207,54 @@ def adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT: tl.constexpr):
 
 
 @triton.jit
+def tensor_pointers(ttab, T, t, PDT: tl.constexpr, MDT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Addresses of tensor ``t``'s p, g, m and v, with 16-byte alignment hints when ALIGNED
+    (128-bit accesses on full chunks)."""
+    p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
+    g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
+    m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
+    v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+    return p_ptr, g_ptr, m_ptr, v_ptr
+
+
+@triton.jit
+def step_moments(g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2,
+                 HAS_SCALE: tl.constexpr, MDT: tl.constexpr):
+    """Read g, m and v, store Adam's new moments; returns g, m, v in fp32 (m and v as stored)."""
+    g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
+    tl.store(m_ptr + offs, as_moment(m, MDT), mask=mask)
+    tl.store(v_ptr + offs, as_moment(v, MDT), mask=mask)
+    return g, m, v
+
+
+@triton.jit
+def digit_histogram(comp, mask, prefix, shift):
+    """Histogram of the 8-bit digit at ``shift`` of the composite keys whose higher digits
+    equal ``prefix``."""
+    match = mask & (((comp >> shift) >> 8) == prefix)
+    return tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+
+
+@triton.jit
+def candidate_histogram(region, count, prefix, shift, TILE: tl.constexpr):
+    """:func:`digit_histogram` over the ``count`` compacted candidates at ``region``."""
+    lane = tl.arange(0, TILE)
+    acc = tl.zeros([256], tl.int32)
+    for j in range(0, count, TILE):
+        cmask = j + lane < count
+        acc += digit_histogram(tl.load(region + j + lane, mask=cmask, other=0), cmask, prefix, shift)
+    return acc
+
+
+@triton.jit
 def hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr):
     """RandomBCD's u(i) (uint32) for entries ``offs`` of tensor ``t`` at this step."""
     if USE_HCOUNTER:

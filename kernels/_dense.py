@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    C_LEN, C_START, C_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_moments, adam_update, as_moment, hash_key_of, load_grad, skip_step,
+    C_LEN, C_START, C_TENSOR, WS_BC2_SQRT, WS_STEP_SIZE,
+    adam_update, hash_key_of, skip_step, step_moments, tensor_pointers,
 )
 
 
@@ -38,12 +38,8 @@ def _dense_body(
     else:
         mask = lane < n
 
-    g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
-    tl.store(m_ptr + offs, as_moment(m, MDT), mask=mask)
-    tl.store(v_ptr + offs, as_moment(v, MDT), mask=mask)
+    g, m, v = step_moments(g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2,
+                           HAS_SCALE, MDT)
 
     if MODE == 0:
         sel = mask
@@ -78,16 +74,8 @@ def dense_step_kernel(
     t = tl.load(ctab + C_TENSOR * C + c)
     start = tl.load(ctab + C_START * C + c)
     n = tl.load(ctab + C_LEN * C + c)
-    p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
-    g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
-    m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
-    v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
+    p_ptr, g_ptr, m_ptr, v_ptr = tensor_pointers(ttab, T, t, PDT, MDT, ALIGNED)
     if ALIGNED:
-        # 16-byte aligned bases and a full chunk: the compiler can use 128-bit accesses
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
         start = tl.multiple_of(start, 16)
         if n == CHUNK:
             _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, CHUNK, grad_scale_ptr,

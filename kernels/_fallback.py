@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import (
     G_K, G_LEN, G_START, G_TENSOR, MODE_EXACT, S_MODE, S_THR,
-    composite, load_key, pick_bin, skip_step,
+    composite, digit_histogram, load_key, pick_bin, skip_step,
 )
 
 
@@ -49,9 +49,7 @@ def exact_select_kernel(
             lmask = local < n
             key = load_key(ttab, T, t, ws, start + local, lmask, grad_scale_ptr, hash_counter,
                            PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
-            comp = composite(key, local, IDXB)
-            match = lmask & (((comp >> shift) >> 8) == prefix)
-            acc += tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+            acc += digit_histogram(composite(key, local, IDXB), lmask, prefix, shift)
         b, r, h_b = pick_bin(acc.to(tl.int64), bins, r)
         prefix = (prefix << 8) | b.to(tl.int64)
         finished = (r == h_b) | (shift == 0)

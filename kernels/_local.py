@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._common import (
     L_K, L_LEN, L_START, L_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
-    abs_key, adam_moments, adam_update, as_moment, hash_key_of, load_grad, skip_step,
+    abs_key, adam_update, hash_key_of, skip_step, step_moments,
 )
 
 
@@ -46,12 +46,8 @@ def local_step_kernel(
     mask = cols[None, :] < n[:, None]
     offs = start[:, None] + cols[None, :]
 
-    g = load_grad(g_ptr[:, None], offs, mask, grad_scale_ptr, HAS_SCALE)
-    m = tl.load(m_ptr[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
-    tl.store(m_ptr[:, None] + offs, as_moment(m, MDT), mask=mask)
-    tl.store(v_ptr[:, None] + offs, as_moment(v, MDT), mask=mask)
+    g, m, v = step_moments(g_ptr[:, None], m_ptr[:, None], v_ptr[:, None], offs, mask, grad_scale_ptr,
+                           beta1, omb1, beta2, omb2, HAS_SCALE, MDT)
 
     if KEY_MODE == 0:
         key = abs_key(m).to(tl.int32, bitcast=True)

@@ -130,7 +130,7 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
         bb = max(widths)
         rows = [row for w in widths for row in loc[w]]
         ltab = torch.tensor(rows, dtype=torch.int64).T.contiguous()
-        locals_.append(_Local(ltab.to(device), len(rows), bb, max(1, cfg.local_tile // bb)))
+        locals_.append(_Local(ltab.to(device), len(rows), bb, max(1, min(_MAX_ROWS, cfg.local_tile // bb))))
     n_seg = len(g_t)
     ctab = stab = None
     total = n_cand = 0
@@ -218,6 +218,7 @@ def _sharding(params, shards) -> _Sharding | None:
 
 
 _SHORT_ROW = 256
+_MAX_ROWS = 8  # rows per program of the single-pass kernel: more spill registers on sm_90
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 64
 

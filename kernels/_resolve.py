@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    G_COFF, G_START, G_TENSOR, MODE_DIGIT, MODE_EXACT, MODE_WINDOW, ROW_M, ROW_P, ROW_V,
+    G_COFF, G_START, G_TENSOR, MODE_DIGIT, MODE_EXACT, MODE_WINDOW,
     S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_update, pick_bin, skip_step,
+    adam_update, candidate_histogram, pick_bin, skip_step, tensor_pointers,
 )
 
 
@@ -50,12 +50,7 @@ def resolve_kernel(
             done += 1
             thr = tl.load(sst + S_THR * S + s)
         while done == 0:
-            acc = tl.zeros([256], tl.int32)
-            for j in range(0, count, TILE):
-                cmask = j + lane < count
-                comp = tl.load(region + j + lane, mask=cmask, other=0)
-                match = cmask & (((comp >> shift) >> 8) == prefix)
-                acc += tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+            acc = candidate_histogram(region, count, prefix, shift, TILE)
             b, r, h_b = pick_bin(acc.to(tl.int64), bins, r)
             prefix = (prefix << 8) | b.to(tl.int64)
             finished = (r == h_b) | (shift == 0)
@@ -66,9 +61,7 @@ def resolve_kernel(
 
         t = tl.load(stab + G_TENSOR * S + s)
         seg_start = tl.load(stab + G_START * S + s)
-        p_ptr = tl.load(ttab + ROW_P * T + t).to(tl.pointer_type(PDT))
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
-        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
+        p_ptr, _, m_ptr, v_ptr = tensor_pointers(ttab, T, t, PDT, MDT, False)
         step_size = tl.load(ws + WS_STEP_SIZE * T + t)
         bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
         for j in range(0, count, TILE):

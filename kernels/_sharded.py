@@ -26,7 +26,7 @@ import triton.language as tl
 from ._common import (
     C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_COFF, MODE_EXACT, MODE_WINDOW, S_CCOUNT,
     S_DONE, S_MODE, S_PREFIX, S_R, S_THR,
-    composite, load_key, pick_bin, skip_step,
+    candidate_histogram, composite, digit_histogram, load_key, pick_bin, skip_step,
 )
 
 
@@ -40,9 +40,7 @@ def _data_level_body(
     mask = lane < n
     key = load_key(ttab, T, t, ws, start + lane, mask, grad_scale_ptr, hash_counter,
                    PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
-    comp = composite(key, lstart + lane, IDXB)
-    match = mask & (((comp >> shift) >> 8) == prefix)
-    return tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+    return digit_histogram(composite(key, lstart + lane, IDXB), mask, prefix, shift)
 
 
 @triton.jit
@@ -89,16 +87,8 @@ def cand_level_kernel(
     s = tl.program_id(0)
     if (tl.load(sst + S_MODE * S + s) != MODE_WINDOW) | (tl.load(sst + S_DONE * S + s) != 0):
         return
-    count = tl.load(sst + S_CCOUNT * S + s)
-    region = cand + tl.load(stab + G_COFF * S + s)
-    prefix = tl.load(sst + S_PREFIX * S + s)
-    lane = tl.arange(0, TILE)
-    acc = tl.zeros([256], tl.int32)
-    for j in range(0, count, TILE):
-        cmask = j + lane < count
-        comp = tl.load(region + j + lane, mask=cmask, other=0)
-        match = cmask & (((comp >> shift) >> 8) == prefix)
-        acc += tl.histogram(((comp >> shift) & 255).to(tl.int32), 256, mask=match)
+    acc = candidate_histogram(cand + tl.load(stab + G_COFF * S + s), tl.load(sst + S_CCOUNT * S + s),
+                              tl.load(sst + S_PREFIX * S + s), shift, TILE)
     tl.store(hist + s * 256 + tl.arange(0, 256), acc)
 
 

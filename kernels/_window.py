@@ -23,9 +23,8 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_SEG, C_START, C_TENSOR, G_CAP, G_CFIRST, G_K, G_NCHUNKS, MODE_DIGIT, MODE_EXACT,
-    MODE_WINDOW, MODE_ZERO, ROW_G, ROW_M, ROW_V, S_CCOUNT, S_CENTER, S_DONE, S_DSEL, S_MODE,
-    S_PREFIX, S_R,
-    adam_moments, abs_key, as_moment, hash_key_of, load_grad, pick_bin, skip_step, window_digit,
+    MODE_WINDOW, MODE_ZERO, S_CCOUNT, S_CENTER, S_DONE, S_DSEL, S_MODE, S_PREFIX, S_R,
+    abs_key, hash_key_of, pick_bin, skip_step, step_moments, tensor_pointers, window_digit,
 )
 
 
@@ -39,12 +38,8 @@ def _moments_window_body(
     lane = tl.arange(0, CHUNK)
     offs = start + lane
     mask = lane < n
-    g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m, v = adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT)
-    tl.store(m_ptr + offs, as_moment(m, MDT), mask=mask)
-    tl.store(v_ptr + offs, as_moment(v, MDT), mask=mask)
+    g, m, v = step_moments(g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2,
+                           HAS_SCALE, MDT)
     if KEY_MODE == 0:
         key = abs_key(m)
     elif KEY_MODE == 1:
@@ -82,13 +77,8 @@ def moments_window_kernel(
         start = tl.load(ctab + C_START * C + c)
         n = tl.load(ctab + C_LEN * C + c)
         base = (tl.load(sst + S_CENTER * S + seg) - (NB // 2)).to(tl.int32)
-        g_ptr = tl.load(ttab + ROW_G * T + t).to(tl.pointer_type(PDT))
-        m_ptr = tl.load(ttab + ROW_M * T + t).to(tl.pointer_type(MDT))
-        v_ptr = tl.load(ttab + ROW_V * T + t).to(tl.pointer_type(MDT))
-        if ALIGNED:  # 16-byte aligned bases: 128-bit accesses on full chunks
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
+        _, g_ptr, m_ptr, v_ptr = tensor_pointers(ttab, T, t, PDT, MDT, ALIGNED)
+        if ALIGNED:
             start = tl.multiple_of(start, 16)
         if ALIGNED and n == CHUNK:
             h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, CHUNK, base,

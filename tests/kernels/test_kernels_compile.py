@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _variants(full=True):
     import triton.language as tl
 
-    from maskopt.kernels import _apply, _common, _dense, _fallback, _local, _resolve, _window
+    from maskopt.kernels import _apply, _common, _dense, _fallback, _local, _resolve, _sharded, _window
 
     P64, I = "*i64", "i64"
     out = []
@@ -64,7 +64,7 @@ def _variants(full=True):
                           USE_HCOUNTER=False, HUGE=False, ALIGNED=True, IDXB=idxb, SEC=sec, CHUNK=4096,
                           **window)
                 out.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _apply.apply_compact_kernel, sig, cx))
-            for rows, bb in ((1, 4096), (16, 256)):
+            for rows, bb in ((1, 4096), (8, 256), (8, 16)):
                 sig = dict(ttab=P64, T="i32", ltab=P64, SL="i32", ws="*fp32", found_inf_ptr="*fp32",
                            grad_scale_ptr="*fp32", beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32",
                            eps="fp32", decay="fp32", hash_counter="i32")
@@ -76,12 +76,24 @@ def _variants(full=True):
             sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, cand=P64,
                        found_inf_ptr="*fp32", eps="fp32", decay="fp32")
             cx = dict(PDT=pdt, MDT=mdt, HAS_INF=True, DECAY=decay, FLOAT_KEY=True, IDXB=32, TOP_SHIFT=48,
-                      TILE=2048, **window)
+                      TILE=2048, THR_KNOWN=False, **window)
             out.append((f"resolve/{pdt_name}/decay{decay}", _resolve.resolve_kernel, sig, cx))
     for float_key in (True, False):
-        sig = dict(hist="*i32", sst=P64, S="i32", stab=P64, zcount=P64, found_inf_ptr="*fp32")
-        cx = dict(HAS_INF=True, FLOAT_KEY=float_key, NB_LOG2=9, SCAN=1024)
+        sig = dict(hist="*i32", sst=P64, S="i32", stab=P64, zcount=P64, ztotal=P64, rank="i32", world="i32",
+                   found_inf_ptr="*fp32")
+        cx = dict(HAS_INF=True, FLOAT_KEY=float_key, IDXB=32 if float_key else 31, TOP_SHIFT=48, SCAN=1024,
+                  **window)
         out.append((f"select/float{float_key}", _window.window_select_kernel, sig, cx))
+    for key_mode in (0, 2):
+        sig = dict(ttab=P64, T="i32", ctab=P64, C="i32", per_program="i32", ws="*fp32", sst=P64, S="i32",
+                   hist="*i32", found_inf_ptr="*fp32", grad_scale_ptr="*fp32", hash_counter="i32", shift="i32")
+        cx = dict(PDT=tl.float32, MDT=tl.float32, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True,
+                  USE_HCOUNTER=False, HUGE=False, IDXB=31 if key_mode == 2 else 32, CHUNK=4096)
+        out.append((f"sharded/data_level/key{key_mode}", _sharded.data_level_kernel, sig, cx))
+    sig = dict(sst=P64, S="i32", stab=P64, cand=P64, hist="*i32", found_inf_ptr="*fp32", shift="i32")
+    out.append(("sharded/cand_level", _sharded.cand_level_kernel, sig, dict(HAS_INF=True, TILE=2048)))
+    sig = dict(hist="*i32", sst=P64, S="i32", found_inf_ptr="*fp32", shift="i32")
+    out.append(("sharded/level_select", _sharded.level_select_kernel, sig, dict(MODE=3, HAS_INF=True)))
     sig = dict(ttab=P64, T="i32", ws="*fp32", found_inf_ptr="*fp32", b1_hi="fp32", b1_lo="fp32",
                b2_hi="fp32", b2_lo="fp32", lr_hi="fp32", lr_lo="fp32")
     out.append(("prologue", _common.prologue_kernel, sig, dict(HAS_INF=True, BLOCK=1024)))
@@ -103,8 +115,8 @@ def compile_all(capabilities=(90,), only=None, verbose=False, full=True):
         for cap in capabilities:
             try:
                 src = ASTSource(fn=fn, signature=full_sig, constexprs=cx)
-                num_warps = (4 if name.startswith(("select", "prologue", "resolve")) else
-                             16 if name.startswith("local") else 8)
+                small = ("select", "prologue", "resolve", "sharded/cand", "sharded/level")
+                num_warps = 4 if name.startswith(small) else 16 if name.startswith("local") else 8
                 num_warps = int(os.environ.get("NW", num_warps))
                 k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                    options={"num_warps": num_warps})
