@@ -152,35 +152,25 @@ def _ptxas_info(ptx: str, cap: int) -> str:
     return f"regs={regs[-1] if regs else '?'} spill_stores={spills[-1] if spills else '?'}"
 
 
-@pytest.mark.slow
-def test_every_kernel_variant_compiles_for_sm90():
+def _compiled(expression: str):
+    """``expression`` (over this module's names) evaluated in a process without
+    TRITON_INTERPRET, where ``@triton.jit`` builds compiled kernels; its JSON value."""
+    import json
+
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    code = (
-        "import sys, json; sys.path.insert(0, 'tests/kernels');"
-        "from test_kernels_compile import compile_all;"
-        "r = compile_all((90,), full=False);"
-        "print(json.dumps({k: v for k, v in r.items() if v}))"
-    )
+    code = ("import sys, json; sys.path.insert(0, 'tests/kernels'); from test_kernels_compile import *;"
+            f"print(json.dumps({expression}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    failures = json.loads(proc.stdout.strip().splitlines()[-1])
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_sm90():
+    failures = _compiled("{k: v for k, v in compile_all((90,), full=False).items() if v}")
     assert not failures, failures
-
-
-if __name__ == "__main__":
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton  # noqa: F811
-
-    caps = tuple(int(a) for a in sys.argv[1:] if a.isdigit()) or (90,)
-    only = next((a for a in sys.argv[1:] if not a.isdigit()), None)
-    res = compile_all(caps, only=only, verbose=True)
-    bad = {k: v for k, v in res.items() if v}
-    print(f"{len(res) - len(bad)}/{len(res)} variants compiled")
-    sys.exit(1 if bad else 0)
 
 
 def full_tile_accesses(capability=90):
@@ -225,22 +215,22 @@ def test_masked_full_tiles_use_vector_accesses_without_spills():
     """p, v (and m) move in 128-bit accesses under the sector masks of pass 2 and RandomBCD:
     the only scalar 32-bit accesses left are the per-tensor scalars (step size, bias
     correction, grad scale); 64-bit ones are table reads and candidate stores."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    code = (
-        "import sys, json; sys.path.insert(0, 'tests/kernels');"
-        "from test_kernels_compile import full_tile_accesses;"
-        "r = full_tile_accesses();"
-        "print(json.dumps({k: [dict(v[0]), v[1]] for k, v in r.items()}))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    for name, (forms, spills) in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+    accesses = _compiled("{k: [dict(v[0]), v[1]] for k, v in full_tile_accesses().items()}")
+    for name, (forms, spills) in accesses.items():
         scalar = {f: c for f, c in forms.items() if f.endswith((".b32", ".b16")) and ".v" not in f}
         assert not any(f.startswith("st.") for f in scalar), (name, forms)
         assert sum(scalar.values()) <= 3, (name, forms)
         assert forms.get("ld.global.v4.b32", 0) >= 4, (name, forms)
         assert spills == 0, (name, spills)
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton  # noqa: F811
+
+    caps = tuple(int(a) for a in sys.argv[1:] if a.isdigit()) or (90,)
+    only = next((a for a in sys.argv[1:] if not a.isdigit()), None)
+    res = compile_all(caps, only=only, verbose=True)
+    bad = {k: v for k, v in res.items() if v}
+    print(f"{len(res) - len(bad)}/{len(res)} variants compiled")
+    sys.exit(1 if bad else 0)
