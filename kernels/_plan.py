@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -246,10 +247,14 @@ def _plan(numels, selection, alpha, block_size, device, cfg, sharding=None):
 # ---------------------------------------------------------------------------------------
 # workspaces: per plan and set of parameters, kept between steps (the window centres are
 # per-segment state; the histogram rows, candidate counts and zero counts are reset by the
-# kernels that consume them), so a step allocates and clears nothing
+# kernels that consume them), so a step allocates and clears nothing. A workspace lives as
+# long as the step counter of the call's first tensor, i.e. as long as the optimizer state
+# it serves: no cache size can make an optimizer with many param groups lose its windows
+# (each loss costs a fallback step), and a dropped optimizer takes its workspaces along.
 
 @dataclass
 class _Workspace:
+    key: tuple  # the plan key and the parameters' addresses it was built for
     ws: torch.Tensor  # fp32 [N_WSROWS, T]: bias corrections and step, written by the prologue
     sst: torch.Tensor | None = None  # int64 [N_SROWS, S]: see S_* in _common
     hist: torch.Tensor | None = None  # int32 [S, NB]
@@ -259,8 +264,7 @@ class _Workspace:
     levels: torch.Tensor | None = None  # int32 [S, 256]: the sharded level-by-level histograms
 
 
-_WORKSPACES: OrderedDict = OrderedDict()
-_MAX_WORKSPACES = 64
+_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _initial_center(frac: int) -> int:
@@ -268,13 +272,12 @@ def _initial_center(frac: int) -> int:
     return struct.unpack("<I", struct.pack("<f", 1e-4))[0] >> (23 - frac)
 
 
-def _workspace(plan_key, plan: _Plan, params, device, cfg, world: int = 1) -> _Workspace:
+def _workspace(plan_key, plan: _Plan, params, steps, device, cfg, world: int = 1) -> _Workspace:
     key = (plan_key, tuple(p.data_ptr() for p in params))
-    work = _WORKSPACES.get(key)
-    if work is not None:
-        _WORKSPACES.move_to_end(key)
+    work = _WORKSPACES.get(steps[0])
+    if work is not None and work.key == key:
         return work
-    work = _Workspace(torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
+    work = _Workspace(key, torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
     if plan.n_seg:
         work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
         work.sst[S_CENTER_ROW] = _initial_center(cfg.window_frac)
@@ -284,9 +287,7 @@ def _workspace(plan_key, plan: _Plan, params, device, cfg, world: int = 1) -> _W
         work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
         if world > 1 or plan_key[-1] is not None:
             work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
-    _WORKSPACES[key] = work
-    if len(_WORKSPACES) > _MAX_WORKSPACES:
-        _WORKSPACES.popitem(last=False)
+    _WORKSPACES[steps[0]] = work
     return work
 
 

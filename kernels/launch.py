@@ -299,7 +299,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
         hkeys = [0] * T
     ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device)
     plan, plan_key = _plan(numels, selection, alpha, block_size, device, cfg, sharding)
-    work = _workspace(plan_key, plan, params, device, cfg, 1 if sharding is None else sharding.world)
+    work = _workspace(plan_key, plan, params, steps, device, cfg, 1 if sharding is None else sharding.world)
     ws = work.ws
 
     has_inf = found_inf is not None

@@ -309,6 +309,23 @@ def test_window_follows_the_threshold():
     assert all(int(m) == 0 for rec in later for m in rec["sst"][0].cpu())
 
 
+def test_many_param_groups_keep_their_windows():
+    """A workspace lives with its optimizer state, not in a bounded cache: with more groups
+    than any cache size, each still finds its window from the second step on."""
+    groups = [_tensors([(300,)], seed=i) for i in range(66)]
+    gen = torch.Generator().manual_seed(9)
+    launch._debug_capture = seen = []
+    try:
+        with launch.config(**MULTI):
+            for step in range(2):  # |m| ~ 0.1: outside the first step's default window
+                seen.clear()
+                for ps, ms, vs, steps in groups:
+                    _run("topk_momentum", ps, ms, vs, steps, [torch.randn(300, generator=gen).to(DEVICE)])
+    finally:
+        launch._debug_capture = None
+    assert len(seen) == 66 and all(int(rec["sst"][0][0]) in (0, 1) for rec in seen)  # window or whole bin
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("selection", ["topk_momentum", "random"])
 def test_half_precision_params(dtype, selection):
