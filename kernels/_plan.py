@@ -264,7 +264,9 @@ class _Workspace:
     levels: torch.Tensor | None = None  # int32 [S, 256]: the sharded level-by-level histograms
 
 
-_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(step counter) -> (a weak reference to it, its workspace). Not a WeakKeyDictionary: that
+# compares keys with ==, which for tensors compares values.
+_WORKSPACES: dict[int, tuple[weakref.ref, _Workspace]] = {}
 
 
 def _initial_center(frac: int) -> int:
@@ -274,9 +276,11 @@ def _initial_center(frac: int) -> int:
 
 def _workspace(plan_key, plan: _Plan, params, steps, device, cfg, world: int = 1) -> _Workspace:
     key = (plan_key, tuple(p.data_ptr() for p in params))
-    work = _WORKSPACES.get(steps[0])
-    if work is not None and work.key == key:
-        return work
+    anchor = steps[0]
+    entry = _WORKSPACES.get(id(anchor))
+    known = entry is not None and entry[0]() is anchor
+    if known and entry[1].key == key:
+        return entry[1]
     work = _Workspace(key, torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
     if plan.n_seg:
         work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
@@ -287,7 +291,9 @@ def _workspace(plan_key, plan: _Plan, params, steps, device, cfg, world: int = 1
         work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
         if world > 1 or plan_key[-1] is not None:
             work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
-    _WORKSPACES[steps[0]] = work
+    if not known:
+        weakref.finalize(anchor, _WORKSPACES.pop, id(anchor), None)
+    _WORKSPACES[id(anchor)] = (weakref.ref(anchor), work)
     return work
 
 

@@ -326,6 +326,18 @@ def test_many_param_groups_keep_their_windows():
     assert len(seen) == 66 and all(int(rec["sst"][0][0]) in (0, 1) for rec in seen)  # window or whole bin
 
 
+def test_a_workspace_goes_with_its_step_counters():
+    from maskopt.kernels import _plan
+
+    ps, ms, vs, steps = _tensors([(3000,)])
+    with launch.config(**MULTI):
+        _run("topk_momentum", ps, ms, vs, steps, _grads(ps, 0))
+        anchor = id(steps[0])
+        assert anchor in _plan._WORKSPACES
+        del steps
+        assert anchor not in _plan._WORKSPACES
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("selection", ["topk_momentum", "random"])
 def test_half_precision_params(dtype, selection):
