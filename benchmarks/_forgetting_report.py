@@ -43,7 +43,7 @@ def verdict(diff: st.Summary, less: str, more: str) -> str:
 def fixed_lr_table(ref: dict, rows: list[dict], lr: float) -> str:
     """The papers' protocol: every optimizer at the same lr, evaluated at its best point."""
     at = [r for r in rows if r["lr"] == lr]
-    headers = ["optimizer", "seeds", "English loss", "learned", "forgetting", "|θ-θ0|",
+    headers = ["optimizer", "seeds", "English loss", "learned", "forgetting", "‖θ−θ0‖",
                "entries moved", "best step", "ms/step"]
     body = [["pre-trained", "", f"{ref['ft_loss']:.3f}", "", f"(code {ref['code_loss']:.3f})", "", "", "", ""]]
     for name in _names(at):
@@ -75,7 +75,7 @@ def equal_learning_table(el: st.EqualLearning, rows: list[dict]) -> str:
     mid = el.levels[len(el.levels) // 2]
     ref = el.distance.get("adamw", {}).get(mid)
     headers = (["optimizer"] + [f"forgetting at English {x:.3f}" for x in el.levels]
-               + [f"|θ-θ0| at {mid:.3f}" + (" / AdamW's" if ref else "")])
+               + [f"‖θ−θ0‖ at {mid:.3f}" + (" / AdamW's" if ref else "")])
     body = []
     for name, by_level in el.forgetting.items():
         cells = [st.summarize(by_level[x]).fmt(signed=True) for x in el.levels]
@@ -301,7 +301,7 @@ def plot_size_axis(path: Path, axis: list[dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12.6, 4.0), dpi=90, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 4.0), dpi=90, sharex=True, sharey=True)
     fixed_lr = axis[0]["fixed_lr"] if axis else float("nan")
     for ax, key, name in ((axes[0], "fixed", f"at the same lr ({fixed_lr:g})"),
                           (axes[1], "equal", "at equal learning (lr sweep)"),
