@@ -263,7 +263,8 @@ def plot_results(path: Path, ft_rows: list[dict], cl_rows: list[dict], title: st
     import matplotlib.pyplot as plt
 
     panels = (2 if ft_rows else 0) + (1 if cl_rows else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.3), dpi=90, squeeze=False)
+    # At least 6.4 inches wide so that the two-line setting in the title fits above one panel.
+    fig, axes = plt.subplots(1, panels, figsize=(max(6.4, 4.6 * panels), 4.3), dpi=90, squeeze=False)
     axes = list(axes[0])
     lrs = sorted({r["lr"] for r in ft_rows} | {r["lr"] for r in cl_rows})
     lr_note = "; lr " + ", ".join(f"{MARKERS[i % len(MARKERS)]} {lr:g}" for i, lr in enumerate(lrs))
