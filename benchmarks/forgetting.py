@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Forgetting benchmark: fine-tune a pre-trained byte-level Llama on English, measure what it forgets.
 
-    python benchmarks/forgetting.py                 # the default demo (~10 min on 2 cores)
+    python benchmarks/forgetting.py                 # the default demo (7 min measured on one core)
     python benchmarks/forgetting.py --quick         # smoke test (< 1 min)
     python benchmarks/forgetting.py --full          # everything behind docs/forgetting.md, one size
-    python benchmarks/forgetting.py --pretrain --size large   # rebuild a pre-trained checkpoint
-    python benchmarks/forgetting.py --size-axis out/tiny,out/cpu,out/large   # the size table
+    python benchmarks/forgetting.py --pretrain --size large   # build a checkpoint (large is not shipped)
+    python benchmarks/forgetting.py --size-axis out/full-micro,out/full-tiny,out/full-cpu   # the size table
 
 1. The pre-trained checkpoint theta0 of ``--size`` comes from ``benchmarks/checkpoints/``
    (trained on the Python standard library's sources until the held-out code loss plateaued;
@@ -162,7 +162,7 @@ def parse_args(argv=None):
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="smoke test on a tiny budget (< 1 min)")
     budget.add_argument("--full", action="store_true",
-                        help="the lr sweep and 3 seeds behind docs/forgetting.md (about 40 min for "
+                        help="the lr sweep and 3 seeds behind docs/forgetting.md (about 50 min for "
                              "--size cpu on one core)")
     p.add_argument("--size", choices=sorted(models.SIZES), default=models.DEFAULT_SIZE,
                    help="model size; its checkpoint is benchmarks/checkpoints/SIZE.pt")
