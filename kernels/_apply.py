@@ -20,9 +20,10 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_CAP, G_COFF, MODE_EXACT, MODE_WINDOW,
-    MODE_ZERO, S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, S_ZBASE,
+    MODE_ZERO, S_CCOUNT, S_DSEL, S_MODE, S_R, S_THR, S_ZBASE,
     WS_BC2_SQRT, WS_STEP_SIZE,
-    abs_key, adam_update, composite, load_key, skip_step, tensor_pointers, window_digit,
+    abs_key, adam_update, chunk_range, composite, load_key, skip_step, tensor_pointers, window_base,
+    window_digit,
 )
 
 
@@ -51,7 +52,7 @@ def _apply_body(
     else:
         mask = lane < n
     mode = tl.load(sst + S_MODE * S + seg)
-    base = (tl.load(sst + S_CENTER * S + seg) - ((1 << NB_LOG2) // 2)).to(tl.int32)
+    base = window_base(sst, S, seg, NB_LOG2).to(tl.int32)
     if KEY_MODE == 0:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         key = abs_key(m)
@@ -114,8 +115,7 @@ def apply_compact_kernel(
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
-    c0 = tl.program_id(0) * per_program
-    c1 = tl.minimum(c0 + per_program, C)
+    c0, c1 = chunk_range(per_program, C)
     for c in range(c0, c1):
         t = tl.load(ctab + C_TENSOR * C + c)
         start = tl.load(ctab + C_START * C + c)

@@ -324,6 +324,53 @@ def pick_bin(h, bins, r):
 
 
 @triton.jit
+def radix_digit(h, r, prefix, shift):
+    """One 8-bit digit of a radix select on composite keys: from the histogram ``h`` (256 bins)
+    of the digit at ``shift`` among the keys matching ``prefix``, the rank left, the prefix
+    with this digit, whether the r-th largest key is found (the rank left is its bucket's
+    population, or the last digit is reached) and, then, that key."""
+    b, r, h_b = pick_bin(h.to(tl.int64), tl.arange(0, 256), r)
+    prefix = (prefix << 8) | b.to(tl.int64)
+    return r, prefix, (r == h_b) | (shift == 0), prefix << shift
+
+
+@triton.jit
+def key_digit_histogram(
+    ttab, T, t, ws, start, lstart, n, prefix, shift, grad_scale_ptr, hash_counter,
+    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """:func:`digit_histogram` of the keys of ``n`` (<= CHUNK) entries of tensor ``t`` from
+    ``start``, whose composite indices start at ``lstart``."""
+    lane = tl.arange(0, CHUNK)
+    mask = lane < n
+    key = load_key(ttab, T, t, ws, start + lane, mask, grad_scale_ptr, hash_counter,
+                   PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
+    return digit_histogram(composite(key, lstart + lane, IDXB), mask, prefix, shift)
+
+
+@triton.jit
+def chunk_range(per_program, C):
+    """The chunks ``[c0, c1)`` of this program of a persistent grid."""
+    c0 = tl.program_id(0) * per_program
+    return c0, tl.minimum(c0 + per_program, C)
+
+
+@triton.jit
+def flush_histogram(hist, row, acc, when, NB: tl.constexpr):
+    """Add a program's histogram ``acc`` to row ``row`` of ``hist`` when ``when`` holds
+    (persistent programs flush when their segment changes)."""
+    tl.atomic_add(hist + tl.maximum(row, 0) * NB + tl.arange(0, NB), acc, mask=(acc > 0) & when,
+                  sem="relaxed")
+
+
+@triton.jit
+def window_base(sst, S, s, NB_LOG2: tl.constexpr):
+    """The fine key of window bin 0 of segment ``s``: its centre less half the bins."""
+    return tl.load(sst + S_CENTER * S + s) - ((1 << NB_LOG2) // 2)
+
+
+@triton.jit
 def prologue_kernel(
     ttab, T, ws, found_inf_ptr,
     b1_hi, b1_lo, b2_hi, b2_lo, lr_hi, lr_lo,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import (
     G_K, G_LEN, G_START, G_TENSOR, MODE_EXACT, S_MODE, S_THR,
-    composite, digit_histogram, load_key, pick_bin, skip_step,
+    key_digit_histogram, radix_digit, skip_step,
 )
 
 
@@ -37,22 +37,16 @@ def exact_select_kernel(
     start = tl.load(stab + G_START * S + s)
     n = tl.load(stab + G_LEN * S + s)
     r = tl.load(stab + G_K * S + s)
-    lane = tl.arange(0, CHUNK)
-    bins = tl.arange(0, 256)
     prefix = tl.zeros([], tl.int64)
     shift = tl.zeros([], tl.int64) + 56
     done = tl.zeros([], tl.int32)
     while done == 0:
         acc = tl.zeros([256], tl.int32)
         for j in range(0, n, CHUNK):
-            local = j + lane
-            lmask = local < n
-            key = load_key(ttab, T, t, ws, start + local, lmask, grad_scale_ptr, hash_counter,
-                           PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
-            acc += digit_histogram(composite(key, local, IDXB), lmask, prefix, shift)
-        b, r, h_b = pick_bin(acc.to(tl.int64), bins, r)
-        prefix = (prefix << 8) | b.to(tl.int64)
-        finished = (r == h_b) | (shift == 0)
-        done = finished.to(tl.int32)
-        tl.store(sst + S_THR * S + s, prefix << shift, mask=finished)
-        shift = tl.where(finished, shift, shift - 8)
+            acc += key_digit_histogram(ttab, T, t, ws, start + j, j, n - j, prefix, shift, grad_scale_ptr,
+                                       hash_counter, PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE,
+                                       IDXB, CHUNK)
+        r, prefix, found, thr = radix_digit(acc, r, prefix, shift)
+        done = found.to(tl.int32)
+        tl.store(sst + S_THR * S + s, thr, mask=found)
+        shift = tl.where(found, shift, shift - 8)

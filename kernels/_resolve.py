@@ -1,7 +1,8 @@
 """The last launch of the exact top-k path: resolve the candidates, update them, move the window.
 
 One program per segment. In ``MODE_WINDOW`` it radix-selects the r-th largest composite key
-among the boundary bin's candidates (8-bit digits from the highest one the bin leaves open;
+among the boundary bin's candidates (8-bit digits from the highest one the bin leaves open,
+after the digits it fixes, which the window select stored;
 the key digits, then the index digits only under exact ties), then updates the candidates at
 or above it (and, when every entry decays, decays all of them: pass 2 left them alone). Then
 the segment's window is centred on this step's threshold for the next step. For sharded
@@ -16,8 +17,8 @@ import triton.language as tl
 
 from ._common import (
     G_COFF, G_START, G_TENSOR, MODE_DIGIT, MODE_EXACT, MODE_WINDOW,
-    S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_R, S_THR, WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_update, candidate_histogram, pick_bin, skip_step, tensor_pointers,
+    S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_PREFIX, S_R, S_THR, WS_BC2_SQRT, WS_STEP_SIZE,
+    adam_update, candidate_histogram, radix_digit, skip_step, tensor_pointers, window_base,
 )
 
 
@@ -34,15 +35,12 @@ def resolve_kernel(
     s = tl.program_id(0)
     mode = tl.load(sst + S_MODE * S + s)
     NB: tl.constexpr = 1 << NB_LOG2
-    center = tl.load(sst + S_CENTER * S + s)
     if mode == MODE_WINDOW:
         count = tl.load(sst + S_CCOUNT * S + s)
         region = cand + tl.load(stab + G_COFF * S + s)
         lane = tl.arange(0, TILE)
-        bins = tl.arange(0, 256)
         r = tl.load(sst + S_R * S + s)
-        # every candidate shares the bits the window bin fixes, so any one gives them
-        prefix = tl.load(region) >> (TOP_SHIFT + 8)
+        prefix = tl.load(sst + S_PREFIX * S + s)  # the bits the window bin fixes (window select)
         shift = tl.zeros([], tl.int64) + TOP_SHIFT
         done = tl.zeros([], tl.int32)
         thr = tl.zeros([], tl.int64)
@@ -50,13 +48,11 @@ def resolve_kernel(
             done += 1
             thr = tl.load(sst + S_THR * S + s)
         while done == 0:
-            acc = candidate_histogram(region, count, prefix, shift, TILE)
-            b, r, h_b = pick_bin(acc.to(tl.int64), bins, r)
-            prefix = (prefix << 8) | b.to(tl.int64)
-            finished = (r == h_b) | (shift == 0)
-            done = finished.to(tl.int32)
-            thr = tl.where(finished, prefix << shift, thr)
-            shift = tl.where(finished, shift, shift - 8)
+            r, prefix, found, key = radix_digit(candidate_histogram(region, count, prefix, shift, TILE),
+                                               r, prefix, shift)
+            done = found.to(tl.int32)
+            thr = tl.where(found, key, thr)
+            shift = tl.where(found, shift, shift - 8)
         tl.store(sst + S_THR * S + s, thr)
 
         t = tl.load(stab + G_TENSOR * S + s)
@@ -80,10 +76,11 @@ def resolve_kernel(
             tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
     if FLOAT_KEY:
         # the fine key of the threshold, for the next step's window
+        center = tl.load(sst + S_CENTER * S + s)
         if (mode == MODE_WINDOW) | (mode == MODE_EXACT):
             center = (tl.load(sst + S_THR * S + s) >> (IDXB + 23 - FRAC))
         elif mode == MODE_DIGIT:
             lowest = tl.load(sst + S_DSEL * S + s) + 1  # the lowest bin taken
             if (lowest >= 2) & (lowest <= NB - 2):
-                center = center - NB // 2 + lowest
+                center = window_base(sst, S, s, NB_LOG2) + lowest
         tl.store(sst + S_CENTER * S + s, center)

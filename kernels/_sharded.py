@@ -26,21 +26,8 @@ import triton.language as tl
 from ._common import (
     C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_COFF, MODE_EXACT, MODE_WINDOW, S_CCOUNT,
     S_DONE, S_MODE, S_PREFIX, S_R, S_THR,
-    candidate_histogram, composite, digit_histogram, load_key, pick_bin, skip_step,
+    candidate_histogram, chunk_range, flush_histogram, key_digit_histogram, radix_digit, skip_step,
 )
-
-
-@triton.jit
-def _data_level_body(
-    ttab, T, t, ws, start, lstart, n, prefix, shift, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr, CHUNK: tl.constexpr,
-):
-    lane = tl.arange(0, CHUNK)
-    mask = lane < n
-    key = load_key(ttab, T, t, ws, start + lane, mask, grad_scale_ptr, hash_counter,
-                   PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
-    return digit_histogram(composite(key, lstart + lane, IDXB), mask, prefix, shift)
 
 
 @triton.jit
@@ -54,26 +41,24 @@ def data_level_kernel(
     """One fallback level over the data, persistent programs over the chunks."""
     if skip_step(found_inf_ptr, HAS_INF):
         return
-    bins = tl.arange(0, 256)
-    c0 = tl.program_id(0) * per_program
-    c1 = tl.minimum(c0 + per_program, C)
+    c0, c1 = chunk_range(per_program, C)
     acc = tl.zeros([256], tl.int32)
     cur = tl.zeros([], tl.int64) - 1
     for c in range(c0, c1):
         seg = tl.load(ctab + C_SEG * C + c)
         changed = seg != cur
-        tl.atomic_add(hist + tl.maximum(cur, 0) * 256 + bins, acc, mask=(acc > 0) & changed, sem="relaxed")
+        flush_histogram(hist, cur, acc, changed, 256)
         acc = tl.where(changed, 0, acc)
         cur = seg
         wanted = (tl.load(sst + S_MODE * S + seg) == MODE_EXACT) & (tl.load(sst + S_DONE * S + seg) == 0)
         if wanted:
             start = tl.load(ctab + C_START * C + c)
-            acc += _data_level_body(
+            acc += key_digit_histogram(
                 ttab, T, tl.load(ctab + C_TENSOR * C + c), ws, start,
                 start - tl.load(ctab + C_SEGOFF * C + c), tl.load(ctab + C_LEN * C + c),
                 tl.load(sst + S_PREFIX * S + seg), shift, grad_scale_ptr, hash_counter,
                 PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, IDXB, CHUNK)
-    tl.atomic_add(hist + tl.maximum(cur, 0) * 256 + bins, acc, mask=(acc > 0) & (cur >= 0), sem="relaxed")
+    flush_histogram(hist, cur, acc, cur >= 0, 256)
 
 
 @triton.jit
@@ -98,15 +83,13 @@ def level_select_kernel(hist, sst, S, found_inf_ptr, shift, MODE: tl.constexpr, 
     if skip_step(found_inf_ptr, HAS_INF):
         return
     s = tl.program_id(0)
-    bins = tl.arange(0, 256)
-    row = hist + s * 256 + bins
-    h = tl.load(row).to(tl.int64)
+    row = hist + s * 256 + tl.arange(0, 256)
+    h = tl.load(row)
     tl.store(row, tl.zeros([256], tl.int32))
     if (tl.load(sst + S_MODE * S + s) == MODE) & (tl.load(sst + S_DONE * S + s) == 0):
-        b, r, h_b = pick_bin(h, bins, tl.load(sst + S_R * S + s))
-        prefix = (tl.load(sst + S_PREFIX * S + s) << 8) | b.to(tl.int64)
+        r, prefix, found, thr = radix_digit(h, tl.load(sst + S_R * S + s), tl.load(sst + S_PREFIX * S + s), shift)
         tl.store(sst + S_R * S + s, r)
         tl.store(sst + S_PREFIX * S + s, prefix)
-        if (r == h_b) | (shift == 0):
+        if found:
             tl.store(sst + S_DONE * S + s, tl.zeros([], tl.int64) + 1)
-            tl.store(sst + S_THR * S + s, prefix << shift)
+            tl.store(sst + S_THR * S + s, thr)

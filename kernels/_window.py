@@ -23,8 +23,9 @@ import triton.language as tl
 
 from ._common import (
     C_LEN, C_SEG, C_START, C_TENSOR, G_CAP, G_CFIRST, G_K, G_NCHUNKS, MODE_DIGIT, MODE_EXACT,
-    MODE_WINDOW, MODE_ZERO, S_CCOUNT, S_CENTER, S_DONE, S_DSEL, S_MODE, S_PREFIX, S_R,
-    abs_key, hash_key_of, pick_bin, skip_step, step_moments, tensor_pointers, window_digit,
+    MODE_WINDOW, MODE_ZERO, S_CCOUNT, S_DONE, S_DSEL, S_MODE, S_PREFIX, S_R,
+    abs_key, chunk_range, flush_histogram, hash_key_of, pick_bin, skip_step, step_moments,
+    tensor_pointers, window_base, window_digit,
 )
 
 
@@ -62,21 +63,19 @@ def moments_window_kernel(
         return
     NB: tl.constexpr = 1 << NB_LOG2
     bins = tl.arange(0, NB)
-    c0 = tl.program_id(0) * per_program
-    c1 = tl.minimum(c0 + per_program, C)
+    c0, c1 = chunk_range(per_program, C)
     acc = tl.zeros([NB], tl.int32)
     cur = tl.zeros([], tl.int64) - 1
     for c in range(c0, c1):
         seg = tl.load(ctab + C_SEG * C + c)
         changed = seg != cur
-        row = hist + tl.maximum(cur, 0) * NB + bins
-        tl.atomic_add(row, acc, mask=(acc > 0) & changed, sem="relaxed")
+        flush_histogram(hist, cur, acc, changed, NB)
         acc = tl.where(changed, 0, acc)
         cur = seg
         t = tl.load(ctab + C_TENSOR * C + c)
         start = tl.load(ctab + C_START * C + c)
         n = tl.load(ctab + C_LEN * C + c)
-        base = (tl.load(sst + S_CENTER * S + seg) - (NB // 2)).to(tl.int32)
+        base = window_base(sst, S, seg, NB_LOG2).to(tl.int32)
         _, g_ptr, m_ptr, v_ptr = tensor_pointers(ttab, T, t, PDT, MDT, ALIGNED)
         if ALIGNED:
             start = tl.multiple_of(start, 16)
@@ -91,8 +90,7 @@ def moments_window_kernel(
         acc += h
         if KEY_MODE != 2:
             tl.store(zcount + c, tl.sum(tl.where(bins == 0, h, 0), axis=0).to(tl.int64))
-    row = hist + tl.maximum(cur, 0) * NB + bins
-    tl.atomic_add(row, acc, mask=(acc > 0) & (cur >= 0), sem="relaxed")
+    flush_histogram(hist, cur, acc, cur >= 0, NB)
 
 
 @triton.jit
@@ -134,7 +132,7 @@ def window_select_kernel(
     tl.store(sst + S_CCOUNT * S + s, tl.zeros([], tl.int64))
     tl.store(sst + S_DONE * S + s, tl.zeros([], tl.int64))
     if FLOAT_KEY:
-        fine = tl.load(sst + S_CENTER * S + s) - (NB // 2) + dsel
+        fine = window_base(sst, S, s, NB_LOG2) + dsel
         fixed = fine << (23 - FRAC + IDXB)
     else:
         fixed = dsel << (32 - NB_LOG2 + IDXB)

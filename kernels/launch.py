@@ -71,7 +71,7 @@ class KernelConfig:
     num_warps: int = 8  # streaming kernels (chunk 4096: 16 entries per thread)
     local_num_warps: int = 16  # local kernel (tile 4096: no spills on sm_90)
     select_num_warps: int = 4
-    resolve_tile: int = 2048  # candidates per iteration of the resolve
+    resolve_tile: int = 1024  # candidates per iteration of the resolve (2048 spills on sm_90)
 
 
 _CONFIG = KernelConfig()
@@ -317,7 +317,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     decay = 1.0 - lr * weight_decay
     ptrs_aligned = all(x.data_ptr() % 16 == 0 for lst in (params, grads, ms, vs) for x in lst)
     aligned = ptrs_aligned and plan.starts_aligned
-    pdt = _tl_dtype(dtype)
+    pdt, mdt = _tl_dtype(dtype), _tl_dtype(mdtype)
     sec = 32 // params[0].element_size()  # entries per 32-byte sector of p
     nw = cfg.num_warps
 
@@ -328,7 +328,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
         ttab, T, ws, inf_arg, b1[0], b1[1], b2[0], b2[1], lrs[0], lrs[1],
         HAS_INF=has_inf, BLOCK=1024, num_warps=4)
 
-    common = dict(PDT=pdt, MDT=_tl_dtype(mdtype), HAS_INF=has_inf, HAS_SCALE=has_scale, USE_HCOUNTER=use_hc, HUGE=plan.huge)
+    common = dict(PDT=pdt, MDT=mdt, HAS_INF=has_inf, HAS_SCALE=has_scale, USE_HCOUNTER=use_hc, HUGE=plan.huge)
     omb1, omb2 = 1.0 - beta1, 1.0 - beta2
 
     if selection in ("all", "random"):
@@ -406,7 +406,7 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
         _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
     resolve_kernel[(S,)](
         ttab, T, ws, work.sst, S, plan.stab, work.cand, inf_arg, eps, decay,
-        PDT=pdt, MDT=_tl_dtype(mdtype), HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
+        PDT=pdt, MDT=mdt, HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
         TOP_SHIFT=top_shift, TILE=cfg.resolve_tile, THR_KNOWN=sharding is not None,
         num_warps=cfg.select_num_warps, **window)
 

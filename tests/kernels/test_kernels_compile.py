@@ -76,7 +76,7 @@ def _variants(full=True):
             sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, cand=P64,
                        found_inf_ptr="*fp32", eps="fp32", decay="fp32")
             cx = dict(PDT=pdt, MDT=mdt, HAS_INF=True, DECAY=decay, FLOAT_KEY=True, IDXB=32, TOP_SHIFT=48,
-                      TILE=2048, THR_KNOWN=False, **window)
+                      TILE=1024, THR_KNOWN=False, **window)
             out.append((f"resolve/{pdt_name}/decay{decay}", _resolve.resolve_kernel, sig, cx))
     for float_key in (True, False):
         sig = dict(hist="*i32", sst=P64, S="i32", stab=P64, zcount=P64, ztotal=P64, rank="i32", world="i32",
@@ -91,7 +91,7 @@ def _variants(full=True):
                   USE_HCOUNTER=False, HUGE=False, IDXB=31 if key_mode == 2 else 32, CHUNK=4096)
         out.append((f"sharded/data_level/key{key_mode}", _sharded.data_level_kernel, sig, cx))
     sig = dict(sst=P64, S="i32", stab=P64, cand=P64, hist="*i32", found_inf_ptr="*fp32", shift="i32")
-    out.append(("sharded/cand_level", _sharded.cand_level_kernel, sig, dict(HAS_INF=True, TILE=2048)))
+    out.append(("sharded/cand_level", _sharded.cand_level_kernel, sig, dict(HAS_INF=True, TILE=1024)))
     sig = dict(hist="*i32", sst=P64, S="i32", found_inf_ptr="*fp32", shift="i32")
     out.append(("sharded/level_select", _sharded.level_select_kernel, sig, dict(MODE=3, HAS_INF=True)))
     sig = dict(ttab=P64, T="i32", ws="*fp32", found_inf_ptr="*fp32", b1_hi="fp32", b1_lo="fp32",
