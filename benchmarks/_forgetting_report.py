@@ -229,6 +229,37 @@ def read_finetune_csv(path: Path) -> tuple[dict, list[dict]]:
     return ref, runs
 
 
+
+def merge_finetune_csvs(paths: list[Path]) -> tuple[dict, list[dict]]:
+    """(theta0's row, the runs) of several ``finetune.csv`` of one size and checkpoint.
+
+    A run (optimizer, lr, seed) found in more than one file must have the same results in each
+    (runs are deterministic for a seed and thread count) and is kept once; anything else that
+    would mix incomparable runs raises ValueError naming the files.
+    """
+    ref, runs, source = None, {}, {}
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist (run --full --out {path.parent} first)")
+        r0, rows = read_finetune_csv(path)
+        if ref is None:
+            ref, ref_path = r0, path
+        elif (r0["size"], r0["ft_loss"], r0["code_loss"]) != (ref["size"], ref["ft_loss"], ref["code_loss"]):
+            raise ValueError(f"{path} and {ref_path} start from different checkpoints (size "
+                             f"{r0['size']} vs {ref['size']}, or a different theta0)")
+        for r in rows:
+            key = (r["optimizer"], r["lr"], r["seed"])
+            old = runs.get(key)
+            if old is not None and (old["ft_loss"], old["forgetting"]) != (r["ft_loss"], r["forgetting"]):
+                raise ValueError(f"{key[0]} at lr {key[1]:g}, seed {key[2]} differs between "
+                                 f"{source[key]} and {path}")
+            runs.setdefault(key, r)
+            source.setdefault(key, path)
+    if ref is None:
+        raise ValueError("no directories given")
+    order = {name: i for i, name in enumerate(dict.fromkeys(k[0] for k in runs))}
+    return ref, [runs[k] for k in sorted(runs, key=lambda k: (k[1], order[k[0]], k[2]))]
+
 COLORS = {"adamw": "C3", "halfadam": "C1", "mofo5": "C2", "mofo15": "C0", "mofo15-grad": "C4",
           "mofo5-grad": "C4", "rbcd15": "C7", "rbcd5": "C7"}
 MARKERS = "os^Dv"

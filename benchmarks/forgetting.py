@@ -171,6 +171,9 @@ def parse_args(argv=None):
     p.add_argument("--size-axis", type=_dirs, default=None, metavar="DIR,DIR,...",
                    help="only report: the forgetting gap against model size from the finetune.csv of "
                         "earlier --full runs (one output directory per size)")
+    p.add_argument("--merge", type=_dirs, default=None, metavar="DIR,DIR,...",
+                   help="only report: combine the fine-tuning runs (finetune.csv) of earlier runs of one "
+                        "size, e.g. seeds or optimizers run in parallel, into the tables, CSV and plot in --out")
     p.add_argument("--mode", choices=["all", "finetune", "continual"], default="all",
                    help="which experiments to run")
     p.add_argument("--lr", type=_lrs, default=None,
@@ -210,8 +213,10 @@ def parse_args(argv=None):
         if device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
     args.device = device
-    if args.pretrain and (args.quick or args.full or args.size_axis):
-        p.error("--pretrain builds a checkpoint only; it conflicts with --quick, --full and --size-axis")
+    if sum(map(bool, (args.pretrain, args.size_axis, args.merge))) > 1 or (
+            (args.pretrain or args.size_axis or args.merge) and (args.quick or args.full)):
+        p.error("--pretrain, --size-axis and --merge each do one thing only; they conflict with each "
+                "other and with --quick and --full")
     args.preset = "quick" if args.quick else "full" if args.full else "demo"
     return args
 
@@ -250,6 +255,59 @@ def run_size_axis(args) -> int:
     print(report.checkpoint_table(recipes))
     report.plot_pretraining(out / "pretraining.png", recipes, versions_line())
     print(f"\nwrote {out / 'size_axis.png'}, {out / 'pretraining.png'}")
+    return 0
+
+
+def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
+    """Every fine-tuning table: per lr, the papers' protocol and the paired differences; then the
+    equal-learning readings (along the training curves, along the lr sweeps)."""
+    names = list(dict.fromkeys(r["optimizer"] for r in ft_rows))
+    lrs = sorted({r["lr"] for r in ft_rows})
+    against_adamw = "adamw" in names and len(names) > 1
+    print("\nFine-tuning on English, each run at its best point; losses in nats/byte held out; "
+          f"forgetting = rise of the held-out code loss; {report.SPREAD_NOTE}")
+    for lr in lrs:
+        print(f"\nSame lr for every optimizer (the papers' protocol): lr {lr:g}")
+        print(report.fixed_lr_table(ref, ft_rows, lr))
+        if against_adamw and len({r["optimizer"] for r in ft_rows if r["lr"] == lr}) > 1:
+            print(f"\nAgainst AdamW at lr {lr:g}, {report.DIFF_NOTE}")
+            print(report.paired_fixed_lr_table(ft_rows, lr))
+    if against_adamw:
+        print("\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
+              "seed) read where they first reach the validation English loss the weaker of the two "
+              f"reaches at its best; {report.DIFF_NOTE}")
+        print(report.trajectory_gap_table(ft_rows))
+    el = stats.equal_learning(ft_rows)
+    if el:
+        print("\nEqual learning: forgetting read at common held-out English losses along each "
+              f"optimizer's lr sweep (linear between runs); {report.SPREAD_NOTE}")
+        print(report.equal_learning_table(el, ft_rows))
+    elif len(lrs) > 1:
+        print("\nEqual learning over all optimizers: n/a (their lr sweeps share no range of English "
+              "loss for every seed)")
+    if len(lrs) > 1 and against_adamw:
+        print("\nAt equal learning, against AdamW (each pair read at the middle of the English "
+              f"losses both sweeps reach for every seed), {report.DIFF_NOTE}")
+        print(report.equal_learning_gap_table(ft_rows))
+
+
+def run_merge(args) -> int:
+    """Combine the fine-tuning runs of several output directories (seeds, lrs or optimizers run
+    in parallel, or added later) into one set of tables, CSV files and plot in --out."""
+    try:
+        ref, rows = report.merge_finetune_csvs([d / "finetune.csv" for d in args.merge])
+    except ValueError as e:
+        raise SystemExit(f"--merge: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = ", ".join(str(d) for d in args.merge)
+    print(f"# merged from {dirs}: size {ref['size']}, {len(rows)} runs, seeds "
+          f"{', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}")
+    print_finetune_tables(ref, rows)
+    report.write_csv(out / "finetune.csv", [ref] + rows, report.FINETUNE_FIELDS)
+    report.write_csv(out / "finetune_curves.csv", report.curve_rows(rows), report.CURVE_FIELDS)
+    report.plot_results(out / "forgetting.png", rows, [], f"size {ref['size']}, merged from {dirs}")
+    print(f"\nwrote {out / 'finetune.csv'}, {out / 'finetune_curves.csv'}, {out / 'forgetting.png'}")
     return 0
 
 
@@ -307,31 +365,7 @@ def run_benchmark(args) -> int:
     print(f"# {setting}\n# {versions_line()}\n# {preset.note}\n"
           f"# total wall time {time.perf_counter() - t_all:.0f} s")
     if ft_rows:
-        print("\nFine-tuning on English, each run at its best point; losses in nats/byte held out; "
-              f"forgetting = rise of the held-out code loss; {report.SPREAD_NOTE}")
-        for lr in lrs:
-            print(f"\nSame lr for every optimizer (the papers' protocol): lr {lr:g}")
-            print(report.fixed_lr_table(ref, ft_rows, lr))
-            if "adamw" in names and len(names) > 1:
-                print(f"\nAgainst AdamW at lr {lr:g}, {report.DIFF_NOTE}")
-                print(report.paired_fixed_lr_table(ft_rows, lr))
-        if "adamw" in names and len(names) > 1:
-            print("\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
-                  "seed) read where they first reach the validation English loss the weaker of the two "
-                  f"reaches at its best; {report.DIFF_NOTE}")
-            print(report.trajectory_gap_table(ft_rows))
-        el = stats.equal_learning(ft_rows)
-        if el:
-            print("\nEqual learning: forgetting read at common held-out English losses along each "
-                  f"optimizer's lr sweep (linear between runs); {report.SPREAD_NOTE}")
-            print(report.equal_learning_table(el, ft_rows))
-        elif len(lrs) > 1:
-            print("\nEqual learning over all optimizers: n/a (their lr sweeps share no range of English "
-                  "loss for every seed)")
-        if len(lrs) > 1 and "adamw" in names and len(names) > 1:
-            print("\nAt equal learning, against AdamW (each pair read at the middle of the English "
-                  f"losses both sweeps reach for every seed), {report.DIFF_NOTE}")
-            print(report.equal_learning_gap_table(ft_rows))
+        print_finetune_tables(ref, ft_rows)
     if cl_rows:
         print(f"\nContinual learning ({' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per task, lr "
               f"{preset.continual_lr:g}); OP/BWT in points of held-out next-byte accuracy, BWT (loss) in "
@@ -357,6 +391,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     if args.size_axis:
         return run_size_axis(args)
+    if args.merge:
+        return run_merge(args)
     if args.pretrain:
         import _forgetting_pretrain
 

@@ -117,17 +117,93 @@ def test_png(quick):
     assert png.stat().st_size < 400_000
 
 
-def test_size_axis_report_from_a_sweep(tmp_path):
-    """Two lrs and two seeds on a tiny budget: the equal-learning and size-axis paths run."""
-    out = tmp_path / "sweep"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two lrs and two seeds of AdamW and MoFO on a tiny budget."""
+    out = tmp_path_factory.mktemp("sweep")
     proc = _run("--quick", "--seeds", "2", "--lr", "1e-3,3e-3", "--mode", "finetune", "--optimizers",
                 "adamw,mofo15", "--quiet", "--threads", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_size_axis_report_from_a_sweep(sweep, tmp_path):
+    out, proc = sweep
     assert "At equal learning, against AdamW" in proc.stdout
     axis = _run("--size-axis", str(out), "--out", str(tmp_path / "axis"))
     assert axis.returncode == 0, axis.stdout[-3000:] + axis.stderr[-3000:]
     assert "| cpu " in axis.stdout and "MoFO a=15%" in axis.stdout
     assert (tmp_path / "axis" / "size_axis.png").stat().st_size > 1000
+
+
+def _split_by_seed(out, tmp_path):
+    """The sweep's finetune.csv and curves, written as one directory per seed."""
+    runs, curves = _rows(out / "finetune.csv"), _rows(out / "finetune_curves.csv")
+    dirs = []
+    for seed in ("0", "1"):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        for name, rows in (("finetune.csv", runs), ("finetune_curves.csv", curves)):
+            keep = [r for r in rows if r.get("optimizer") == "theta0" or r["seed"] == seed]
+            with open(d / name, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(keep)
+        dirs.append(d)
+    return dirs
+
+
+def _sorted_rows(path):
+    return sorted(_rows(path), key=lambda r: (r["optimizer"], r["lr"], r["seed"]))
+
+
+def _tables(stdout):
+    return stdout[stdout.index("Fine-tuning on English"):stdout.index("wrote ")].strip()
+
+
+def test_merge_of_runs_split_by_seed_gives_the_tables_of_the_whole_run(sweep, tmp_path):
+    out, proc = sweep
+    dirs = _split_by_seed(out, tmp_path)
+    merged = _run("--merge", ",".join(map(str, dirs)), "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stdout[-3000:] + merged.stderr[-3000:]
+    assert "seeds 0, 1" in merged.stdout
+    # The CSV keeps 6 significant digits, so compare with the whole run read back from its CSV.
+    whole = _run("--merge", str(out), "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert _tables(merged.stdout) == _tables(whole.stdout)
+    assert "At equal learning, against AdamW" in merged.stdout
+    assert _sorted_rows(tmp_path / "merged" / "finetune.csv") == _sorted_rows(out / "finetune.csv")
+    assert (tmp_path / "merged" / "forgetting.png").stat().st_size > 1000
+    # A run present in both directories is kept once when it agrees...
+    again = _run("--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _sorted_rows(tmp_path / "again" / "finetune.csv") == _sorted_rows(out / "finetune.csv")
+
+
+def test_merge_refuses_runs_that_disagree_or_come_from_another_checkpoint(sweep, tmp_path):
+    out, _ = sweep
+    dirs = _split_by_seed(out, tmp_path)
+    rows = _rows(dirs[0] / "finetune.csv")
+    rows[1]["forgetting"] = str(float(rows[1]["forgetting"]) + 0.1)
+    with open(dirs[0] / "finetune.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    proc = _run("--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "bad"))
+    assert proc.returncode != 0 and "differs between" in proc.stderr
+    assert not (tmp_path / "bad" / "finetune.csv").exists()
+
+    rows = _rows(dirs[1] / "finetune.csv")
+    for r in rows:
+        r["size"] = "tiny"
+    with open(dirs[1] / "finetune.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    proc = _run("--merge", f"{out},{dirs[1]}", "--out", str(tmp_path / "bad"))
+    assert proc.returncode != 0 and "different checkpoints" in proc.stderr
+    proc = _run("--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
 
 
 @pytest.fixture
@@ -184,7 +260,9 @@ def _load_module():
         (["--optimizers", "adamw,sgd"], "unknown optimizer"),
         (["--size", "huge"], "invalid choice"),
         (["--quick", "--full"], "not allowed with argument"),
-        (["--pretrain", "--quick"], "conflicts"),
+        (["--pretrain", "--quick"], "conflict with"),
+        (["--merge", "a,b", "--full"], "conflict with"),
+        (["--merge", "a", "--size-axis", "b"], "conflict with"),
         (["--threads", "0"], "expected a positive integer"),
         (["--device", "tpu"], "--device"),
         (["--device", "cuda:99"], "--device"),
