@@ -45,7 +45,7 @@ SIZES = {
     "cpu": ModelShape(hidden=128, layers=4, heads=4, intermediate=352, seq=128,
                       pretrain_lr=3e-3, pretrain_max_steps=12000),
     "large": ModelShape(hidden=192, layers=5, heads=6, intermediate=512, seq=128,
-                        pretrain_lr=2e-3, pretrain_max_steps=8000),
+                        pretrain_lr=2e-3, pretrain_max_steps=12000),
 }
 DEFAULT_SIZE = "cpu"
 
