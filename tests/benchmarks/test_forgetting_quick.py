@@ -136,6 +136,13 @@ def test_size_axis_report_from_a_sweep(sweep, tmp_path):
     assert (tmp_path / "axis" / "size_axis.png").stat().st_size > 1000
 
 
+def _write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def _split_by_seed(out, tmp_path):
     """The sweep's finetune.csv and curves, written as one directory per seed."""
     runs, curves = _rows(out / "finetune.csv"), _rows(out / "finetune_curves.csv")
@@ -144,11 +151,7 @@ def _split_by_seed(out, tmp_path):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
         for name, rows in (("finetune.csv", runs), ("finetune_curves.csv", curves)):
-            keep = [r for r in rows if r.get("optimizer") == "theta0" or r["seed"] == seed]
-            with open(d / name, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(keep)
+            _write_rows(d / name, [r for r in rows if r.get("optimizer") == "theta0" or r["seed"] == seed])
         dirs.append(d)
     return dirs
 
@@ -185,10 +188,7 @@ def test_merge_refuses_runs_that_disagree_or_come_from_another_checkpoint(sweep,
     dirs = _split_by_seed(out, tmp_path)
     rows = _rows(dirs[0] / "finetune.csv")
     rows[1]["forgetting"] = str(float(rows[1]["forgetting"]) + 0.1)
-    with open(dirs[0] / "finetune.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_rows(dirs[0] / "finetune.csv", rows)
     proc = _run("--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "differs between" in proc.stderr
     assert not (tmp_path / "bad" / "finetune.csv").exists()
@@ -196,10 +196,7 @@ def test_merge_refuses_runs_that_disagree_or_come_from_another_checkpoint(sweep,
     rows = _rows(dirs[1] / "finetune.csv")
     for r in rows:
         r["size"] = "tiny"
-    with open(dirs[1] / "finetune.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_rows(dirs[1] / "finetune.csv", rows)
     proc = _run("--merge", f"{out},{dirs[1]}", "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "different checkpoints" in proc.stderr
     proc = _run("--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
