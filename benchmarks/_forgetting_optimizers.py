@@ -12,6 +12,10 @@ LABELS = {
     "mofo5-grad": "MoFO-grad a=5%",
 }
 KNOWN = tuple(LABELS)
+# The MoFO paper's Table 6: at one update fraction, the momentum filter against the gradient
+# filter and a random selection.
+ABLATION_BASELINE = "mofo15"
+ABLATIONS = ("mofo15-grad", "rbcd15")
 BETAS = (0.9, 0.999)
 
 

@@ -56,16 +56,19 @@ def fixed_lr_table(ref: dict, rows: list[dict], lr: float) -> str:
     return fmt_table(headers, body)
 
 
-def paired_fixed_lr_table(rows: list[dict], lr: float) -> str:
-    """Each optimizer minus AdamW at the same lr and seed: learning and forgetting."""
+def paired_fixed_lr_table(rows: list[dict], lr: float, baseline: str = "adamw",
+                          names: list[str] | None = None) -> str:
+    """Each optimizer (or each of ``names``) minus ``baseline`` at the same lr and seed:
+    learning and forgetting."""
     at = [r for r in rows if r["lr"] == lr]
-    headers = ["optimizer − AdamW", "Δ learned", "Δ forgetting", "forgetting verdict"]
+    base = _label(at, baseline)
+    headers = [f"optimizer − {base}", "Δ learned", "Δ forgetting", "forgetting verdict"]
     body = []
-    for name in _names(at):
-        if name == "adamw":
+    for name in names or _names(at):
+        if name == baseline:
             continue
-        dl = st.summarize(st.paired_differences(at, "learned", name))
-        df = st.summarize(st.paired_differences(at, "forgetting", name))
+        dl = st.summarize(st.paired_differences(at, "learned", name, baseline))
+        df = st.summarize(st.paired_differences(at, "forgetting", name, baseline))
         body.append([_label(at, name), dl.fmt(signed=True, interval=True),
                      df.fmt(signed=True, interval=True), verdict(df, "forgets less", "forgets more")])
     return fmt_table(headers, body)
@@ -106,17 +109,19 @@ def equal_learning_gap_table(rows: list[dict]) -> str | None:
     return fmt_table(headers, body) if body else None
 
 
-def trajectory_gap_table(rows: list[dict]) -> str:
-    """Each optimizer minus AdamW at the same lr and seed, both read along their training curves
-    where they first reach the English loss the weaker one reaches at its best."""
-    headers = ["optimizer − AdamW", "lr", "Δ forgetting at equal learning", "verdict"]
+def trajectory_gap_table(rows: list[dict], baseline: str = "adamw", names: list[str] | None = None) -> str:
+    """Each optimizer (or each of ``names``) minus ``baseline`` at the same lr and seed, both
+    read along their training curves where they first reach the English loss the weaker one
+    reaches at its best."""
+    headers = [f"optimizer − {_label(rows, baseline)}", "lr", "Δ forgetting at equal learning", "verdict"]
     body = []
     for lr in sorted({r["lr"] for r in rows}):
         at = [r for r in rows if r["lr"] == lr]
-        for name in _names(at):
-            if name == "adamw":
+        present = _names(at)
+        for name in names or present:
+            if name == baseline or name not in present or baseline not in present:
                 continue
-            gap = st.summarize(st.trajectory_gap(at, name))
+            gap = st.summarize(st.trajectory_gap(at, name, baseline))
             body.append([_label(at, name), f"{lr:g}", gap.fmt(signed=True, interval=True),
                          verdict(gap, "forgets less", "forgets more")])
     return fmt_table(headers, body)

@@ -269,14 +269,25 @@ def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
     for lr in lrs:
         print(f"\nSame lr for every optimizer (the papers' protocol): lr {lr:g}")
         print(report.fixed_lr_table(ref, ft_rows, lr))
-        if against_adamw and len({r["optimizer"] for r in ft_rows if r["lr"] == lr}) > 1:
+        at = {r["optimizer"] for r in ft_rows if r["lr"] == lr}
+        if against_adamw and len(at) > 1:
             print(f"\nAgainst AdamW at lr {lr:g}, {report.DIFF_NOTE}")
             print(report.paired_fixed_lr_table(ft_rows, lr))
+        ablation = [n for n in optimizers.ABLATIONS if n in at]
+        if optimizers.ABLATION_BASELINE in at and ablation:
+            print(f"\nThe MoFO paper's ablation at lr {lr:g}: the gradient filter and random selection "
+                  f"against MoFO's momentum filter at the same fraction, {report.DIFF_NOTE}")
+            print(report.paired_fixed_lr_table(ft_rows, lr, optimizers.ABLATION_BASELINE, ablation))
     if against_adamw:
         print("\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
               "seed) read where they first reach the validation English loss the weaker of the two "
               f"reaches at its best; {report.DIFF_NOTE}")
         print(report.trajectory_gap_table(ft_rows))
+    ablation = [n for n in optimizers.ABLATIONS if n in names]
+    if optimizers.ABLATION_BASELINE in names and ablation:
+        print("\nThe ablation at equal learning along the training curves, against MoFO's momentum "
+              f"filter; {report.DIFF_NOTE}")
+        print(report.trajectory_gap_table(ft_rows, optimizers.ABLATION_BASELINE, ablation))
     el = stats.equal_learning(ft_rows)
     if el:
         print("\nEqual learning: forgetting read at common held-out English losses along each "
