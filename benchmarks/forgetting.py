@@ -4,8 +4,9 @@
     python benchmarks/forgetting.py                 # the default demo (7 min measured on one core)
     python benchmarks/forgetting.py --quick         # smoke test (< 1 min)
     python benchmarks/forgetting.py --full          # everything behind docs/forgetting.md, one size
-    python benchmarks/forgetting.py --pretrain --size large   # build a checkpoint (large is not shipped)
-    python benchmarks/forgetting.py --size-axis out/full-micro,out/full-tiny,out/full-cpu   # the size table
+    python benchmarks/forgetting.py --pretrain --size large   # rebuild a shipped checkpoint
+    python benchmarks/forgetting.py --merge out/s0,out/s1     # one report from runs split over seeds
+    python benchmarks/forgetting.py --size-axis out/full-micro,out/full-tiny,out/full-cpu,out/full-large
 
 1. The pre-trained checkpoint theta0 of ``--size`` comes from ``benchmarks/checkpoints/``
    (trained on the Python standard library's sources until the held-out code loss plateaued;

@@ -189,3 +189,13 @@ def test_checkpoint_for_another_shape_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(models.SIZES, "tiny", dataclasses.replace(TINY, hidden=32))
     with pytest.raises(models.CheckpointError, match="was built for shape"):
         models.load_checkpoint("tiny", tmp_path)
+
+
+@pytest.mark.parametrize("size", sorted(models.SIZES))
+def test_every_size_has_a_shipped_checkpoint_that_verifies(size):
+    """The size axis of docs/forgetting.md runs on these files: each loads (sha256 and shape
+    checked), has the parameters its recipe states, and stopped by the plateau rule."""
+    model, recipe = models.load_checkpoint(size)
+    assert sum(p.numel() for p in model.parameters()) == recipe["parameters"]
+    assert recipe["stopped_by"] == "plateau" and recipe["steps_run"] < recipe["stop_rule"]["max_steps"]
+    assert recipe["held_out_code_loss"] == pytest.approx(recipe["curve"][-1][2], abs=0.05)
