@@ -35,7 +35,7 @@ class ModelShape:
     pretrain_max_steps: int  # a safety cap; the plateau rule normally stops earlier
 
 
-# 0.04 M to 2.3 M parameters (58x apart): the size axis a 2-core CPU can pre-train and sweep.
+# 0.04 M to 2.3 M parameters (56x apart): the size axis a 2-core CPU can pre-train and sweep.
 # All four are shipped; "cpu" is the default, the one `make demo` loads.
 SIZES = {
     "micro": ModelShape(hidden=32, layers=2, heads=2, intermediate=88, seq=128,
