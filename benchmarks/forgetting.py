@@ -276,8 +276,8 @@ def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
             print(report.paired_fixed_lr_table(ft_rows, lr))
         ablation = [n for n in optimizers.ABLATIONS if n in at]
         if optimizers.ABLATION_BASELINE in at and ablation:
-            print(f"\nThe MoFO paper's ablation at lr {lr:g}: the gradient filter and random selection "
-                  f"against MoFO's momentum filter at the same fraction, {report.DIFF_NOTE}")
+            print(f"\nThe MoFO paper's ablations at lr {lr:g}: the gradient filter, random selection and "
+                  f"another fraction against MoFO 15 %, {report.DIFF_NOTE}")
             print(report.paired_fixed_lr_table(ft_rows, lr, optimizers.ABLATION_BASELINE, ablation))
     if against_adamw:
         print("\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
@@ -286,8 +286,8 @@ def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
         print(report.trajectory_gap_table(ft_rows))
     ablation = [n for n in optimizers.ABLATIONS if n in names]
     if optimizers.ABLATION_BASELINE in names and ablation:
-        print("\nThe ablation at equal learning along the training curves, against MoFO's momentum "
-              f"filter; {report.DIFF_NOTE}")
+        print("\nThe ablations at equal learning along the training curves, against MoFO 15 %; "
+              f"{report.DIFF_NOTE}")
         print(report.trajectory_gap_table(ft_rows, optimizers.ABLATION_BASELINE, ablation))
     el = stats.equal_learning(ft_rows)
     if el:
