@@ -90,7 +90,8 @@ PRESETS = {
     "full": Preset(optimizers=("adamw", "halfadam", "mofo15"), lrs=(1e-3, 3e-3), seeds=3,
                    finetune=_FULL_BUDGET, continual_optimizers=("adamw", "halfadam", "mofo5"),
                    continual_lr=1e-3, task_steps=60, task_eval_windows=64,
-                   note="--full: 2 lrs x 3 seeds behind docs/forgetting.md"),
+                   note="--full: 2 lrs x 3 seeds behind docs/forgetting.md (its ablation tables add "
+                        "--optimizers mofo15-grad,rbcd15,mofo5 --lr 1e-3, merged with --merge)"),
 }
 
 
