@@ -213,7 +213,9 @@ def curve_rows(rows: list[dict]) -> list[dict]:
 
 def read_finetune_csv(path: Path) -> tuple[dict, list[dict]]:
     """(theta0's row, the runs with their curves) from the ``finetune.csv`` and
-    ``finetune_curves.csv`` this module wrote."""
+    ``finetune_curves.csv`` this module wrote; ValueError when ``path`` does not exist."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (run --full --out {path.parent} first)")
     with open(path, newline="") as f:
         rows = [{k: (float(v) if k in _NUMERIC and v != "" else v) for k, v in r.items()}
                 for r in csv.DictReader(f)]
@@ -234,7 +236,6 @@ def read_finetune_csv(path: Path) -> tuple[dict, list[dict]]:
     return ref, runs
 
 
-
 def merge_finetune_csvs(paths: list[Path]) -> tuple[dict, list[dict]]:
     """(theta0's row, the runs) of several ``finetune.csv`` of one size and checkpoint.
 
@@ -244,8 +245,6 @@ def merge_finetune_csvs(paths: list[Path]) -> tuple[dict, list[dict]]:
     """
     ref, runs, source = None, {}, {}
     for path in paths:
-        if not path.is_file():
-            raise ValueError(f"{path} does not exist (run --full --out {path.parent} first)")
         r0, rows = read_finetune_csv(path)
         if ref is None:
             ref, ref_path = r0, path
@@ -264,6 +263,7 @@ def merge_finetune_csvs(paths: list[Path]) -> tuple[dict, list[dict]]:
         raise ValueError("no directories given")
     order = {name: i for i, name in enumerate(dict.fromkeys(k[0] for k in runs))}
     return ref, [runs[k] for k in sorted(runs, key=lambda k: (k[1], order[k[0]], k[2]))]
+
 
 COLORS = {"adamw": "C3", "halfadam": "C1", "mofo5": "C2", "mofo15": "C0", "mofo15-grad": "C4",
           "mofo5-grad": "C4", "rbcd15": "C7", "rbcd5": "C7"}

@@ -237,10 +237,10 @@ def versions_line() -> str:
 def run_size_axis(args) -> int:
     per_size = {}
     for d in args.size_axis:
-        path = d / "finetune.csv"
-        if not path.is_file():
-            raise SystemExit(f"--size-axis: {path} does not exist (run --full --out {d} first)")
-        ref, rows = report.read_finetune_csv(path)
+        try:
+            ref, rows = report.read_finetune_csv(d / "finetune.csv")
+        except ValueError as e:
+            raise SystemExit(f"--size-axis: {e}") from None
         size = ref["size"]
         per_size[size] = (ref, rows, models.parameter_count(models.SIZES[size]))
     per_size = dict(sorted(per_size.items(), key=lambda kv: kv[1][2]))
