@@ -18,8 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------------- shapes
 
-def llama_shapes(*, vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4,
-                 tie=False) -> list[tuple[str, tuple[int, ...]]]:
+
+def llama_shapes(
+    *, vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, tie=False
+) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of a Llama model's parameters in model.named_parameters() order.
 
     The defaults are TinyLlama-1.1B (1,100,048,384 parameters in 201 tensors)."""
@@ -59,7 +61,8 @@ def sweep_shapes(n_params: int) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, s) for n, s in shapes if math.prod(s) > 0]
     side = max(8, int(math.sqrt(n_params / 4)))
     return [(f"layers.{i}.weight", (side, side)) for i in range(4)] + [
-        (f"layers.{i}.bias", (side,)) for i in range(4)]
+        (f"layers.{i}.bias", (side,)) for i in range(4)
+    ]
 
 
 def numel(shapes) -> int:
@@ -67,6 +70,7 @@ def numel(shapes) -> int:
 
 
 # ----------------------------------------------------------------------------------- baselines
+
 
 class LoopTopkMoFO(torch.optim.Optimizer):
     """The official MoFO implementation's step *pattern*, re-implemented for the benchmark.
@@ -110,6 +114,7 @@ class LoopTopkMoFO(torch.optim.Optimizer):
 
 # ----------------------------------------------------------------------------------- bytes
 
+
 def sector_fraction(alpha: float, elt_bytes: int) -> float:
     """Share of 32-byte sectors holding at least one selected entry (selection spread evenly)."""
     per = max(1, 32 // elt_bytes)
@@ -139,6 +144,7 @@ def minimal_bytes(method: str, n: int, alpha: float, p_bytes: int, trainable: fl
 
 
 # ----------------------------------------------------------------------------------- timing
+
 
 def bench(fn, device: torch.device, *, warmup_ms=25.0, rep_ms=100.0, cpu_reps=5, cpu_warmup=1) -> float:
     """Median milliseconds of ``fn()``; warm-up excluded. CUDA: triton.testing.do_bench."""
@@ -188,9 +194,12 @@ def state_bytes(opt) -> int:
 
 # ----------------------------------------------------------------------------------- metadata
 
+
 def _git(*args) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         return ""
 
@@ -215,8 +224,13 @@ def metadata(device: torch.device) -> dict:
         name = platform.processor() or platform.machine()
         cuda = ""
     return dict(
-        device=name, device_type=device.type, torch=torch.__version__, triton=triton_version, cuda=cuda,
-        maskopt=getattr(maskopt, "__version__", "?"), commit=commit,
+        device=name,
+        device_type=device.type,
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=cuda,
+        maskopt=getattr(maskopt, "__version__", "?"),
+        commit=commit,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         interpreter=os.environ.get("TRITON_INTERPRET", "0"),
     )

@@ -16,8 +16,21 @@ import _forgetting_optimizers as optimizers
 import _forgetting_train as training
 
 
-def continual_one(model, theta0, name: str, lr: float, seed: int, corpora: dict, evals: dict,
-                  before: dict, seq: int, batch: int, task_steps: int, device, progress) -> tuple[dict, list[dict]]:
+def continual_one(
+    model,
+    theta0,
+    name: str,
+    lr: float,
+    seed: int,
+    corpora: dict,
+    evals: dict,
+    before: dict,
+    seq: int,
+    batch: int,
+    task_steps: int,
+    device,
+    progress,
+) -> tuple[dict, list[dict]]:
     """One optimizer through the task sequence; its result row and its R-matrix cells."""
     from maskopt.metrics import backward_transfer, overall_performance
 
@@ -38,23 +51,55 @@ def continual_one(model, theta0, name: str, lr: float, seed: int, corpora: dict,
         res = {j: training.evaluate(model, evals[j], batch, device) for j in tasks + ["code"]}
         r_loss.append([res[j][0] for j in tasks])
         r_acc.append([res[j][1] for j in tasks])
-        cells += [dict(optimizer=name, lr=lr, seed=seed, after_task=t + 1, trained=task, eval_task=j,
-                       loss=res[j][0], acc=res[j][1]) for j in tasks + ["code"]]
+        cells += [
+            dict(
+                optimizer=name,
+                lr=lr,
+                seed=seed,
+                after_task=t + 1,
+                trained=task,
+                eval_task=j,
+                loss=res[j][0],
+                acc=res[j][1],
+            )
+            for j in tasks + ["code"]
+        ]
     wall = time.perf_counter() - t_start
-    row = dict(optimizer=name, label=optimizers.LABELS[name], lr=lr, seed=seed, task_steps=task_steps,
-               OP=overall_performance(r_acc), BWT=backward_transfer(r_acc),
-               BWT_hft=backward_transfer(r_acc, convention="hft"),
-               OP_loss=-overall_performance(r_loss, higher_is_better=False),
-               BWT_loss=backward_transfer(r_loss, higher_is_better=False),
-               code_forgetting=res["code"][0] - before["code"][0], wall_s=wall)
-    progress.say(f"  continual {row['label']:<17} seed {seed}: OP {row['OP']:.2f} %  BWT "
-                 f"{row['BWT']:+.2f} (HFT's {row['BWT_hft']:+.2f})  code loss "
-                 f"{row['code_forgetting']:+.3f}  {wall:.0f} s")
+    row = dict(
+        optimizer=name,
+        label=optimizers.LABELS[name],
+        lr=lr,
+        seed=seed,
+        task_steps=task_steps,
+        OP=overall_performance(r_acc),
+        BWT=backward_transfer(r_acc),
+        BWT_hft=backward_transfer(r_acc, convention="hft"),
+        OP_loss=-overall_performance(r_loss, higher_is_better=False),
+        BWT_loss=backward_transfer(r_loss, higher_is_better=False),
+        code_forgetting=res["code"][0] - before["code"][0],
+        wall_s=wall,
+    )
+    progress.say(
+        f"  continual {row['label']:<17} seed {seed}: OP {row['OP']:.2f} %  BWT "
+        f"{row['BWT']:+.2f} (HFT's {row['BWT_hft']:+.2f})  code loss "
+        f"{row['code_forgetting']:+.3f}  {wall:.0f} s"
+    )
     return row, cells
 
 
-def continual_all(model, corpora: dict, names: list[str], lr: float, seeds: list[int], seq: int,
-                  batch: int, task_steps: int, eval_windows: int, device, progress) -> tuple[list[dict], list[dict]]:
+def continual_all(
+    model,
+    corpora: dict,
+    names: list[str],
+    lr: float,
+    seeds: list[int],
+    seq: int,
+    batch: int,
+    task_steps: int,
+    eval_windows: int,
+    device,
+    progress,
+) -> tuple[list[dict], list[dict]]:
     """Every optimizer and seed through the sequence from the same theta0; the model ends at theta0."""
     theta0 = training.snapshot(model)
     tasks = list(data.CONTINUAL_TASKS)
@@ -63,8 +108,21 @@ def continual_all(model, corpora: dict, names: list[str], lr: float, seeds: list
     rows, cells = [], []
     for seed in seeds:
         for name in names:
-            row, c = continual_one(model, theta0, name, lr, seed, corpora, evals, before, seq, batch,
-                                   task_steps, device, progress)
+            row, c = continual_one(
+                model,
+                theta0,
+                name,
+                lr,
+                seed,
+                corpora,
+                evals,
+                before,
+                seq,
+                batch,
+                task_steps,
+                device,
+                progress,
+            )
             rows.append(row)
             cells += c
     training.restore(model, theta0)

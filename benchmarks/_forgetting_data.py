@@ -84,14 +84,16 @@ class Corpus:
         return self.train.numel() + self.held_out.numel()
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.files} file(s), {self.train.numel() / 1e6:.2f} MB train, "
-                f"{self.held_out.numel() / 1e6:.2f} MB held out")
+        return (
+            f"{self.name}: {self.files} file(s), {self.train.numel() / 1e6:.2f} MB train, "
+            f"{self.held_out.numel() / 1e6:.2f} MB held out"
+        )
 
 
 def split(name: str, data: bytes, files: int) -> Corpus:
     train, held = bytearray(), bytearray()
     for c, start in enumerate(range(0, len(data), CHUNK)):
-        (held if c % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train).extend(data[start:start + CHUNK])
+        (held if c % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train).extend(data[start : start + CHUNK])
     if not held or not train:
         raise RuntimeError(f"corpus {name!r} is too small to split ({len(data)} bytes)")
     digest = hashlib.sha256(data).hexdigest()[:16]
@@ -123,7 +125,7 @@ def eval_windows(data: torch.Tensor, seq: int, n: int) -> torch.Tensor:
     n = min(n, total)
     idx = torch.linspace(0, total - 1, n).round().long()
     starts = idx * seq
-    return torch.stack([data[s:s + seq] for s in starts.tolist()]).long()
+    return torch.stack([data[s : s + seq] for s in starts.tolist()]).long()
 
 
 class Batches:

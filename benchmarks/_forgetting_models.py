@@ -38,14 +38,18 @@ class ModelShape:
 # 0.04 M to 2.3 M parameters (56x apart): the size axis a 2-core CPU can pre-train and sweep.
 # All four are shipped; "cpu" is the default, the one `make demo` loads.
 SIZES = {
-    "micro": ModelShape(hidden=32, layers=2, heads=2, intermediate=88, seq=128,
-                        pretrain_lr=3e-3, pretrain_max_steps=20000),
-    "tiny": ModelShape(hidden=64, layers=2, heads=4, intermediate=176, seq=128,
-                       pretrain_lr=3e-3, pretrain_max_steps=20000),
-    "cpu": ModelShape(hidden=128, layers=4, heads=4, intermediate=352, seq=128,
-                      pretrain_lr=3e-3, pretrain_max_steps=12000),
-    "large": ModelShape(hidden=192, layers=5, heads=6, intermediate=512, seq=128,
-                        pretrain_lr=2e-3, pretrain_max_steps=12000),
+    "micro": ModelShape(
+        hidden=32, layers=2, heads=2, intermediate=88, seq=128, pretrain_lr=3e-3, pretrain_max_steps=20000
+    ),
+    "tiny": ModelShape(
+        hidden=64, layers=2, heads=4, intermediate=176, seq=128, pretrain_lr=3e-3, pretrain_max_steps=20000
+    ),
+    "cpu": ModelShape(
+        hidden=128, layers=4, heads=4, intermediate=352, seq=128, pretrain_lr=3e-3, pretrain_max_steps=12000
+    ),
+    "large": ModelShape(
+        hidden=192, layers=5, heads=6, intermediate=512, seq=128, pretrain_lr=2e-3, pretrain_max_steps=12000
+    ),
 }
 DEFAULT_SIZE = "cpu"
 
@@ -60,10 +64,17 @@ def build_model(shape: ModelShape, seed: int):
 
     hf_logging.set_verbosity_error()
     cfg = LlamaConfig(
-        vocab_size=256, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads, max_position_embeddings=shape.seq,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=256,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.seq,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -99,8 +110,13 @@ def save_checkpoint(model, size: str, recipe: dict, directory: Path = CHECKPOINT
     tmp = pt.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, pt)
-    recipe = dict(recipe, file=pt.name, sha256=sha256_of(pt), bytes=pt.stat().st_size,
-                  storage_dtype=str(STORAGE_DTYPE).replace("torch.", ""))
+    recipe = dict(
+        recipe,
+        file=pt.name,
+        sha256=sha256_of(pt),
+        bytes=pt.stat().st_size,
+        storage_dtype=str(STORAGE_DTYPE).replace("torch.", ""),
+    )
     save_recipe(size, recipe, directory)
     return recipe
 
@@ -119,7 +135,8 @@ def load_recipe(size: str, directory: Path = CHECKPOINT_DIR) -> dict:
     if not meta.is_file():
         raise CheckpointError(
             f"no pre-trained checkpoint for --size {size}: {meta} is missing. "
-            f"Build it with: {rebuild_command(size)}")
+            f"Build it with: {rebuild_command(size)}"
+        )
     return json.loads(meta.read_text())
 
 
@@ -130,18 +147,21 @@ def load_checkpoint(size: str, directory: Path = CHECKPOINT_DIR):
     if not pt.is_file():
         raise CheckpointError(
             f"the checkpoint file {pt} is missing (its recipe {pt.with_suffix('.json').name} is "
-            f"there). Rebuild it with: {rebuild_command(size)}")
+            f"there). Rebuild it with: {rebuild_command(size)}"
+        )
     digest = sha256_of(pt)
     if digest != recipe["sha256"]:
         raise CheckpointError(
             f"the checkpoint file {pt} has sha256 {digest}, but its recipe expects "
             f"{recipe['sha256']}: the file is damaged or from another build. Rebuild it with: "
-            f"{rebuild_command(size)}")
+            f"{rebuild_command(size)}"
+        )
     shape = SIZES[size]
     if recipe["shape"] != dataclasses.asdict(shape):
         raise CheckpointError(
             f"the checkpoint {pt} was built for shape {recipe['shape']}, but --size {size} is now "
-            f"{dataclasses.asdict(shape)}. Rebuild it with: {rebuild_command(size)}")
+            f"{dataclasses.asdict(shape)}. Rebuild it with: {rebuild_command(size)}"
+        )
     model = build_model(shape, seed=0)
     state = torch.load(pt, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -153,7 +173,9 @@ def corpus_note(recipe: dict, code_digest: str) -> str | None:
     if recipe.get("corpus_digest") == code_digest:
         return None
     here = ".".join(map(str, sys.version_info[:3]))
-    return (f"note: this Python's standard library ({here}, code digest {code_digest}) differs from "
-            f"the one the checkpoint was pre-trained on (Python {recipe.get('python')}, digest "
-            f"{recipe.get('corpus_digest')}); the model loads, but held-out losses will differ from "
-            f"the recipe's and the held-out split may overlap its training data.")
+    return (
+        f"note: this Python's standard library ({here}, code digest {code_digest}) differs from "
+        f"the one the checkpoint was pre-trained on (Python {recipe.get('python')}, digest "
+        f"{recipe.get('corpus_digest')}); the model loads, but held-out losses will differ from "
+        f"the recipe's and the held-out split may overlap its training data."
+    )

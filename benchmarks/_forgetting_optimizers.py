@@ -7,8 +7,13 @@ import torch
 # Alphas: the MoFO paper's 5 % (continual) and 15 % (instruction tuning); the two ablations
 # (gradient filter, random) use 15 % to pair with MoFO 15 %.
 LABELS = {
-    "adamw": "AdamW", "halfadam": "HalfAdam (HFT)", "mofo5": "MoFO a=5%", "mofo15": "MoFO a=15%",
-    "mofo15-grad": "MoFO-grad a=15%", "rbcd15": "RandomBCD a=15%", "rbcd5": "RandomBCD a=5%",
+    "adamw": "AdamW",
+    "halfadam": "HalfAdam (HFT)",
+    "mofo5": "MoFO a=5%",
+    "mofo15": "MoFO a=15%",
+    "mofo15-grad": "MoFO-grad a=15%",
+    "rbcd15": "RandomBCD a=15%",
+    "rbcd5": "RandomBCD a=5%",
     "mofo5-grad": "MoFO-grad a=5%",
 }
 KNOWN = tuple(LABELS)
@@ -30,8 +35,12 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, seed: int) -> t
         return HalfAdam(model.named_parameters(), seed=seed, **common)
     if name.startswith("mofo"):
         alpha = int(name[4:].split("-")[0]) / 100
-        return MoFO(model.parameters(), alpha=alpha,
-                    filter="gradient" if name.endswith("-grad") else "momentum", **common)
+        return MoFO(
+            model.parameters(),
+            alpha=alpha,
+            filter="gradient" if name.endswith("-grad") else "momentum",
+            **common,
+        )
     if name.startswith("rbcd"):
         return RandomBCD(model.parameters(), alpha=int(name[4:]) / 100, seed=seed, **common)
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(KNOWN)}")

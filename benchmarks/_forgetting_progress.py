@@ -16,8 +16,15 @@ class Progress:
             return _NoBar()
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                    file=sys.stderr, mininterval=0.5)
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
 
     def say(self, msg: str) -> None:
         if self.quiet:

@@ -18,8 +18,14 @@ DIFF_NOTE = "paired by seed, mean ± 95 % t-interval half-width"
 
 def fmt_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    line = lambda cells: (
+        "| "
+        + " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+            for i, (c, w) in enumerate(zip(cells, widths))
+        )
+        + " |"
+    )
     sep = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), sep] + [line(r) for r in rows])
 
@@ -43,21 +49,43 @@ def verdict(diff: st.Summary, less: str, more: str) -> str:
 def fixed_lr_table(ref: dict, rows: list[dict], lr: float) -> str:
     """The papers' protocol: every optimizer at the same lr, evaluated at its best point."""
     at = [r for r in rows if r["lr"] == lr]
-    headers = ["optimizer", "seeds", "English loss", "learned", "forgetting", "‖θ−θ0‖",
-               "entries moved", "best step", "ms/step"]
-    body = [["pre-trained", "", f"{ref['ft_loss']:.3f}", "", f"(code {ref['code_loss']:.3f})", "", "", "", ""]]
+    headers = [
+        "optimizer",
+        "seeds",
+        "English loss",
+        "learned",
+        "forgetting",
+        "‖θ−θ0‖",
+        "entries moved",
+        "best step",
+        "ms/step",
+    ]
+    body = [
+        ["pre-trained", "", f"{ref['ft_loss']:.3f}", "", f"(code {ref['code_loss']:.3f})", "", "", "", ""]
+    ]
     for name in _names(at):
         mine = [r for r in at if r["optimizer"] == name]
         s = lambda k: st.summarize([r[k] for r in mine])  # noqa: E731
         moved = st.summarize([100 * r["moved"] for r in mine])
-        body.append([_label(at, name), str(len(mine)), s("ft_loss").fmt(), s("learned").fmt(),
-                     s("forgetting").fmt(signed=True), s("dist").fmt(2), moved.fmt(1) + " %",
-                     s("best_step").fmt(0), f"{s('ms_step').mean:.0f}"])
+        body.append(
+            [
+                _label(at, name),
+                str(len(mine)),
+                s("ft_loss").fmt(),
+                s("learned").fmt(),
+                s("forgetting").fmt(signed=True),
+                s("dist").fmt(2),
+                moved.fmt(1) + " %",
+                s("best_step").fmt(0),
+                f"{s('ms_step').mean:.0f}",
+            ]
+        )
     return fmt_table(headers, body)
 
 
-def paired_fixed_lr_table(rows: list[dict], lr: float, baseline: str = "adamw",
-                          names: list[str] | None = None) -> str:
+def paired_fixed_lr_table(
+    rows: list[dict], lr: float, baseline: str = "adamw", names: list[str] | None = None
+) -> str:
     """Each optimizer (or each of ``names``) minus ``baseline`` at the same lr and seed:
     learning and forgetting."""
     at = [r for r in rows if r["lr"] == lr]
@@ -69,16 +97,25 @@ def paired_fixed_lr_table(rows: list[dict], lr: float, baseline: str = "adamw",
             continue
         dl = st.summarize(st.paired_differences(at, "learned", name, baseline))
         df = st.summarize(st.paired_differences(at, "forgetting", name, baseline))
-        body.append([_label(at, name), dl.fmt(signed=True, interval=True),
-                     df.fmt(signed=True, interval=True), verdict(df, "forgets less", "forgets more")])
+        body.append(
+            [
+                _label(at, name),
+                dl.fmt(signed=True, interval=True),
+                df.fmt(signed=True, interval=True),
+                verdict(df, "forgets less", "forgets more"),
+            ]
+        )
     return fmt_table(headers, body)
 
 
 def equal_learning_table(el: st.EqualLearning, rows: list[dict]) -> str:
     mid = el.levels[len(el.levels) // 2]
     ref = el.distance.get("adamw", {}).get(mid)
-    headers = (["optimizer"] + [f"forgetting at English {x:.3f}" for x in el.levels]
-               + [f"‖θ−θ0‖ at {mid:.3f}" + (" / AdamW's" if ref else "")])
+    headers = (
+        ["optimizer"]
+        + [f"forgetting at English {x:.3f}" for x in el.levels]
+        + [f"‖θ−θ0‖ at {mid:.3f}" + (" / AdamW's" if ref else "")]
+    )
     body = []
     for name, by_level in el.forgetting.items():
         cells = [st.summarize(by_level[x]).fmt(signed=True) for x in el.levels]
@@ -104,8 +141,14 @@ def equal_learning_gap_table(rows: list[dict]) -> str | None:
             body.append([_label(rows, name), "n/a", "no common range", ""])
             continue
         gap = st.summarize(pg.gaps)
-        body.append([_label(rows, name), f"{pg.level:.3f}", gap.fmt(signed=True, interval=True),
-                     verdict(gap, "forgets less", "forgets more")])
+        body.append(
+            [
+                _label(rows, name),
+                f"{pg.level:.3f}",
+                gap.fmt(signed=True, interval=True),
+                verdict(gap, "forgets less", "forgets more"),
+            ]
+        )
     return fmt_table(headers, body) if body else None
 
 
@@ -122,8 +165,14 @@ def trajectory_gap_table(rows: list[dict], baseline: str = "adamw", names: list[
             if name == baseline or name not in present or baseline not in present:
                 continue
             gap = st.summarize(st.trajectory_gap(at, name, baseline))
-            body.append([_label(at, name), f"{lr:g}", gap.fmt(signed=True, interval=True),
-                         verdict(gap, "forgets less", "forgets more")])
+            body.append(
+                [
+                    _label(at, name),
+                    f"{lr:g}",
+                    gap.fmt(signed=True, interval=True),
+                    verdict(gap, "forgets less", "forgets more"),
+                ]
+            )
     return fmt_table(headers, body)
 
 
@@ -133,8 +182,17 @@ def continual_table(rows: list[dict]) -> str:
     for name in _names(rows):
         mine = [r for r in rows if r["optimizer"] == name]
         s = lambda k: st.summarize([r[k] for r in mine])  # noqa: E731
-        body.append([_label(rows, name), str(len(mine)), s("OP").fmt(2), s("BWT").fmt(2, True),
-                     s("BWT_hft").fmt(2, True), s("BWT_loss").fmt(3, True), s("code_forgetting").fmt(3, True)])
+        body.append(
+            [
+                _label(rows, name),
+                str(len(mine)),
+                s("OP").fmt(2),
+                s("BWT").fmt(2, True),
+                s("BWT_hft").fmt(2, True),
+                s("BWT_loss").fmt(3, True),
+                s("code_forgetting").fmt(3, True),
+            ]
+        )
     return fmt_table(headers, body)
 
 
@@ -147,8 +205,14 @@ def continual_paired_table(rows: list[dict]) -> str:
         dop = st.summarize(st.paired_differences(rows, "OP", name))
         dbwt = st.summarize(st.paired_differences(rows, "BWT", name))
         # BWT is negative when the model forgot: a larger BWT means less forgetting.
-        body.append([_label(rows, name), dop.fmt(2, True, True), dbwt.fmt(2, True, True),
-                     verdict(dbwt, "forgets more", "forgets less")])
+        body.append(
+            [
+                _label(rows, name),
+                dop.fmt(2, True, True),
+                dbwt.fmt(2, True, True),
+                verdict(dbwt, "forgets more", "forgets less"),
+            ]
+        )
     return fmt_table(headers, body)
 
 
@@ -165,23 +229,48 @@ def size_axis_rows(per_size: dict[str, tuple[dict, list[dict], int]], fixed_lr: 
             pg = st.equal_learning_gap(rows, name)
             at = [r for r in rows if r["lr"] == fixed_lr]
             along = st.summarize(st.trajectory_gap(at, name))
-            out.append(dict(size=size, parameters=params, code_loss=ref["code_loss"], optimizer=name,
-                            label=_label(rows, name), fixed_lr=fixed_lr, fixed=fixed,
-                            equal=st.summarize(pg.gaps) if pg else None, level=pg.level if pg else None,
-                            along=along if along.n else None))
+            out.append(
+                dict(
+                    size=size,
+                    parameters=params,
+                    code_loss=ref["code_loss"],
+                    optimizer=name,
+                    label=_label(rows, name),
+                    fixed_lr=fixed_lr,
+                    fixed=fixed,
+                    equal=st.summarize(pg.gaps) if pg else None,
+                    level=pg.level if pg else None,
+                    along=along if along.n else None,
+                )
+            )
     return out
 
 
 def size_axis_table(axis: list[dict]) -> str:
-    headers = ["size", "parameters", "θ0 code loss", "optimizer − AdamW", "same lr",
-               "equal learning (lr sweep)", "at English loss", "equal learning (training curve)"]
+    headers = [
+        "size",
+        "parameters",
+        "θ0 code loss",
+        "optimizer − AdamW",
+        "same lr",
+        "equal learning (lr sweep)",
+        "at English loss",
+        "equal learning (training curve)",
+    ]
     body = []
     for a in axis:
-        body.append([a["size"], f"{a['parameters'] / 1e6:.2f} M", f"{a['code_loss']:.3f}", a["label"],
-                     f"{a['fixed'].fmt(signed=True, interval=True)} (lr {a['fixed_lr']:g})",
-                     a["equal"].fmt(signed=True, interval=True) if a["equal"] else "n/a",
-                     f"{a['level']:.3f}" if a["level"] else "n/a",
-                     a["along"].fmt(signed=True, interval=True) if a["along"] else "n/a"])
+        body.append(
+            [
+                a["size"],
+                f"{a['parameters'] / 1e6:.2f} M",
+                f"{a['code_loss']:.3f}",
+                a["label"],
+                f"{a['fixed'].fmt(signed=True, interval=True)} (lr {a['fixed_lr']:g})",
+                a["equal"].fmt(signed=True, interval=True) if a["equal"] else "n/a",
+                f"{a['level']:.3f}" if a["level"] else "n/a",
+                a["along"].fmt(signed=True, interval=True) if a["along"] else "n/a",
+            ]
+        )
     return fmt_table(headers, body)
 
 
@@ -193,14 +282,59 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-FINETUNE_FIELDS = ["size", "optimizer", "label", "lr", "seed", "best_step", "steps", "stopped_by",
-                   "ft_loss", "ft_acc", "learned", "code_loss", "code_acc", "forgetting", "dist",
-                   "moved", "ms_step", "ms_opt", "wall_s"]
-CONTINUAL_FIELDS = ["optimizer", "label", "lr", "seed", "task_steps", "OP", "BWT", "BWT_hft",
-                    "OP_loss", "BWT_loss", "code_forgetting", "wall_s"]
+FINETUNE_FIELDS = [
+    "size",
+    "optimizer",
+    "label",
+    "lr",
+    "seed",
+    "best_step",
+    "steps",
+    "stopped_by",
+    "ft_loss",
+    "ft_acc",
+    "learned",
+    "code_loss",
+    "code_acc",
+    "forgetting",
+    "dist",
+    "moved",
+    "ms_step",
+    "ms_opt",
+    "wall_s",
+]
+CONTINUAL_FIELDS = [
+    "optimizer",
+    "label",
+    "lr",
+    "seed",
+    "task_steps",
+    "OP",
+    "BWT",
+    "BWT_hft",
+    "OP_loss",
+    "BWT_loss",
+    "code_forgetting",
+    "wall_s",
+]
 MATRIX_FIELDS = ["optimizer", "lr", "seed", "after_task", "trained", "eval_task", "loss", "acc"]
-_NUMERIC = {"lr", "seed", "best_step", "steps", "ft_loss", "ft_acc", "learned", "code_loss", "code_acc",
-            "forgetting", "dist", "moved", "ms_step", "ms_opt", "wall_s"}
+_NUMERIC = {
+    "lr",
+    "seed",
+    "best_step",
+    "steps",
+    "ft_loss",
+    "ft_acc",
+    "learned",
+    "code_loss",
+    "code_acc",
+    "forgetting",
+    "dist",
+    "moved",
+    "ms_step",
+    "ms_opt",
+    "wall_s",
+}
 
 
 CURVE_FIELDS = ["optimizer", "lr", "seed", "step", "english_val", "forgetting"]
@@ -217,8 +351,10 @@ def read_finetune_csv(path: Path) -> tuple[dict, list[dict]]:
     if not path.is_file():
         raise ValueError(f"{path} does not exist (run --full --out {path.parent} first)")
     with open(path, newline="") as f:
-        rows = [{k: (float(v) if k in _NUMERIC and v != "" else v) for k, v in r.items()}
-                for r in csv.DictReader(f)]
+        rows = [
+            {k: (float(v) if k in _NUMERIC and v != "" else v) for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
     runs = [r for r in rows if r["optimizer"] != "theta0"]
     for r in runs:
         r["seed"] = int(r["seed"])
@@ -230,8 +366,13 @@ def read_finetune_csv(path: Path) -> tuple[dict, list[dict]]:
             for c in csv.DictReader(f):
                 run = by_key.get((c["optimizer"], float(c["lr"]), int(c["seed"])))
                 if run is not None:
-                    run["curve"].append(dict(step=int(c["step"]), english_val=float(c["english_val"]),
-                                             forgetting=float(c["forgetting"])))
+                    run["curve"].append(
+                        dict(
+                            step=int(c["step"]),
+                            english_val=float(c["english_val"]),
+                            forgetting=float(c["forgetting"]),
+                        )
+                    )
     ref = next(r for r in rows if r["optimizer"] == "theta0")
     return ref, runs
 
@@ -249,14 +390,17 @@ def merge_finetune_csvs(paths: list[Path]) -> tuple[dict, list[dict]]:
         if ref is None:
             ref, ref_path = r0, path
         elif (r0["size"], r0["ft_loss"], r0["code_loss"]) != (ref["size"], ref["ft_loss"], ref["code_loss"]):
-            raise ValueError(f"{path} and {ref_path} start from different checkpoints (size "
-                             f"{r0['size']} vs {ref['size']}, or a different theta0)")
+            raise ValueError(
+                f"{path} and {ref_path} start from different checkpoints (size "
+                f"{r0['size']} vs {ref['size']}, or a different theta0)"
+            )
         for r in rows:
             key = (r["optimizer"], r["lr"], r["seed"])
             old = runs.get(key)
             if old is not None and (old["ft_loss"], old["forgetting"]) != (r["ft_loss"], r["forgetting"]):
-                raise ValueError(f"{key[0]} at lr {key[1]:g}, seed {key[2]} differs between "
-                                 f"{source[key]} and {path}")
+                raise ValueError(
+                    f"{key[0]} at lr {key[1]:g}, seed {key[2]} differs between {source[key]} and {path}"
+                )
             runs.setdefault(key, r)
             source.setdefault(key, path)
     if ref is None:
@@ -265,8 +409,16 @@ def merge_finetune_csvs(paths: list[Path]) -> tuple[dict, list[dict]]:
     return ref, [runs[k] for k in sorted(runs, key=lambda k: (k[1], order[k[0]], k[2]))]
 
 
-COLORS = {"adamw": "C3", "halfadam": "C1", "mofo5": "C2", "mofo15": "C0", "mofo15-grad": "C4",
-          "mofo5-grad": "C4", "rbcd15": "C7", "rbcd5": "C7"}
+COLORS = {
+    "adamw": "C3",
+    "halfadam": "C1",
+    "mofo5": "C2",
+    "mofo15": "C0",
+    "mofo15-grad": "C4",
+    "mofo5-grad": "C4",
+    "rbcd15": "C7",
+    "rbcd5": "C7",
+}
 MARKERS = "os^Dv"
 
 
@@ -287,8 +439,19 @@ def _panel(ax, rows, x, y, lrs):
         if len(pts) > 1:
             ax.plot([p[1] for p in pts], [p[3] for p in pts], color=color, lw=1, alpha=0.6, zorder=2)
         for i, (lr, mx, sx, my, sy) in enumerate(pts):
-            ax.errorbar(mx, my, xerr=sx, yerr=sy, color=color, marker=MARKERS[lrs.index(lr) % len(MARKERS)],
-                        ms=6, lw=0.8, capsize=2, zorder=3, label=_label(rows, name) if i == 0 else None)
+            ax.errorbar(
+                mx,
+                my,
+                xerr=sx,
+                yerr=sy,
+                color=color,
+                marker=MARKERS[lrs.index(lr) % len(MARKERS)],
+                ms=6,
+                lw=0.8,
+                capsize=2,
+                zorder=3,
+                label=_label(rows, name) if i == 0 else None,
+            )
 
 
 def plot_results(path: Path, ft_rows: list[dict], cl_rows: list[dict], title: str) -> None:
@@ -340,17 +503,25 @@ def plot_size_axis(path: Path, axis: list[dict], title: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 4.0), dpi=90, sharex=True, sharey=True)
     fixed_lr = axis[0]["fixed_lr"] if axis else float("nan")
-    for ax, key, name in ((axes[0], "fixed", f"at the same lr ({fixed_lr:g})"),
-                          (axes[1], "equal", "at equal learning (lr sweep)"),
-                          (axes[2], "along", f"at equal learning (training curve, lr {fixed_lr:g})")):
+    for ax, key, name in (
+        (axes[0], "fixed", f"at the same lr ({fixed_lr:g})"),
+        (axes[1], "equal", "at equal learning (lr sweep)"),
+        (axes[2], "along", f"at equal learning (training curve, lr {fixed_lr:g})"),
+    ):
         for opt in dict.fromkeys(a["optimizer"] for a in axis):
             pts = [(a["parameters"], a[key]) for a in axis if a["optimizer"] == opt and a[key] is not None]
             if not pts:
                 continue
             label = next(a["label"] for a in axis if a["optimizer"] == opt)
-            ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
-                        yerr=[0 if p[1].n < 2 else p[1].half_width95 for p in pts], marker="o",
-                        capsize=3, color=COLORS.get(opt, "k"), label=f"{label} − AdamW")
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1].mean for p in pts],
+                yerr=[0 if p[1].n < 2 else p[1].half_width95 for p in pts],
+                marker="o",
+                capsize=3,
+                color=COLORS.get(opt, "k"),
+                label=f"{label} − AdamW",
+            )
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
@@ -367,11 +538,31 @@ def plot_size_axis(path: Path, axis: list[dict], title: str) -> None:
 
 
 def checkpoint_table(recipes: list[dict]) -> str:
-    headers = ["size", "parameters", "steps", "stopped by", "epochs of the code",
-               "held-out code loss", "held-out English loss", "time (s)", "sha256"]
-    body = [[r["size"], f"{r['parameters'] / 1e6:.2f} M", str(r["steps_run"]), r["stopped_by"],
-             f"{r['bytes_seen'] / r['train_bytes']:.1f} epochs", f"{r['held_out_code_loss']:.3f}",
-             f"{r['held_out_english_loss']:.3f}", f"{r['seconds']:.0f}", r["sha256"][:12]] for r in recipes]
+    headers = [
+        "size",
+        "parameters",
+        "steps",
+        "stopped by",
+        "epochs of the code",
+        "held-out code loss",
+        "held-out English loss",
+        "time (s)",
+        "sha256",
+    ]
+    body = [
+        [
+            r["size"],
+            f"{r['parameters'] / 1e6:.2f} M",
+            str(r["steps_run"]),
+            r["stopped_by"],
+            f"{r['bytes_seen'] / r['train_bytes']:.1f} epochs",
+            f"{r['held_out_code_loss']:.3f}",
+            f"{r['held_out_english_loss']:.3f}",
+            f"{r['seconds']:.0f}",
+            r["sha256"][:12],
+        ]
+        for r in recipes
+    ]
     return fmt_table(headers, body)
 
 
@@ -386,8 +577,13 @@ def plot_pretraining(path: Path, recipes: list[dict], title: str) -> None:
     for i, r in enumerate(recipes):
         steps = [c[0] for c in r["curve"]][1:]
         losses = [c[2] for c in r["curve"]][1:]
-        ax.plot(steps, losses, color=f"C{i}", lw=1.2,
-                label=f"{r['size']} ({r['parameters'] / 1e6:.2f} M): {r['held_out_code_loss']:.3f}")
+        ax.plot(
+            steps,
+            losses,
+            color=f"C{i}",
+            lw=1.2,
+            label=f"{r['size']} ({r['parameters'] / 1e6:.2f} M): {r['held_out_code_loss']:.3f}",
+        )
         drops = [c[0] for a, c in zip(r["curve"], r["curve"][1:]) if c[1] < a[1]]
         for d in drops:
             ax.axvline(d, color=f"C{i}", lw=0.6, ls=":")

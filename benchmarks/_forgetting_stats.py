@@ -13,9 +13,38 @@ import math
 import statistics
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t95(dof: int) -> float:
@@ -56,13 +85,20 @@ def summarize(values: list[float]) -> Summary:
     return Summary(statistics.fmean(values), std, len(values))
 
 
-def paired_differences(rows: list[dict], metric: str, name: str, baseline: str = "adamw",
-                       lr: float | None = None) -> list[float]:
+def paired_differences(
+    rows: list[dict], metric: str, name: str, baseline: str = "adamw", lr: float | None = None
+) -> list[float]:
     """``row[metric]`` of ``name`` minus that of ``baseline``, for each (lr, seed) both ran."""
-    base = {(r["lr"], r["seed"]): r[metric] for r in rows
-            if r["optimizer"] == baseline and (lr is None or r["lr"] == lr)}
-    return [r[metric] - base[(r["lr"], r["seed"])] for r in rows
-            if r["optimizer"] == name and (r["lr"], r["seed"]) in base and (lr is None or r["lr"] == lr)]
+    base = {
+        (r["lr"], r["seed"]): r[metric]
+        for r in rows
+        if r["optimizer"] == baseline and (lr is None or r["lr"] == lr)
+    }
+    return [
+        r[metric] - base[(r["lr"], r["seed"])]
+        for r in rows
+        if r["optimizer"] == name and (r["lr"], r["seed"]) in base and (lr is None or r["lr"] == lr)
+    ]
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:

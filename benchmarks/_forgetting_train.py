@@ -14,10 +14,9 @@ import math
 import time
 from typing import Callable
 
+import _forgetting_data as data
 import torch
 import torch.nn.functional as F
-
-import _forgetting_data as data
 
 CLIP = 1.0
 LR_DROP_DIVISOR = 4.0
@@ -38,8 +37,9 @@ def evaluate(model, windows: torch.Tensor, batch: int, device: torch.device) -> 
         x = chunk.to(device, non_blocking=True)
         logits = model(input_ids=x).logits[:, :-1].float()
         target = x[:, 1:]
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                    reduction="sum").item()
+        loss_sum += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        ).item()
         correct += (logits.argmax(-1) == target).sum().item()
         count += target.numel()
     model.train(was_training)
@@ -62,8 +62,9 @@ def restore(model, state: list[torch.Tensor]) -> None:
 
 def distance(model, theta0: list[torch.Tensor]) -> float:
     with torch.no_grad():
-        return math.sqrt(sum(float((p.float() - q.float()).pow(2).sum())
-                             for p, q in zip(model.parameters(), theta0)))
+        return math.sqrt(
+            sum(float((p.float() - q.float()).pow(2).sum()) for p, q in zip(model.parameters(), theta0))
+        )
 
 
 def fraction_moved(model, theta0: list[torch.Tensor]) -> float:
@@ -126,8 +127,9 @@ def warmup_cosine(steps: int, warmup_fraction: float = 0.1) -> Callable[[int], f
     return f
 
 
-def train_fixed(model, opt, batches: data.Batches, steps: int, device, bar,
-                stats: TrainStats | None = None) -> TrainStats:
+def train_fixed(
+    model, opt, batches: data.Batches, steps: int, device, bar, stats: TrainStats | None = None
+) -> TrainStats:
     """``steps`` steps with 10 % linear warmup and cosine decay."""
     stats = stats or TrainStats()
     base = [g["lr"] for g in opt.param_groups]
@@ -163,8 +165,9 @@ class PlateauResult:
     stats: TrainStats
 
 
-def train_until_plateau(model, opt, batches: data.Batches, rule: StopRule, device, bar,
-                        held_out_loss: Callable[[int], float]) -> PlateauResult:
+def train_until_plateau(
+    model, opt, batches: data.Batches, rule: StopRule, device, bar, held_out_loss: Callable[[int], float]
+) -> PlateauResult:
     """Train until the held-out loss stops improving; leaves the model at its best evaluation.
 
     ``held_out_loss(step)`` evaluates the model after ``step`` steps. The step-0 evaluation
@@ -203,5 +206,11 @@ def train_until_plateau(model, opt, batches: data.Batches, rule: StopRule, devic
             reference, since_improved = best_loss, 0
     restore(model, best_state)
     _set_lr(opt, base, 1.0)
-    return PlateauResult(best_step=best_step, best_loss=best_loss, steps=stats.steps,
-                         stopped_by=stopped_by, curve=curve, stats=stats)
+    return PlateauResult(
+        best_step=best_step,
+        best_loss=best_loss,
+        steps=stats.steps,
+        stopped_by=stopped_by,
+        curve=curve,
+        stats=stats,
+    )

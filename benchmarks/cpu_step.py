@@ -64,20 +64,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with process CPU time instead of wall clock (steadier on a shared machine)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU time instead of wall clock (steadier on a shared machine)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     shapes = llama_shapes(args.hidden, args.layers, args.vocab)
     numel = sum(torch.Size(s).numel() for _, s in shapes)
-    print(f"# {len(shapes)} tensors, {numel / 1e6:.1f}M params, fp32, alpha={args.alpha}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# {len(shapes)} tensors, {numel / 1e6:.1f}M params, fp32, alpha={args.alpha}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
 
     alpha = args.alpha
     candidates = {
-        "AdamW(foreach=True)": lambda ps: torch.optim.AdamW([p for _, p in ps], foreach=True, weight_decay=0.0),
+        "AdamW(foreach=True)": lambda ps: torch.optim.AdamW(
+            [p for _, p in ps], foreach=True, weight_decay=0.0
+        ),
         "MoFO(momentum)": lambda ps: MoFO([p for _, p in ps], alpha=alpha),
         "MoFO(gradient)": lambda ps: MoFO([p for _, p in ps], alpha=alpha, filter="gradient"),
         "MoFO(block_size=4096)": lambda ps: MoFO([p for _, p in ps], alpha=alpha, block_size=4096),

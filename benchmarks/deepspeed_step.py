@@ -29,15 +29,32 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-               "reduce", "all_to_all_single", "reduce_scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "all_to_all_single",
+    "reduce_scatter",
+)
 
 
 def llama_shapes(hidden: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
     inter = int(hidden * 8 / 3 // 64 * 64) or hidden * 2
     kv = max(hidden // 4, 1)
-    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
-             (hidden, inter), (hidden,), (hidden,)]
+    layer = [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (inter, hidden),
+        (inter, hidden),
+        (hidden, inter),
+        (hidden,),
+        (hidden,),
+    ]
     return [(vocab, hidden), *[s for _ in range(layers) for s in layer], (hidden,), (vocab, hidden)]
 
 
@@ -87,14 +104,20 @@ class Counter:
                 self.seconds += time.perf_counter() - start
                 return out
             return real(*args, **kwargs)
+
         return counted
 
 
 def run_one(stage, make, shapes, grads, args, counter):
     import deepspeed
 
-    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
-           "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+    }
     model = FixedGradients(shapes)
     opt = make(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
@@ -106,6 +129,7 @@ def run_one(stage, make, shapes, grads, args, counter):
         out = real_step(*a, **k)
         inner["t"] += time.perf_counter() - start
         return out
+
     opt.step = timed_step
     times, inner_times, calls, nbytes, waits = [], [], [], [], []
     for i in range(args.warmup + args.steps):
@@ -128,9 +152,15 @@ def run_one(stage, make, shapes, grads, args, counter):
 
 
 def worker(rank, args, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(args.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(args.world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(args.world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(args.threads)
     import warnings
 
@@ -149,11 +179,15 @@ def worker(rank, args, port):
     makes = optimizers(args.alpha)
     if rank == 0:
         numel = sum(torch.Size(s).numel() for s in shapes)
-        print(f"# DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, {args.world} ranks (gloo, CPU, "
-              f"{args.threads} thread(s) each), {numel / 1e6:.2f}M params in {len(shapes)} tensors, "
-              f"{args.steps} timed steps x {args.repeats} rounds after {args.warmup} warm-up")
-        print(f"{'stage':<6}{'optimizer':<28}{'engine.step ms':>15}{'ratio':>7}{'opt.step ms':>13}"
-              f"{'collectives':>13}{'MB':>9}{'in them ms':>14}")
+        print(
+            f"# DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, {args.world} ranks (gloo, CPU, "
+            f"{args.threads} thread(s) each), {numel / 1e6:.2f}M params in {len(shapes)} tensors, "
+            f"{args.steps} timed steps x {args.repeats} rounds after {args.warmup} warm-up"
+        )
+        print(
+            f"{'stage':<6}{'optimizer':<28}{'engine.step ms':>15}{'ratio':>7}{'opt.step ms':>13}"
+            f"{'collectives':>13}{'MB':>9}{'in them ms':>14}"
+        )
     for stage in args.stages:
         results = {name: ([], [], [], [], []) for name in makes}
         for _ in range(args.repeats):
@@ -164,9 +198,12 @@ def worker(rank, args, port):
         for name, (times, inner, calls, nbytes, waits) in results.items():
             med = statistics.median(times)
             if rank == 0:
-                print(f"{stage:<6}{name:<28}{med * 1e3:>15.2f}{med / base:>7.2f}{statistics.median(inner) * 1e3:>13.2f}"
-                      f"{statistics.median(calls):>13.0f}{statistics.median(nbytes) / 1e6:>9.2f}"
-                      f"{statistics.median(waits) * 1e3:>14.2f}", flush=True)
+                print(
+                    f"{stage:<6}{name:<28}{med * 1e3:>15.2f}{med / base:>7.2f}{statistics.median(inner) * 1e3:>13.2f}"
+                    f"{statistics.median(calls):>13.0f}{statistics.median(nbytes) / 1e6:>9.2f}"
+                    f"{statistics.median(waits) * 1e3:>14.2f}",
+                    flush=True,
+                )
     dist.barrier()
     dist.destroy_process_group()
     # With torch 2.13 and gloo, a gloo worker thread releasing a finished collective's tensors

@@ -40,8 +40,6 @@ sys.path.insert(0, str(HERE))
 # threads on 2 busy cores went from 0.2 to 3 s per step). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-
 import _forgetting_continual as continual  # noqa: E402
 import _forgetting_data as data  # noqa: E402
 import _forgetting_finetune as finetune  # noqa: E402
@@ -49,6 +47,7 @@ import _forgetting_models as models  # noqa: E402
 import _forgetting_optimizers as optimizers  # noqa: E402
 import _forgetting_report as report  # noqa: E402
 import _forgetting_stats as stats  # noqa: E402
+import torch  # noqa: E402
 from _forgetting_progress import Progress  # noqa: E402
 
 try:
@@ -72,26 +71,61 @@ class Preset:
     note: str
 
 
-_FULL_BUDGET = finetune.FinetuneBudget(batch=16, eval_every=25, patience=4, tolerance=0.002,
-                                       max_steps=2000, warmup=20, english_windows=128, code_windows=128)
+_FULL_BUDGET = finetune.FinetuneBudget(
+    batch=16,
+    eval_every=25,
+    patience=4,
+    tolerance=0.002,
+    max_steps=2000,
+    warmup=20,
+    english_windows=128,
+    code_windows=128,
+)
 PRESETS = {
-    "quick": Preset(optimizers=optimizers.KNOWN[:6], lrs=(1e-3,), seeds=1,
-                    finetune=finetune.FinetuneBudget(batch=8, eval_every=5, patience=2, tolerance=0.002,
-                                                     max_steps=15, warmup=3, english_windows=16,
-                                                     code_windows=32),
-                    continual_optimizers=("adamw", "halfadam", "mofo5", "rbcd5"), continual_lr=1e-3,
-                    task_steps=5, task_eval_windows=16,
-                    note="--quick: a smoke test on a tiny budget; its numbers mean nothing"),
-    "demo": Preset(optimizers=("adamw", "mofo15"), lrs=(1e-3,), seeds=1, finetune=_FULL_BUDGET,
-                   continual_optimizers=("adamw", "mofo5"), continual_lr=1e-3, task_steps=60,
-                   task_eval_windows=64,
-                   note="default demo: AdamW and MoFO only, one lr, one seed (seed 0 of --full, so no "
-                        "spread); --full adds HalfAdam, a second lr and 3 seeds, as in docs/forgetting.md"),
-    "full": Preset(optimizers=("adamw", "halfadam", "mofo15"), lrs=(1e-3, 3e-3), seeds=3,
-                   finetune=_FULL_BUDGET, continual_optimizers=("adamw", "halfadam", "mofo5"),
-                   continual_lr=1e-3, task_steps=60, task_eval_windows=64,
-                   note="--full: 2 lrs x 3 seeds behind docs/forgetting.md (its ablation tables add "
-                        "--optimizers mofo15-grad,rbcd15,mofo5 --lr 1e-3, merged with --merge)"),
+    "quick": Preset(
+        optimizers=optimizers.KNOWN[:6],
+        lrs=(1e-3,),
+        seeds=1,
+        finetune=finetune.FinetuneBudget(
+            batch=8,
+            eval_every=5,
+            patience=2,
+            tolerance=0.002,
+            max_steps=15,
+            warmup=3,
+            english_windows=16,
+            code_windows=32,
+        ),
+        continual_optimizers=("adamw", "halfadam", "mofo5", "rbcd5"),
+        continual_lr=1e-3,
+        task_steps=5,
+        task_eval_windows=16,
+        note="--quick: a smoke test on a tiny budget; its numbers mean nothing",
+    ),
+    "demo": Preset(
+        optimizers=("adamw", "mofo15"),
+        lrs=(1e-3,),
+        seeds=1,
+        finetune=_FULL_BUDGET,
+        continual_optimizers=("adamw", "mofo5"),
+        continual_lr=1e-3,
+        task_steps=60,
+        task_eval_windows=64,
+        note="default demo: AdamW and MoFO only, one lr, one seed (seed 0 of --full, so no "
+        "spread); --full adds HalfAdam, a second lr and 3 seeds, as in docs/forgetting.md",
+    ),
+    "full": Preset(
+        optimizers=("adamw", "halfadam", "mofo15"),
+        lrs=(1e-3, 3e-3),
+        seeds=3,
+        finetune=_FULL_BUDGET,
+        continual_optimizers=("adamw", "halfadam", "mofo5"),
+        continual_lr=1e-3,
+        task_steps=60,
+        task_eval_windows=64,
+        note="--full: 2 lrs x 3 seeds behind docs/forgetting.md (its ablation tables add "
+        "--optimizers mofo15-grad,rbcd15,mofo5 --lr 1e-3, merged with --merge)",
+    ),
 }
 
 
@@ -135,7 +169,9 @@ def _lrs(s: str) -> list[float]:
         try:
             v = float(part)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a learning rate or a comma-separated list, got {s!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a learning rate or a comma-separated list, got {s!r}"
+            ) from None
         if not (math.isfinite(v) and v > 0):
             raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {part!r}")
         out.append(v)
@@ -147,7 +183,8 @@ def _names(s: str) -> list[str]:
     bad = [n for n in names if n not in optimizers.KNOWN]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown optimizer(s) {bad or s!r}; choose from {', '.join(optimizers.KNOWN)}")
+            f"unknown optimizer(s) {bad or s!r}; choose from {', '.join(optimizers.KNOWN)}"
+        )
     return names
 
 
@@ -158,46 +195,96 @@ def _dirs(s: str) -> list[Path]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Forgetting benchmark: fine-tune a pre-trained byte-level Llama on English with "
-                    "AdamW / HalfAdam / MoFO / RandomBCD until it stops improving; measure learning "
-                    "and forgetting over seeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "AdamW / HalfAdam / MoFO / RandomBCD until it stops improving; measure learning "
+        "and forgetting over seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--quick", action="store_true", help="smoke test on a tiny budget (< 1 min)")
-    budget.add_argument("--full", action="store_true",
-                        help="the lr sweep and 3 seeds behind docs/forgetting.md (about 50 min for "
-                             "--size cpu on one core)")
-    p.add_argument("--size", choices=sorted(models.SIZES), default=models.DEFAULT_SIZE,
-                   help="model size; its checkpoint is benchmarks/checkpoints/SIZE.pt")
-    p.add_argument("--pretrain", action="store_true",
-                   help="pre-train --size until its held-out code loss plateaus and write its checkpoint")
-    p.add_argument("--size-axis", type=_dirs, default=None, metavar="DIR,DIR,...",
-                   help="only report: the forgetting gap against model size from the finetune.csv of "
-                        "earlier --full runs (one output directory per size)")
-    p.add_argument("--merge", type=_dirs, default=None, metavar="DIR,DIR,...",
-                   help="only report: combine the fine-tuning runs (finetune.csv) of earlier runs of one "
-                        "size, e.g. seeds or optimizers run in parallel, into the tables, CSV and plot in --out")
-    p.add_argument("--mode", choices=["all", "finetune", "continual"], default="all",
-                   help="which experiments to run")
-    p.add_argument("--lr", type=_lrs, default=None,
-                   help="fine-tuning lr for every optimizer; a comma-separated list runs a sweep and the "
-                        "equal-learning comparison (default: the preset's)")
-    p.add_argument("--seeds", type=_positive_int, default=None,
-                   help="number of seeds (0..N-1 after --seed) (default: the preset's)")
+    budget.add_argument(
+        "--full",
+        action="store_true",
+        help="the lr sweep and 3 seeds behind docs/forgetting.md (about 50 min for --size cpu on one core)",
+    )
+    p.add_argument(
+        "--size",
+        choices=sorted(models.SIZES),
+        default=models.DEFAULT_SIZE,
+        help="model size; its checkpoint is benchmarks/checkpoints/SIZE.pt",
+    )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pre-train --size until its held-out code loss plateaus and write its checkpoint",
+    )
+    p.add_argument(
+        "--size-axis",
+        type=_dirs,
+        default=None,
+        metavar="DIR,DIR,...",
+        help="only report: the forgetting gap against model size from the finetune.csv of "
+        "earlier --full runs (one output directory per size)",
+    )
+    p.add_argument(
+        "--merge",
+        type=_dirs,
+        default=None,
+        metavar="DIR,DIR,...",
+        help="only report: combine the fine-tuning runs (finetune.csv) of earlier runs of one "
+        "size, e.g. seeds or optimizers run in parallel, into the tables, CSV and plot in --out",
+    )
+    p.add_argument(
+        "--mode", choices=["all", "finetune", "continual"], default="all", help="which experiments to run"
+    )
+    p.add_argument(
+        "--lr",
+        type=_lrs,
+        default=None,
+        help="fine-tuning lr for every optimizer; a comma-separated list runs a sweep and the "
+        "equal-learning comparison (default: the preset's)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help="number of seeds (0..N-1 after --seed) (default: the preset's)",
+    )
     p.add_argument("--seed", type=_nonneg_int, default=0, help="first seed")
-    p.add_argument("--optimizers", type=_names, default=None,
-                   help="comma-separated fine-tuning optimizers (default: the preset's)")
-    p.add_argument("--continual-optimizers", type=_names, default=None,
-                   help="comma-separated continual-learning optimizers (default: the preset's)")
-    p.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="fine-tuning: cap on steps per run; early stopping normally ends it sooner")
-    p.add_argument("--task-steps", type=_positive_int, default=None,
-                   help="continual learning: steps per task (default: the preset's)")
+    p.add_argument(
+        "--optimizers",
+        type=_names,
+        default=None,
+        help="comma-separated fine-tuning optimizers (default: the preset's)",
+    )
+    p.add_argument(
+        "--continual-optimizers",
+        type=_names,
+        default=None,
+        help="comma-separated continual-learning optimizers (default: the preset's)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="fine-tuning: cap on steps per run; early stopping normally ends it sooner",
+    )
+    p.add_argument(
+        "--task-steps",
+        type=_positive_int,
+        default=None,
+        help="continual learning: steps per task (default: the preset's)",
+    )
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: the cores not busy with other work)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: the cores not busy with other work)",
+    )
     p.add_argument("--out", default=str(HERE / "out"), help="output directory (CSV, PNG)")
-    p.add_argument("--checkpoints", default=str(models.CHECKPOINT_DIR),
-                   help="directory of the pre-trained checkpoints")
+    p.add_argument(
+        "--checkpoints", default=str(models.CHECKPOINT_DIR), help="directory of the pre-trained checkpoints"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
     args = p.parse_args(argv)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
@@ -210,15 +297,20 @@ def parse_args(argv=None):
         p.error(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            p.error(f"--device {args.device} requested but CUDA is not available in this torch "
-                    f"({torch.__version__})")
+            p.error(
+                f"--device {args.device} requested but CUDA is not available in this torch "
+                f"({torch.__version__})"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
     args.device = device
     if sum(map(bool, (args.pretrain, args.size_axis, args.merge))) > 1 or (
-            (args.pretrain or args.size_axis or args.merge) and (args.quick or args.full)):
-        p.error("--pretrain, --size-axis and --merge each do one thing only; they conflict with each "
-                "other and with --quick and --full")
+        (args.pretrain or args.size_axis or args.merge) and (args.quick or args.full)
+    ):
+        p.error(
+            "--pretrain, --size-axis and --merge each do one thing only; they conflict with each "
+            "other and with --quick and --full"
+        )
     args.preset = "quick" if args.quick else "full" if args.full else "demo"
     return args
 
@@ -230,8 +322,10 @@ def parse_args(argv=None):
 def versions_line() -> str:
     import transformers
 
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, {platform.machine()} {platform.system()}")
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {platform.machine()} {platform.system()}"
+    )
 
 
 def run_size_axis(args) -> int:
@@ -246,8 +340,10 @@ def run_size_axis(args) -> int:
     per_size = dict(sorted(per_size.items(), key=lambda kv: kv[1][2]))
     fixed_lr = args.lr[0] if args.lr else PRESETS["demo"].lrs[0]
     axis = report.size_axis_rows(per_size, fixed_lr)
-    print("Forgetting gap against AdamW by model size (Δ forgetting, nats/byte; negative = forgets "
-          "less than AdamW); " + report.DIFF_NOTE)
+    print(
+        "Forgetting gap against AdamW by model size (Δ forgetting, nats/byte; negative = forgets "
+        "less than AdamW); " + report.DIFF_NOTE
+    )
     print(report.size_axis_table(axis))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +362,10 @@ def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
     names = list(dict.fromkeys(r["optimizer"] for r in ft_rows))
     lrs = sorted({r["lr"] for r in ft_rows})
     against_adamw = "adamw" in names and len(names) > 1
-    print("\nFine-tuning on English, each run at its best point; losses in nats/byte held out; "
-          f"forgetting = rise of the held-out code loss; {report.SPREAD_NOTE}")
+    print(
+        "\nFine-tuning on English, each run at its best point; losses in nats/byte held out; "
+        f"forgetting = rise of the held-out code loss; {report.SPREAD_NOTE}"
+    )
     for lr in lrs:
         print(f"\nSame lr for every optimizer (the papers' protocol): lr {lr:g}")
         print(report.fixed_lr_table(ref, ft_rows, lr))
@@ -277,30 +375,42 @@ def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
             print(report.paired_fixed_lr_table(ft_rows, lr))
         ablation = [n for n in optimizers.ABLATIONS if n in at]
         if optimizers.ABLATION_BASELINE in at and ablation:
-            print(f"\nThe MoFO paper's ablations at lr {lr:g}: the gradient filter, random selection and "
-                  f"another fraction against MoFO 15 %, {report.DIFF_NOTE}")
+            print(
+                f"\nThe MoFO paper's ablations at lr {lr:g}: the gradient filter, random selection and "
+                f"another fraction against MoFO 15 %, {report.DIFF_NOTE}"
+            )
             print(report.paired_fixed_lr_table(ft_rows, lr, optimizers.ABLATION_BASELINE, ablation))
     if against_adamw:
-        print("\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
-              "seed) read where they first reach the validation English loss the weaker of the two "
-              f"reaches at its best; {report.DIFF_NOTE}")
+        print(
+            "\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
+            "seed) read where they first reach the validation English loss the weaker of the two "
+            f"reaches at its best; {report.DIFF_NOTE}"
+        )
         print(report.trajectory_gap_table(ft_rows))
     ablation = [n for n in optimizers.ABLATIONS if n in names]
     if optimizers.ABLATION_BASELINE in names and ablation:
-        print("\nThe ablations at equal learning along the training curves, against MoFO 15 %; "
-              f"{report.DIFF_NOTE}")
+        print(
+            "\nThe ablations at equal learning along the training curves, against MoFO 15 %; "
+            f"{report.DIFF_NOTE}"
+        )
         print(report.trajectory_gap_table(ft_rows, optimizers.ABLATION_BASELINE, ablation))
     el = stats.equal_learning(ft_rows)
     if el:
-        print("\nEqual learning: forgetting read at common held-out English losses along each "
-              f"optimizer's lr sweep (linear between runs); {report.SPREAD_NOTE}")
+        print(
+            "\nEqual learning: forgetting read at common held-out English losses along each "
+            f"optimizer's lr sweep (linear between runs); {report.SPREAD_NOTE}"
+        )
         print(report.equal_learning_table(el, ft_rows))
     elif len(lrs) > 1:
-        print("\nEqual learning over all optimizers: n/a (their lr sweeps share no range of English "
-              "loss for every seed)")
+        print(
+            "\nEqual learning over all optimizers: n/a (their lr sweeps share no range of English "
+            "loss for every seed)"
+        )
     if len(lrs) > 1 and against_adamw:
-        print("\nAt equal learning, against AdamW (each pair read at the middle of the English "
-              f"losses both sweeps reach for every seed), {report.DIFF_NOTE}")
+        print(
+            "\nAt equal learning, against AdamW (each pair read at the middle of the English "
+            f"losses both sweeps reach for every seed), {report.DIFF_NOTE}"
+        )
         print(report.equal_learning_gap_table(ft_rows))
 
 
@@ -314,8 +424,10 @@ def run_merge(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dirs = ", ".join(str(d) for d in args.merge)
-    print(f"# merged from {dirs}: size {ref['size']}, {len(rows)} runs, seeds "
-          f"{', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}")
+    print(
+        f"# merged from {dirs}: size {ref['size']}, {len(rows)} runs, seeds "
+        f"{', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}"
+    )
     print_finetune_tables(ref, rows)
     report.write_csv(out / "finetune.csv", [ref] + rows, report.FINETUNE_FIELDS)
     report.write_csv(out / "finetune_curves.csv", report.curve_rows(rows), report.CURVE_FIELDS)
@@ -344,51 +456,75 @@ def run_benchmark(args) -> int:
     model = model.to(args.device)
     shape = models.SIZES[args.size]
     n_params = sum(p.numel() for p in model.parameters())
-    setting = (f"size {args.size}: Llama {shape.layers} layers x {shape.hidden} hidden, {n_params / 1e6:.2f} M "
-               f"parameters, seq {shape.seq}; seeds {seeds[0]}..{seeds[-1]}; device {args.device}, "
-               f"{torch.get_num_threads()} threads")
+    setting = (
+        f"size {args.size}: Llama {shape.layers} layers x {shape.hidden} hidden, {n_params / 1e6:.2f} M "
+        f"parameters, seq {shape.seq}; seeds {seeds[0]}..{seeds[-1]}; device {args.device}, "
+        f"{torch.get_num_threads()} threads"
+    )
     progress.say(f"forgetting benchmark -- {setting}\n  {versions_line()}\n  {preset.note}")
-    progress.say(f"  checkpoint {args.size}.pt (sha256 {recipe['sha256'][:12]}...): pre-trained "
-                 f"{recipe['steps_run']} steps, held-out code loss {recipe['held_out_code_loss']:.3f} "
-                 f"on Python {recipe['python']}")
+    progress.say(
+        f"  checkpoint {args.size}.pt (sha256 {recipe['sha256'][:12]}...): pre-trained "
+        f"{recipe['steps_run']} steps, held-out code loss {recipe['held_out_code_loss']:.3f} "
+        f"on Python {recipe['python']}"
+    )
     note = models.corpus_note(recipe, corpora["code"].digest)
     if note:
         progress.say("  " + note)
 
     ref, ft_rows = None, []
     if args.mode in ("all", "finetune"):
-        progress.say(f"fine-tuning on English until the held-out loss stops improving (at most "
-                     f"{budget.max_steps} steps, evaluated every {budget.eval_every}, patience "
-                     f"{budget.patience}): {', '.join(names)}; lr {', '.join(f'{x:g}' for x in lrs)}")
-        ref, ft_rows = finetune.finetune_sweep(model, corpora, names, lrs, seeds, shape.seq, budget,
-                                               args.device, progress, args.size)
+        progress.say(
+            f"fine-tuning on English until the held-out loss stops improving (at most "
+            f"{budget.max_steps} steps, evaluated every {budget.eval_every}, patience "
+            f"{budget.patience}): {', '.join(names)}; lr {', '.join(f'{x:g}' for x in lrs)}"
+        )
+        ref, ft_rows = finetune.finetune_sweep(
+            model, corpora, names, lrs, seeds, shape.seq, budget, args.device, progress, args.size
+        )
         report.write_csv(out / "finetune.csv", [ref] + ft_rows, report.FINETUNE_FIELDS)
         report.write_csv(out / "finetune_curves.csv", report.curve_rows(ft_rows), report.CURVE_FIELDS)
     cl_rows, cells = [], []
     if args.mode in ("all", "continual"):
-        progress.say(f"continual learning: {' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per "
-                     f"task, lr {preset.continual_lr:g}: {', '.join(cl_names)}")
-        cl_rows, cells = continual.continual_all(model, corpora, cl_names, preset.continual_lr, seeds,
-                                                 shape.seq, budget.batch, task_steps,
-                                                 preset.task_eval_windows, args.device, progress)
+        progress.say(
+            f"continual learning: {' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per "
+            f"task, lr {preset.continual_lr:g}: {', '.join(cl_names)}"
+        )
+        cl_rows, cells = continual.continual_all(
+            model,
+            corpora,
+            cl_names,
+            preset.continual_lr,
+            seeds,
+            shape.seq,
+            budget.batch,
+            task_steps,
+            preset.task_eval_windows,
+            args.device,
+            progress,
+        )
         report.write_csv(out / "continual.csv", cl_rows, report.CONTINUAL_FIELDS)
         report.write_csv(out / "continual_matrix.csv", cells, report.MATRIX_FIELDS)
 
     print()
-    print(f"# {setting}\n# {versions_line()}\n# {preset.note}\n"
-          f"# total wall time {time.perf_counter() - t_all:.0f} s")
+    print(
+        f"# {setting}\n# {versions_line()}\n# {preset.note}\n"
+        f"# total wall time {time.perf_counter() - t_all:.0f} s"
+    )
     if ft_rows:
         print_finetune_tables(ref, ft_rows)
     if cl_rows:
-        print(f"\nContinual learning ({' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per task, lr "
-              f"{preset.continual_lr:g}); OP/BWT in points of held-out next-byte accuracy, BWT (loss) in "
-              f"nats/byte (negative = forgot); {report.SPREAD_NOTE}")
+        print(
+            f"\nContinual learning ({' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per task, lr "
+            f"{preset.continual_lr:g}); OP/BWT in points of held-out next-byte accuracy, BWT (loss) in "
+            f"nats/byte (negative = forgot); {report.SPREAD_NOTE}"
+        )
         print(report.continual_table(cl_rows))
         if "adamw" in cl_names and len(cl_names) > 1:
             print(f"\nAgainst AdamW, {report.DIFF_NOTE}")
             print(report.continual_paired_table(cl_rows))
     written = ([out / "finetune.csv"] if ft_rows else []) + (
-        [out / "continual.csv", out / "continual_matrix.csv"] if cl_rows else [])
+        [out / "continual.csv", out / "continual_matrix.csv"] if cl_rows else []
+    )
     if ft_rows or cl_rows:
         report.plot_results(out / "forgetting.png", ft_rows, cl_rows, f"{setting}\n{versions_line()}")
         written.append(out / "forgetting.png")
@@ -409,8 +545,14 @@ def main(argv=None) -> int:
     if args.pretrain:
         import _forgetting_pretrain
 
-        _forgetting_pretrain.pretrain(args.size, data.load_corpora(), args.device, Progress(args.quiet),
-                                      Path(args.checkpoints), torch.get_num_threads())
+        _forgetting_pretrain.pretrain(
+            args.size,
+            data.load_corpora(),
+            args.device,
+            Progress(args.quiet),
+            Path(args.checkpoints),
+            torch.get_num_threads(),
+        )
         return 0
     try:
         return run_benchmark(args)

@@ -26,7 +26,9 @@ import _bench_common as bc  # noqa: E402
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run (gloo, Triton interpreter, tiny shapes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="CPU smoke run (gloo, Triton interpreter, tiny shapes)"
+    )
     ap.add_argument("--alpha", type=float, default=0.1)
     args = ap.parse_args(argv)
     quick = args.quick or not torch.cuda.is_available()
@@ -61,8 +63,11 @@ def main(argv=None) -> dict:
             opt = MoFO(params, lr=1e-5, alpha=args.alpha, fused=True)
             opt.step()  # state, plans, compiled kernels
             times[name] = bc.bench(opt.step, device, cpu_reps=1, cpu_warmup=0)
-            print(f"MoFO fused, {name:9s}: {times[name]:9.3f} ms  ({bc.numel(shapes) / 1e6:.1f}M parameters, "
-                  f"{len(shapes)} tensors, {device})", flush=True)
+            print(
+                f"MoFO fused, {name:9s}: {times[name]:9.3f} ms  ({bc.numel(shapes) / 1e6:.1f}M parameters, "
+                f"{len(shapes)} tensors, {device})",
+                flush=True,
+            )
             del opt, params
         ratio = times["sharded"] / times["unsharded"]
         print(f"sharded / unsharded: {ratio:.3f}x")

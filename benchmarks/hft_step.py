@@ -41,9 +41,14 @@ def build(args):
 
     transformers.logging.set_verbosity_error()
     cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or int(args.hidden * 8 / 3 // 64 * 64),
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or int(args.hidden * 8 / 3 // 64 * 64),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.seq, 128),
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
@@ -52,26 +57,102 @@ def build(args):
 
 REAL_CONFIGS = {
     # name: (config class, kwargs) -- published sizes, typed in (nothing downloaded)
-    "Llama-2-7B": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
-    "TinyLlama-1.1B": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
-    "Mistral-7B": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
-    "Qwen2-7B": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)),
-    "GPT-2 (124M)": ("GPT2Config", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)),
-    "Pythia-1B": ("GPTNeoXConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                        num_attention_heads=8, vocab_size=50304)),
-    "BERT-base": ("BertConfig", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                     num_attention_heads=12, vocab_size=30522)),
-    "Mixtral-8x7B": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                           num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                                           num_experts_per_tok=2, vocab_size=32000)),
-    "Qwen1.5-MoE-A2.7B": ("Qwen2MoeConfig", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-                                                 shared_expert_intermediate_size=5632, num_hidden_layers=24,
-                                                 num_attention_heads=16, num_key_value_heads=16, num_experts=60,
-                                                 num_experts_per_tok=4, vocab_size=151936)),
+    "Llama-2-7B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+    ),
+    "TinyLlama-1.1B": (
+        "LlamaConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+    ),
+    "Mistral-7B": (
+        "MistralConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
+    ),
+    "Qwen2-7B": (
+        "Qwen2Config",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+    ),
+    "GPT-2 (124M)": (
+        "GPT2Config",
+        dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
+    ),
+    "Pythia-1B": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=8,
+            vocab_size=50304,
+        ),
+    ),
+    "BERT-base": (
+        "BertConfig",
+        dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            vocab_size=30522,
+        ),
+    ),
+    "Mixtral-8x7B": (
+        "MixtralConfig",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=32000,
+        ),
+    ),
+    "Qwen1.5-MoE-A2.7B": (
+        "Qwen2MoeConfig",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            moe_intermediate_size=1408,
+            shared_expert_intermediate_size=5632,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            num_experts=60,
+            num_experts_per_tok=4,
+            vocab_size=151936,
+        ),
+    ),
 }
 
 
@@ -81,8 +162,10 @@ def fractions(seeds: int = 20) -> None:
     from maskopt.hft import plan_half
 
     transformers.logging.set_verbosity_error()
-    print(f"| model | params | in layers | layers trainable, count rule (seed 0; min-max over {seeds} seeds) "
-          "| attention (min-max) | layers trainable, balance=\"numel\" | all params trainable (seed 0) |")
+    print(
+        f"| model | params | in layers | layers trainable, count rule (seed 0; min-max over {seeds} seeds) "
+        '| attention (min-max) | layers trainable, balance="numel" | all params trainable (seed 0) |'
+    )
     print("|---|---|---|---|---|---|---|")
     for name, (cls, kw) in REAL_CONFIGS.items():
         cfg = getattr(transformers, cls)(**kw)
@@ -96,13 +179,17 @@ def fractions(seeds: int = 20) -> None:
         att = [p.trainable_fraction("attention") for p in plans]
         bal = plan_half(model, seed=0, balance="numel").trainable_fraction("layers")
         c = plans[0].counts()
-        print(f"| {name} | {c['all'][1] / 1e9:.2f}B | {c['layers'][1] / c['all'][1]:.1%} | {lay[0]:.2%} "
-              f"({min(lay):.2%}-{max(lay):.2%}) | {min(att):.1%}-{max(att):.1%} | {bal:.2%} "
-              f"| {plans[0].trainable_fraction('all'):.2%} |")
+        print(
+            f"| {name} | {c['all'][1] / 1e9:.2f}B | {c['layers'][1] / c['all'][1]:.1%} | {lay[0]:.2%} "
+            f"({min(lay):.2%}-{max(lay):.2%}) | {min(att):.1%}-{max(att):.1%} | {bal:.2%} "
+            f"| {plans[0].trainable_fraction('all'):.2%} |"
+        )
 
 
 def state_bytes(opt) -> int:
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    return sum(
+        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+    )
 
 
 def main() -> None:
@@ -144,7 +231,10 @@ def main() -> None:
     variants["halfadam-mask"] = (m, HalfAdam(m.named_parameters(), lr=lr, ratio=args.ratio, freeze="mask"))
     m = copy.deepcopy(base)
     plan = freeze_half(m, ratio=args.ratio)
-    variants["adamw+freeze_half"] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, foreach=True))
+    variants["adamw+freeze_half"] = (
+        m,
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, foreach=True),
+    )
 
     # CPU time (time.process_time) is the primary figure: on a shared machine the wall time of a
     # step depends on what else runs, while the CPU time our process burns does not (much).
@@ -169,26 +259,48 @@ def main() -> None:
     mem = {name: state_bytes(opt) for name, (_, opt) in variants.items()}
     c = plan.counts()
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}")
-    print(f"# model: Llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab}, "
-          f"{n_params / 1e6:.2f}M params ({c['layers'][1] / n_params:.1%} in the layers); batch {args.batch} x {args.seq} tokens")
-    print(f"# HFT ratio={args.ratio}: layers trainable {plan.trainable_fraction('layers'):.2%}, "
-          f"all parameters trainable {plan.trainable_fraction('all'):.2%}")
-    print(f"# median of {args.steps} interleaved steps after {args.warmup} warm-up; CPU ms (process time) per phase, "
-          "and the wall time of the whole step")
-    print(f"{'variant':18s} {'forward':>8s} {'backward':>8s} {'step':>7s} {'total':>8s} {'vs adamw':>8s} "
-          f"{'wall':>8s} {'vs adamw':>8s} {'state MiB':>9s} {'vs adamw':>8s}")
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+    )
+    print(
+        f"# model: Llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab}, "
+        f"{n_params / 1e6:.2f}M params ({c['layers'][1] / n_params:.1%} in the layers); batch {args.batch} x {args.seq} tokens"
+    )
+    print(
+        f"# HFT ratio={args.ratio}: layers trainable {plan.trainable_fraction('layers'):.2%}, "
+        f"all parameters trainable {plan.trainable_fraction('all'):.2%}"
+    )
+    print(
+        f"# median of {args.steps} interleaved steps after {args.warmup} warm-up; CPU ms (process time) per phase, "
+        "and the wall time of the whole step"
+    )
+    print(
+        f"{'variant':18s} {'forward':>8s} {'backward':>8s} {'step':>7s} {'total':>8s} {'vs adamw':>8s} "
+        f"{'wall':>8s} {'vs adamw':>8s} {'state MiB':>9s} {'vs adamw':>8s}"
+    )
     ref, ref_w, ref_m = med["adamw"]["total"], med["adamw"]["wall"], mem["adamw"]
     for name in variants:
         r = med[name]
-        print(f"{name:18s} {r['forward'] * 1e3:8.1f} {r['backward'] * 1e3:8.1f} {r['step'] * 1e3:7.1f} "
-              f"{r['total'] * 1e3:8.1f} {r['total'] / ref:8.3f} {r['wall'] * 1e3:8.1f} {r['wall'] / ref_w:8.3f} "
-              f"{mem[name] / 2**20:9.2f} {mem[name] / ref_m:8.3f}")
+        print(
+            f"{name:18s} {r['forward'] * 1e3:8.1f} {r['backward'] * 1e3:8.1f} {r['step'] * 1e3:7.1f} "
+            f"{r['total'] * 1e3:8.1f} {r['total'] / ref:8.3f} {r['wall'] * 1e3:8.1f} {r['wall'] / ref_w:8.3f} "
+            f"{mem[name] / 2**20:9.2f} {mem[name] / ref_m:8.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), median_s=med, state_bytes=mem,
-                           layers_fraction=plan.trainable_fraction("layers"), all_fraction=plan.trainable_fraction("all"),
-                           torch=torch.__version__, threads=torch.get_num_threads()), f, indent=1)
+            json.dump(
+                dict(
+                    args=vars(args),
+                    median_s=med,
+                    state_bytes=mem,
+                    layers_fraction=plan.trainable_fraction("layers"),
+                    all_fraction=plan.trainable_fraction("all"),
+                    torch=torch.__version__,
+                    threads=torch.get_num_threads(),
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

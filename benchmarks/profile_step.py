@@ -27,8 +27,10 @@ def main(argv=None):
     device = torch.device("cuda")
     bc.quiet_warnings()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    named = [(n, torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)))
-             for n, s in bc.llama_shapes()]
+    named = [
+        (n, torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)))
+        for n, s in bc.llama_shapes()
+    ]
     for _, p in named:
         p.grad = torch.randn(p.shape, device=device) * 1e-3
     for method in args.methods.split(","):
@@ -41,7 +43,11 @@ def main(argv=None):
                 opt.step()
             torch.cuda.synchronize()
         print(f"\n## {method} ({args.steps} steps)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60
+            )
+        )
         del opt
         torch.cuda.empty_cache()
 

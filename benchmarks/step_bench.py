@@ -34,13 +34,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as bc  # noqa: E402
 
 ALL_METHODS = [
-    "AdamW(fused=True)", "AdamW(foreach=True)", "official loop+topk",
-    "MoFO fused", "MoFO torch", "MoFO(gradient) fused", "MoFO(gradient) torch", "MoFO(bf16m) fused",
-    "RandomBCD fused", "RandomBCD torch", "HalfAdam fused", "HalfAdam torch",
+    "AdamW(fused=True)",
+    "AdamW(foreach=True)",
+    "official loop+topk",
+    "MoFO fused",
+    "MoFO torch",
+    "MoFO(gradient) fused",
+    "MoFO(gradient) torch",
+    "MoFO(bf16m) fused",
+    "RandomBCD fused",
+    "RandomBCD torch",
+    "HalfAdam fused",
+    "HalfAdam torch",
 ]
 ALPHA_METHODS = ["MoFO fused", "MoFO torch", "official loop+topk", "RandomBCD fused"]
-SWEEP_METHODS = ["AdamW(fused=True)", "AdamW(foreach=True)", "MoFO fused", "MoFO torch",
-                 "official loop+topk", "RandomBCD fused"]
+SWEEP_METHODS = [
+    "AdamW(fused=True)",
+    "AdamW(foreach=True)",
+    "MoFO fused",
+    "MoFO torch",
+    "official loop+topk",
+    "RandomBCD fused",
+]
 HP = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
@@ -76,7 +91,9 @@ def run_case(case, shapes, alpha, methods, device, dtype, args, copy_bw, meta, r
 
     fused_ok = is_available(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    named = [(n, torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device, dtype))) for n, s in shapes]
+    named = [
+        (n, torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device, dtype))) for n, s in shapes
+    ]
     grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device, dtype) for _, p in named]
     n = bc.numel(shapes)
     p_bytes = torch.empty((), dtype=dtype).element_size()
@@ -93,8 +110,9 @@ def run_case(case, shapes, alpha, methods, device, dtype, args, copy_bw, meta, r
         try:
             opt = make_optimizer(method, named, alpha)
             opt.step()  # creates the state, compiles the kernels
-            ms = bc.bench(opt.step, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                          cpu_reps=args.cpu_reps)
+            ms = bc.bench(
+                opt.step, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps
+            )
             peak = bc.step_memory(opt.step, device)
             state = bc.state_bytes(opt)
             trainable = sum(p.numel() for p in opt.state) / n if method.startswith("HalfAdam") else 1.0
@@ -108,26 +126,41 @@ def run_case(case, shapes, alpha, methods, device, dtype, args, copy_bw, meta, r
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        path = "interpreter" if (method.endswith("fused") and device.type == "cpu") else (
-            "fused" if method.endswith("fused") or method == "AdamW(fused=True)" else "pytorch")
+        path = (
+            "interpreter"
+            if (method.endswith("fused") and device.type == "cpu")
+            else ("fused" if method.endswith("fused") or method == "AdamW(fused=True)" else "pytorch")
+        )
         mbytes = bc.minimal_bytes(method, n, alpha, p_bytes, trainable)
         gbps = mbytes / (ms * 1e-3) / 1e9
         if method == "AdamW(fused=True)":
             baselines[key] = ms
         base = baselines.get(key)
-        row = dict(meta, case=case, dtype=str(dtype).replace("torch.", ""), n_params=n, n_tensors=len(shapes),
-                   alpha=alpha if not method.startswith(("AdamW", "HalfAdam")) else "",
-                   method=method, path=path, median_ms=round(ms, 4),
-                   x_adamw_fused=round(ms / base, 3) if base else "",
-                   min_bytes=int(mbytes), gbps=round(gbps, 1),
-                   pct_copy_bw=round(100 * gbps / copy_bw, 1) if copy_bw else "",
-                   state_mb=round(state / 2**20, 1),
-                   step_peak_mb=round(peak / 2**20, 1) if peak is not None else "",
-                   trainable=round(trainable, 4))
+        row = dict(
+            meta,
+            case=case,
+            dtype=str(dtype).replace("torch.", ""),
+            n_params=n,
+            n_tensors=len(shapes),
+            alpha=alpha if not method.startswith(("AdamW", "HalfAdam")) else "",
+            method=method,
+            path=path,
+            median_ms=round(ms, 4),
+            x_adamw_fused=round(ms / base, 3) if base else "",
+            min_bytes=int(mbytes),
+            gbps=round(gbps, 1),
+            pct_copy_bw=round(100 * gbps / copy_bw, 1) if copy_bw else "",
+            state_mb=round(state / 2**20, 1),
+            step_peak_mb=round(peak / 2**20, 1) if peak is not None else "",
+            trainable=round(trainable, 4),
+        )
         rows.append(row)
-        print(f"  {case:9s} {n / 1e6:9.1f}M {str(row['alpha']):>5s} {method:22s} {ms:10.3f} ms "
-              f"{str(row['x_adamw_fused']):>7s}x  {gbps:8.1f} GB/s {str(row['pct_copy_bw']):>6s}%  "
-              f"state {row['state_mb']:9.1f} MB  peak+ {str(row['step_peak_mb']):>8s} MB", flush=True)
+        print(
+            f"  {case:9s} {n / 1e6:9.1f}M {str(row['alpha']):>5s} {method:22s} {ms:10.3f} ms "
+            f"{str(row['x_adamw_fused']):>7s}x  {gbps:8.1f} GB/s {str(row['pct_copy_bw']):>6s}%  "
+            f"state {row['state_mb']:9.1f} MB  peak+ {str(row['step_peak_mb']):>8s} MB",
+            flush=True,
+        )
     del named, grads
     gc.collect()
     if device.type == "cuda":
@@ -136,9 +169,12 @@ def run_case(case, shapes, alpha, methods, device, dtype, args, copy_bw, meta, r
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="small shapes and few repeats; on a CPU-only machine the fused rows run under "
-                         "the Triton interpreter (correctness smoke test, not a timing)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes and few repeats; on a CPU-only machine the fused rows run under "
+        "the Triton interpreter (correctness smoke test, not a timing)",
+    )
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--cases", default="tinyllama,alpha,sweep")
@@ -169,12 +205,18 @@ def main(argv=None) -> list[dict]:
 
     meta = bc.metadata(device)
     copy_bw = bc.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
-    print(f"# {meta['device']} ({device.type}), torch {meta['torch']}, triton {meta['triton']}, "
-          f"maskopt {meta['maskopt']} @ {meta['commit']}, {meta['date']}, dtype {args.dtype}")
-    print(f"# copy bandwidth {copy_bw:.1f} GB/s (read+write)"
-          + ("; fused rows run under the Triton interpreter: not timings" if device.type == "cpu" else ""))
-    print(f"  {'case':9s} {'params':>10s} {'alpha':>5s} {'method':22s} {'median':>13s} {'xAdamW':>8s}  "
-          f"{'achieved':>13s} {'%copy':>7s}  {'optimizer state':>18s}  {'step peak':>14s}")
+    print(
+        f"# {meta['device']} ({device.type}), torch {meta['torch']}, triton {meta['triton']}, "
+        f"maskopt {meta['maskopt']} @ {meta['commit']}, {meta['date']}, dtype {args.dtype}"
+    )
+    print(
+        f"# copy bandwidth {copy_bw:.1f} GB/s (read+write)"
+        + ("; fused rows run under the Triton interpreter: not timings" if device.type == "cpu" else "")
+    )
+    print(
+        f"  {'case':9s} {'params':>10s} {'alpha':>5s} {'method':22s} {'median':>13s} {'xAdamW':>8s}  "
+        f"{'achieved':>13s} {'%copy':>7s}  {'optimizer state':>18s}  {'step peak':>14s}"
+    )
 
     def pick(methods):
         return [m for m in methods if only is None or m in only]
@@ -184,20 +226,67 @@ def main(argv=None) -> list[dict]:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     tl_shapes = bc.tiny_llama_quick() if (args.quick and device.type == "cpu") else bc.llama_shapes()
     if "tinyllama" in cases:
-        run_case("tinyllama", tl_shapes, 0.1, pick(ALL_METHODS), device, dtype, args, copy_bw, meta, rows, baselines)
+        run_case(
+            "tinyllama",
+            tl_shapes,
+            0.1,
+            pick(ALL_METHODS),
+            device,
+            dtype,
+            args,
+            copy_bw,
+            meta,
+            rows,
+            baselines,
+        )
     if "alpha" in cases:
         if ("tinyllama", bc.numel(tl_shapes), str(dtype)) not in baselines:
-            run_case("tinyllama", tl_shapes, 0.1, pick(["AdamW(fused=True)"]), device, dtype, args, copy_bw,
-                     meta, rows, baselines)
+            run_case(
+                "tinyllama",
+                tl_shapes,
+                0.1,
+                pick(["AdamW(fused=True)"]),
+                device,
+                dtype,
+                args,
+                copy_bw,
+                meta,
+                rows,
+                baselines,
+            )
         for a in (float(x) for x in args.alphas.split(",")):
-            run_case("alpha", tl_shapes, a, pick(ALPHA_METHODS), device, dtype, args, copy_bw, meta, rows, baselines)
+            run_case(
+                "alpha",
+                tl_shapes,
+                a,
+                pick(ALPHA_METHODS),
+                device,
+                dtype,
+                args,
+                copy_bw,
+                meta,
+                rows,
+                baselines,
+            )
     if "sweep" in cases:
         for size in (int(float(x)) for x in args.sizes.split(",")):
-            run_case("sweep", bc.sweep_shapes(size), 0.1, pick(SWEEP_METHODS), device, dtype, args, copy_bw,
-                     meta, rows, baselines)
+            run_case(
+                "sweep",
+                bc.sweep_shapes(size),
+                0.1,
+                pick(SWEEP_METHODS),
+                device,
+                dtype,
+                args,
+                copy_bw,
+                meta,
+                rows,
+                baselines,
+            )
 
-    path = args.csv or os.path.join(bc.ROOT, "benchmarks", "out",
-                                    f"step_bench-{meta['date'].replace(':', '')}-{device.type}.csv")
+    path = args.csv or os.path.join(
+        bc.ROOT, "benchmarks", "out", f"step_bench-{meta['date'].replace(':', '')}-{device.type}.csv"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if rows:
         with open(path, "w", newline="") as f:

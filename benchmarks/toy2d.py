@@ -78,14 +78,17 @@ def plot(path: Path, adam: torch.Tensor, mofo: torch.Tensor) -> None:
     fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=90)
     cs = ax.contourf(X, Y, torch.log10(ft + 1e-3), levels=20, cmap="Blues_r", alpha=0.8)
     fig.colorbar(cs, ax=ax, label="log10 fine-tuning loss")
-    ax.contour(X, Y, X ** 2 + Y ** 2, levels=[0.25, 1, 2], colors="0.35", linestyles="--", linewidths=0.8)
+    ax.contour(X, Y, X**2 + Y**2, levels=[0.25, 1, 2], colors="0.35", linestyles="--", linewidths=0.8)
     ax.axvline(1, color="k", lw=0.6)
     ax.axhline(1, color="k", lw=0.6)
     ax.plot(adam[:, 0], adam[:, 1], color="C1", lw=2, label=f"Adam → ({adam[-1, 0]:.2f}, {adam[-1, 1]:.2f})")
-    ax.plot(mofo[:, 0], mofo[:, 1], color="C2", lw=2, label=f"MoFO α=0.5 → ({mofo[-1, 0]:.2f}, {mofo[-1, 1]:.2f})")
+    ax.plot(
+        mofo[:, 0], mofo[:, 1], color="C2", lw=2, label=f"MoFO α=0.5 → ({mofo[-1, 0]:.2f}, {mofo[-1, 1]:.2f})"
+    )
     ax.scatter([0], [0], c="k", zorder=5, label="pre-trained θ0 = (0, 0)")
-    ax.scatter([adam[-1, 0], mofo[-1, 0]], [adam[-1, 1], mofo[-1, 1]], c=["C1", "C2"], zorder=5,
-               edgecolors="k")
+    ax.scatter(
+        [adam[-1, 0], mofo[-1, 0]], [adam[-1, 1], mofo[-1, 1]], c=["C1", "C2"], zorder=5, edgecolors="k"
+    )
     ax.set_xlabel("θ1")
     ax.set_ylabel("θ2")
     ax.set_title("L_ft = (θ1−1)²(θ2−1)²; dashed: L_pre = θ1²+θ2²", fontsize=9)
@@ -97,8 +100,9 @@ def plot(path: Path, adam: torch.Tensor, mofo: torch.Tensor) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default=str(HERE / "out"), help="output directory for toy2d.png")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     p.add_argument("--lr", type=float, default=LR, help="peak learning rate (cosine decay to 0)")
@@ -112,9 +116,11 @@ def main(argv=None) -> int:
     mofo = trajectory("mofo", args.steps, args.lr)
     for name, tr in (("Adam", adam), ("MoFO (alpha=0.5)", mofo)):
         end = tr[-1]
-        print(f"{name:<17} ends at ({end[0]:.4f}, {end[1]:.4f}): fine-tuning loss "
-              f"{float(finetune_loss(end)):.2e}, pre-training loss {float(pretrain_loss(end)):.3f}, "
-              f"distance from θ0 {float(end.norm()):.3f}")
+        print(
+            f"{name:<17} ends at ({end[0]:.4f}, {end[1]:.4f}): fine-tuning loss "
+            f"{float(finetune_loss(end)):.2e}, pre-training loss {float(pretrain_loss(end)):.3f}, "
+            f"distance from θ0 {float(end.norm()):.3f}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(out / "toy2d.png", adam, mofo)

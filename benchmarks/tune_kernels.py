@@ -17,11 +17,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench_common as bc  # noqa: E402
 
-DEFAULT_GRID = ";".join([
-    "window_frac=5,window_bins_log2=9", "window_frac=4,window_bins_log2=8",
-    "window_frac=6,window_bins_log2=10", "num_warps=4", "num_warps=16", "chunk=2048",
-    "programs=264", "programs=1056",
-])
+DEFAULT_GRID = ";".join(
+    [
+        "window_frac=5,window_bins_log2=9",
+        "window_frac=4,window_bins_log2=8",
+        "window_frac=6,window_bins_log2=10",
+        "num_warps=4",
+        "num_warps=16",
+        "chunk=2048",
+        "programs=264",
+        "programs=1056",
+    ]
+)
 
 
 def parse(spec: str) -> dict:

@@ -223,8 +223,20 @@ def tensor_pointers(ttab, T, t, PDT: tl.constexpr, MDT: tl.constexpr, ALIGNED: t
 
 
 @triton.jit
-def step_moments(g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2,
-                 HAS_SCALE: tl.constexpr, MDT: tl.constexpr):
+def step_moments(
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    offs,
+    mask,
+    grad_scale_ptr,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    HAS_SCALE: tl.constexpr,
+    MDT: tl.constexpr,
+):
     """Read g, m and v, store Adam's new moments; returns g, m, v in fp32 (m and v as stored)."""
     g = load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -267,9 +279,21 @@ def hash_key_of(ttab, T, t, ws, offs, hash_counter, USE_HCOUNTER: tl.constexpr, 
 
 @triton.jit
 def load_key(
-    ttab, T, t, ws, offs, mask, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
+    ttab,
+    T,
+    t,
+    ws,
+    offs,
+    mask,
+    grad_scale_ptr,
+    hash_counter,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """The selection key (uint32) of entries ``offs`` of tensor ``t``, after the moment update."""
     if KEY_MODE == 0:
@@ -336,16 +360,47 @@ def radix_digit(h, r, prefix, shift):
 
 @triton.jit
 def key_digit_histogram(
-    ttab, T, t, ws, start, lstart, n, prefix, shift, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr, CHUNK: tl.constexpr,
+    ttab,
+    T,
+    t,
+    ws,
+    start,
+    lstart,
+    n,
+    prefix,
+    shift,
+    grad_scale_ptr,
+    hash_counter,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    IDXB: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """:func:`digit_histogram` of the keys of ``n`` (<= CHUNK) entries of tensor ``t`` from
     ``start``, whose composite indices start at ``lstart``."""
     lane = tl.arange(0, CHUNK)
     mask = lane < n
-    key = load_key(ttab, T, t, ws, start + lane, mask, grad_scale_ptr, hash_counter,
-                   PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, False)
+    key = load_key(
+        ttab,
+        T,
+        t,
+        ws,
+        start + lane,
+        mask,
+        grad_scale_ptr,
+        hash_counter,
+        PDT,
+        MDT,
+        KEY_MODE,
+        HAS_SCALE,
+        USE_HCOUNTER,
+        HUGE,
+        False,
+    )
     return digit_histogram(composite(key, lstart + lane, IDXB), mask, prefix, shift)
 
 
@@ -360,8 +415,9 @@ def chunk_range(per_program, C):
 def flush_histogram(hist, row, acc, when, NB: tl.constexpr):
     """Add a program's histogram ``acc`` to row ``row`` of ``hist`` when ``when`` holds
     (persistent programs flush when their segment changes)."""
-    tl.atomic_add(hist + tl.maximum(row, 0) * NB + tl.arange(0, NB), acc, mask=(acc > 0) & when,
-                  sem="relaxed")
+    tl.atomic_add(
+        hist + tl.maximum(row, 0) * NB + tl.arange(0, NB), acc, mask=(acc > 0) & when, sem="relaxed"
+    )
 
 
 @triton.jit
@@ -372,9 +428,18 @@ def window_base(sst, S, s, NB_LOG2: tl.constexpr):
 
 @triton.jit
 def prologue_kernel(
-    ttab, T, ws, found_inf_ptr,
-    b1_hi, b1_lo, b2_hi, b2_lo, lr_hi, lr_lo,
-    HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
+    ttab,
+    T,
+    ws,
+    found_inf_ptr,
+    b1_hi,
+    b1_lo,
+    b2_hi,
+    b2_lo,
+    lr_hi,
+    lr_lo,
+    HAS_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Increment every step counter and compute the per-tensor bias corrections in fp64."""
     if skip_step(found_inf_ptr, HAS_INF):

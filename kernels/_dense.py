@@ -14,18 +14,50 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    C_LEN, C_START, C_TENSOR, WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_update, hash_key_of, skip_step, step_moments, tensor_pointers,
+    C_LEN,
+    C_START,
+    C_TENSOR,
+    WS_BC2_SQRT,
+    WS_STEP_SIZE,
+    adam_update,
+    hash_key_of,
+    skip_step,
+    step_moments,
+    tensor_pointers,
 )
 
 
 @triton.jit
 def _dense_body(
-    ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
-    beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-    PDT: tl.constexpr, MDT: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, SEC: tl.constexpr,
-    CHUNK: tl.constexpr, FULL: tl.constexpr,
+    ttab,
+    T,
+    t,
+    ws,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    start,
+    n,
+    grad_scale_ptr,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    eps,
+    decay,
+    hash_counter,
+    threshold,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DECAY: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    SEC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FULL: tl.constexpr,
 ):
     # rows of SEC entries, one 32-byte sector of p: RandomBCD reads and writes p for whole
     # sectors holding a selected entry, so its accesses stay 128-bit wide
@@ -38,8 +70,9 @@ def _dense_body(
     else:
         mask = lane < n
 
-    g, m, v = step_moments(g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2,
-                           HAS_SCALE, MDT)
+    g, m, v = step_moments(
+        g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2, HAS_SCALE, MDT
+    )
 
     if MODE == 0:
         sel = mask
@@ -61,12 +94,32 @@ def _dense_body(
 
 @triton.jit
 def dense_step_kernel(
-    ttab, T, ctab, C, ws, found_inf_ptr, grad_scale_ptr,
-    beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-    PDT: tl.constexpr, MDT: tl.constexpr, MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    ttab,
+    T,
+    ctab,
+    C,
+    ws,
+    found_inf_ptr,
+    grad_scale_ptr,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    eps,
+    decay,
+    hash_counter,
+    threshold,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
-    SEC: tl.constexpr, CHUNK: tl.constexpr,
+    DECAY: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SEC: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -78,10 +131,66 @@ def dense_step_kernel(
     if ALIGNED:
         start = tl.multiple_of(start, 16)
         if n == CHUNK:
-            _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, CHUNK, grad_scale_ptr,
-                        beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-                        PDT, MDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, True)
+            _dense_body(
+                ttab,
+                T,
+                t,
+                ws,
+                p_ptr,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                start,
+                CHUNK,
+                grad_scale_ptr,
+                beta1,
+                omb1,
+                beta2,
+                omb2,
+                eps,
+                decay,
+                hash_counter,
+                threshold,
+                PDT,
+                MDT,
+                MODE,
+                HAS_SCALE,
+                DECAY,
+                USE_HCOUNTER,
+                HUGE,
+                SEC,
+                CHUNK,
+                True,
+            )
             return
-    _dense_body(ttab, T, t, ws, p_ptr, g_ptr, m_ptr, v_ptr, start, n, grad_scale_ptr,
-                beta1, omb1, beta2, omb2, eps, decay, hash_counter, threshold,
-                PDT, MDT, MODE, HAS_SCALE, DECAY, USE_HCOUNTER, HUGE, SEC, CHUNK, False)
+    _dense_body(
+        ttab,
+        T,
+        t,
+        ws,
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        start,
+        n,
+        grad_scale_ptr,
+        beta1,
+        omb1,
+        beta2,
+        omb2,
+        eps,
+        decay,
+        hash_counter,
+        threshold,
+        PDT,
+        MDT,
+        MODE,
+        HAS_SCALE,
+        DECAY,
+        USE_HCOUNTER,
+        HUGE,
+        SEC,
+        CHUNK,
+        False,
+    )

@@ -16,17 +16,39 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    G_K, G_LEN, G_START, G_TENSOR, MODE_EXACT, S_MODE, S_THR,
-    key_digit_histogram, radix_digit, skip_step,
+    G_K,
+    G_LEN,
+    G_START,
+    G_TENSOR,
+    MODE_EXACT,
+    S_MODE,
+    S_THR,
+    key_digit_histogram,
+    radix_digit,
+    skip_step,
 )
 
 
 @triton.jit
 def exact_select_kernel(
-    ttab, T, ws, sst, S, stab, found_inf_ptr, grad_scale_ptr, hash_counter,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    ttab,
+    T,
+    ws,
+    sst,
+    S,
+    stab,
+    found_inf_ptr,
+    grad_scale_ptr,
+    hash_counter,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr, CHUNK: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    IDXB: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -43,9 +65,27 @@ def exact_select_kernel(
     while done == 0:
         acc = tl.zeros([256], tl.int32)
         for j in range(0, n, CHUNK):
-            acc += key_digit_histogram(ttab, T, t, ws, start + j, j, n - j, prefix, shift, grad_scale_ptr,
-                                       hash_counter, PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE,
-                                       IDXB, CHUNK)
+            acc += key_digit_histogram(
+                ttab,
+                T,
+                t,
+                ws,
+                start + j,
+                j,
+                n - j,
+                prefix,
+                shift,
+                grad_scale_ptr,
+                hash_counter,
+                PDT,
+                MDT,
+                KEY_MODE,
+                HAS_SCALE,
+                USE_HCOUNTER,
+                HUGE,
+                IDXB,
+                CHUNK,
+            )
         r, prefix, found, thr = radix_digit(acc, r, prefix, shift)
         done = found.to(tl.int32)
         tl.store(sst + S_THR * S + s, thr, mask=found)

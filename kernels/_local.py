@@ -13,19 +13,51 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    L_K, L_LEN, L_START, L_TENSOR, ROW_G, ROW_M, ROW_P, ROW_V, WS_BC2_SQRT, WS_STEP_SIZE,
-    abs_key, adam_update, hash_key_of, skip_step, step_moments,
+    L_K,
+    L_LEN,
+    L_START,
+    L_TENSOR,
+    ROW_G,
+    ROW_M,
+    ROW_P,
+    ROW_V,
+    WS_BC2_SQRT,
+    WS_STEP_SIZE,
+    abs_key,
+    adam_update,
+    hash_key_of,
+    skip_step,
+    step_moments,
 )
 
 
 @triton.jit
 def local_step_kernel(
-    ttab, T, ltab, SL, ws, found_inf_ptr, grad_scale_ptr,
-    beta1, omb1, beta2, omb2, eps, decay, hash_counter,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
+    ttab,
+    T,
+    ltab,
+    SL,
+    ws,
+    found_inf_ptr,
+    grad_scale_ptr,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    eps,
+    decay,
+    hash_counter,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_INF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    DECAY: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr,
-    KEYBITS: tl.constexpr, ROWS: tl.constexpr, BB: tl.constexpr,
+    DECAY: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    KEYBITS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BB: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -46,8 +78,20 @@ def local_step_kernel(
     mask = cols[None, :] < n[:, None]
     offs = start[:, None] + cols[None, :]
 
-    g, m, v = step_moments(g_ptr[:, None], m_ptr[:, None], v_ptr[:, None], offs, mask, grad_scale_ptr,
-                           beta1, omb1, beta2, omb2, HAS_SCALE, MDT)
+    g, m, v = step_moments(
+        g_ptr[:, None],
+        m_ptr[:, None],
+        v_ptr[:, None],
+        offs,
+        mask,
+        grad_scale_ptr,
+        beta1,
+        omb1,
+        beta2,
+        omb2,
+        HAS_SCALE,
+        MDT,
+    )
 
     if KEY_MODE == 0:
         key = abs_key(m).to(tl.int32, bitcast=True)

@@ -27,6 +27,7 @@ S_CENTER_ROW = S_CENTER.value
 # ---------------------------------------------------------------------------------------
 # plans: chunk and segment tables, cached per (device, shapes, selection, alpha, block_size)
 
+
 def _topk_count(n: int, alpha: float) -> int:
     from maskopt.selection import topk_count
 
@@ -115,8 +116,10 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
             loc.setdefault(bb, []).append((t, s, n, kof(n)))
         else:
             if n > idx_limit:
-                raise ValueError(f"a selection segment of {n} entries is too large for the fused "
-                                 f"{selection!r} path (limit {idx_limit}); use block_size or fused=False")
+                raise ValueError(
+                    f"a selection segment of {n} entries is too large for the fused "
+                    f"{selection!r} path (limit {idx_limit}); use block_size or fused=False"
+                )
             g_t.append(t)
             g_s.append(s)
             g_n.append(n)
@@ -143,8 +146,9 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
         for i in range(1, n_seg):
             coff[i] = coff[i - 1] + caps[i - 1]
         n_cand = coff[-1] + caps[-1]
-        stab = torch.tensor([g_k, caps, coff, g_t, g_s, g_n, first.tolist(), nch.tolist()],
-                            dtype=torch.int64).to(device)
+        stab = torch.tensor(
+            [g_k, caps, coff, g_t, g_s, g_n, first.tolist(), nch.tolist()], dtype=torch.int64
+        ).to(device)
     aligned = all(s % 16 == 0 for s in g_s)
     return _Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
 
@@ -159,8 +163,10 @@ def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Pla
     g_t = [i for i, n in enumerate(numels) if sharding.numels[i] > 0]
     for i in g_t:
         if sharding.numels[i] > idx_limit:
-            raise ValueError(f"a sharded tensor of {sharding.numels[i]} entries is too large for the fused "
-                             f"{selection!r} path (limit {idx_limit}); use fused=False")
+            raise ValueError(
+                f"a sharded tensor of {sharding.numels[i]} entries is too large for the fused "
+                f"{selection!r} path (limit {idx_limit}); use fused=False"
+            )
     n_seg = len(g_t)
     if not n_seg:
         return _Plan(None, 0, None, 0, 0, [], True, huge)
@@ -168,8 +174,10 @@ def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Pla
     g_k = [_topk_count(sharding.numels[i], alpha) for i in g_t]
     origin = [-sharding.offsets[i] for i in g_t]
     ctab, total, first, nch = _chunk_table(g_t, [0] * n_seg, g_n, cfg.chunk, seg_origin=origin)
-    caps = [min(sharding.numels[i], max(cfg.cand_min, math.ceil(sharding.numels[i] * cfg.cand_frac / world)))
-            for i in g_t]
+    caps = [
+        min(sharding.numels[i], max(cfg.cand_min, math.ceil(sharding.numels[i] * cfg.cand_frac / world)))
+        for i in g_t
+    ]
     coff = [0] * n_seg
     for i in range(1, n_seg):
         coff[i] = coff[i - 1] + caps[i - 1]
@@ -199,8 +207,10 @@ def _sharding(params, shards) -> _Sharding | None:
     if shards is None or all(s is None for s in shards):
         return None
     if any(s is None for s in shards) or len({id(s.group) for s in shards}) != 1:
-        raise ValueError("fused_adam_step_: sharded and whole tensors, or shards over different process "
-                         "groups, must be stepped in separate calls")
+        raise ValueError(
+            "fused_adam_step_: sharded and whole tensors, or shards over different process "
+            "groups, must be stepped in separate calls"
+        )
     group = shards[0].group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     offsets = tuple(int(s.offset) for s in shards)
@@ -212,8 +222,10 @@ def _sharding(params, shards) -> _Sharding | None:
         dist.all_gather(every, mine, group=group)
         table = torch.stack(every).cpu()
         if not bool((table[1:] >= table[:-1]).all()):
-            raise NotImplementedError("the fused path needs shards in rank order (FSDP2's Shard(0)); "
-                                      "use fused=False for this layout")
+            raise NotImplementedError(
+                "the fused path needs shards in rank order (FSDP2's Shard(0)); "
+                "use fused=False for this layout"
+            )
         _CHECKED_ORDER.add(key)
     return _Sharding(group, rank, world, numels, offsets)
 
@@ -229,10 +241,14 @@ def _plan(numels, selection, alpha, block_size, device, cfg, sharding=None):
     kind = selection if selection not in ("all", "random") else "dense"
     if kind == "dense":
         sharding = None  # entry by entry: global indices come from the tensor table
-    key = (str(device), tuple(numels), kind,
-           None if kind == "dense" else float(alpha),
-           block_size if kind.startswith("topk") else None,
-           None if sharding is None else (sharding.world, sharding.numels, sharding.offsets))
+    key = (
+        str(device),
+        tuple(numels),
+        kind,
+        None if kind == "dense" else float(alpha),
+        block_size if kind.startswith("topk") else None,
+        None if sharding is None else (sharding.world, sharding.numels, sharding.offsets),
+    )
     plan = _PLANS.get(key)
     if plan is None:
         plan = _build_plan(numels, selection, alpha, block_size, cfg, device, sharding)
@@ -251,6 +267,7 @@ def _plan(numels, selection, alpha, block_size, device, cfg, sharding=None):
 # long as the step counter of the call's first tensor, i.e. as long as the optimizer state
 # it serves: no cache size can make an optimizer with many param groups lose its windows
 # (each loss costs a fallback step), and a dropped optimizer takes its workspaces along.
+
 
 @dataclass
 class _Workspace:

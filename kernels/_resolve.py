@@ -16,19 +16,53 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    G_COFF, G_START, G_TENSOR, MODE_DIGIT, MODE_EXACT, MODE_WINDOW,
-    S_CCOUNT, S_CENTER, S_DSEL, S_MODE, S_PREFIX, S_R, S_THR, WS_BC2_SQRT, WS_STEP_SIZE,
-    adam_update, candidate_histogram, radix_digit, skip_step, tensor_pointers, window_base,
+    G_COFF,
+    G_START,
+    G_TENSOR,
+    MODE_DIGIT,
+    MODE_EXACT,
+    MODE_WINDOW,
+    S_CCOUNT,
+    S_CENTER,
+    S_DSEL,
+    S_MODE,
+    S_PREFIX,
+    S_R,
+    S_THR,
+    WS_BC2_SQRT,
+    WS_STEP_SIZE,
+    adam_update,
+    candidate_histogram,
+    radix_digit,
+    skip_step,
+    tensor_pointers,
+    window_base,
 )
 
 
 @triton.jit
 def resolve_kernel(
-    ttab, T, ws, sst, S, stab, cand, found_inf_ptr, eps, decay,
-    PDT: tl.constexpr, MDT: tl.constexpr, HAS_INF: tl.constexpr, DECAY: tl.constexpr,
+    ttab,
+    T,
+    ws,
+    sst,
+    S,
+    stab,
+    cand,
+    found_inf_ptr,
+    eps,
+    decay,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    DECAY: tl.constexpr,
     FLOAT_KEY: tl.constexpr,
-    IDXB: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, TOP_SHIFT: tl.constexpr,
-    TILE: tl.constexpr, THR_KNOWN: tl.constexpr,
+    IDXB: tl.constexpr,
+    FRAC: tl.constexpr,
+    NB_LOG2: tl.constexpr,
+    TOP_SHIFT: tl.constexpr,
+    TILE: tl.constexpr,
+    THR_KNOWN: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -48,8 +82,9 @@ def resolve_kernel(
             done += 1
             thr = tl.load(sst + S_THR * S + s)
         while done == 0:
-            r, prefix, found, key = radix_digit(candidate_histogram(region, count, prefix, shift, TILE),
-                                               r, prefix, shift)
+            r, prefix, found, key = radix_digit(
+                candidate_histogram(region, count, prefix, shift, TILE), r, prefix, shift
+            )
             done = found.to(tl.int32)
             thr = tl.where(found, key, thr)
             shift = tl.where(found, shift, shift - 8)
@@ -78,7 +113,7 @@ def resolve_kernel(
         # the fine key of the threshold, for the next step's window
         center = tl.load(sst + S_CENTER * S + s)
         if (mode == MODE_WINDOW) | (mode == MODE_EXACT):
-            center = (tl.load(sst + S_THR * S + s) >> (IDXB + 23 - FRAC))
+            center = tl.load(sst + S_THR * S + s) >> (IDXB + 23 - FRAC)
         elif mode == MODE_DIGIT:
             lowest = tl.load(sst + S_DSEL * S + s) + 1  # the lowest bin taken
             if (lowest >= 2) & (lowest <= NB - 2):

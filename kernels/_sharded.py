@@ -24,18 +24,52 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    C_LEN, C_SEG, C_SEGOFF, C_START, C_TENSOR, G_COFF, MODE_EXACT, MODE_WINDOW, S_CCOUNT,
-    S_DONE, S_MODE, S_PREFIX, S_R, S_THR,
-    candidate_histogram, chunk_range, flush_histogram, key_digit_histogram, radix_digit, skip_step,
+    C_LEN,
+    C_SEG,
+    C_SEGOFF,
+    C_START,
+    C_TENSOR,
+    G_COFF,
+    MODE_EXACT,
+    MODE_WINDOW,
+    S_CCOUNT,
+    S_DONE,
+    S_MODE,
+    S_PREFIX,
+    S_R,
+    S_THR,
+    candidate_histogram,
+    chunk_range,
+    flush_histogram,
+    key_digit_histogram,
+    radix_digit,
+    skip_step,
 )
 
 
 @triton.jit
 def data_level_kernel(
-    ttab, T, ctab, C, per_program, ws, sst, S, hist, found_inf_ptr, grad_scale_ptr, hash_counter,
+    ttab,
+    T,
+    ctab,
+    C,
+    per_program,
+    ws,
+    sst,
+    S,
+    hist,
+    found_inf_ptr,
+    grad_scale_ptr,
+    hash_counter,
     shift,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
-    HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, IDXB: tl.constexpr,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    IDXB: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     """One fallback level over the data, persistent programs over the chunks."""
@@ -54,17 +88,40 @@ def data_level_kernel(
         if wanted:
             start = tl.load(ctab + C_START * C + c)
             acc += key_digit_histogram(
-                ttab, T, tl.load(ctab + C_TENSOR * C + c), ws, start,
-                start - tl.load(ctab + C_SEGOFF * C + c), tl.load(ctab + C_LEN * C + c),
-                tl.load(sst + S_PREFIX * S + seg), shift, grad_scale_ptr, hash_counter,
-                PDT, MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, IDXB, CHUNK)
+                ttab,
+                T,
+                tl.load(ctab + C_TENSOR * C + c),
+                ws,
+                start,
+                start - tl.load(ctab + C_SEGOFF * C + c),
+                tl.load(ctab + C_LEN * C + c),
+                tl.load(sst + S_PREFIX * S + seg),
+                shift,
+                grad_scale_ptr,
+                hash_counter,
+                PDT,
+                MDT,
+                KEY_MODE,
+                HAS_SCALE,
+                USE_HCOUNTER,
+                HUGE,
+                IDXB,
+                CHUNK,
+            )
     flush_histogram(hist, cur, acc, cur >= 0, 256)
 
 
 @triton.jit
 def cand_level_kernel(
-    sst, S, stab, cand, hist, found_inf_ptr, shift,
-    HAS_INF: tl.constexpr, TILE: tl.constexpr,
+    sst,
+    S,
+    stab,
+    cand,
+    hist,
+    found_inf_ptr,
+    shift,
+    HAS_INF: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """One candidate level: one program per segment over its compacted candidates."""
     if skip_step(found_inf_ptr, HAS_INF):
@@ -72,8 +129,13 @@ def cand_level_kernel(
     s = tl.program_id(0)
     if (tl.load(sst + S_MODE * S + s) != MODE_WINDOW) | (tl.load(sst + S_DONE * S + s) != 0):
         return
-    acc = candidate_histogram(cand + tl.load(stab + G_COFF * S + s), tl.load(sst + S_CCOUNT * S + s),
-                              tl.load(sst + S_PREFIX * S + s), shift, TILE)
+    acc = candidate_histogram(
+        cand + tl.load(stab + G_COFF * S + s),
+        tl.load(sst + S_CCOUNT * S + s),
+        tl.load(sst + S_PREFIX * S + s),
+        shift,
+        TILE,
+    )
     tl.store(hist + s * 256 + tl.arange(0, 256), acc)
 
 
@@ -87,7 +149,9 @@ def level_select_kernel(hist, sst, S, found_inf_ptr, shift, MODE: tl.constexpr, 
     h = tl.load(row)
     tl.store(row, tl.zeros([256], tl.int32))
     if (tl.load(sst + S_MODE * S + s) == MODE) & (tl.load(sst + S_DONE * S + s) == 0):
-        r, prefix, found, thr = radix_digit(h, tl.load(sst + S_R * S + s), tl.load(sst + S_PREFIX * S + s), shift)
+        r, prefix, found, thr = radix_digit(
+            h, tl.load(sst + S_R * S + s), tl.load(sst + S_PREFIX * S + s), shift
+        )
         tl.store(sst + S_R * S + s, r)
         tl.store(sst + S_PREFIX * S + s, prefix)
         if found:

@@ -22,25 +22,70 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    C_LEN, C_SEG, C_START, C_TENSOR, G_CAP, G_CFIRST, G_K, G_NCHUNKS, MODE_DIGIT, MODE_EXACT,
-    MODE_WINDOW, MODE_ZERO, S_CCOUNT, S_DONE, S_DSEL, S_MODE, S_PREFIX, S_R,
-    abs_key, chunk_range, flush_histogram, hash_key_of, pick_bin, skip_step, step_moments,
-    tensor_pointers, window_base, window_digit,
+    C_LEN,
+    C_SEG,
+    C_START,
+    C_TENSOR,
+    G_CAP,
+    G_CFIRST,
+    G_K,
+    G_NCHUNKS,
+    MODE_DIGIT,
+    MODE_EXACT,
+    MODE_WINDOW,
+    MODE_ZERO,
+    S_CCOUNT,
+    S_DONE,
+    S_DSEL,
+    S_MODE,
+    S_PREFIX,
+    S_R,
+    abs_key,
+    chunk_range,
+    flush_histogram,
+    hash_key_of,
+    pick_bin,
+    skip_step,
+    step_moments,
+    tensor_pointers,
+    window_base,
+    window_digit,
 )
 
 
 @triton.jit
 def _moments_window_body(
-    ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, n, base, grad_scale_ptr,
-    beta1, omb1, beta2, omb2, hash_counter,
-    MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr,
-    HUGE: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
+    ttab,
+    T,
+    t,
+    ws,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    start,
+    n,
+    base,
+    grad_scale_ptr,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    hash_counter,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    FRAC: tl.constexpr,
+    NB_LOG2: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     lane = tl.arange(0, CHUNK)
     offs = start + lane
     mask = lane < n
-    g, m, v = step_moments(g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2,
-                           HAS_SCALE, MDT)
+    g, m, v = step_moments(
+        g_ptr, m_ptr, v_ptr, offs, mask, grad_scale_ptr, beta1, omb1, beta2, omb2, HAS_SCALE, MDT
+    )
     if KEY_MODE == 0:
         key = abs_key(m)
     elif KEY_MODE == 1:
@@ -53,11 +98,34 @@ def _moments_window_body(
 
 @triton.jit
 def moments_window_kernel(
-    ttab, T, ctab, C, per_program, ws, sst, S, hist, zcount, found_inf_ptr, grad_scale_ptr,
-    beta1, omb1, beta2, omb2, hash_counter,
-    PDT: tl.constexpr, MDT: tl.constexpr, KEY_MODE: tl.constexpr, HAS_INF: tl.constexpr,
-    HAS_SCALE: tl.constexpr, USE_HCOUNTER: tl.constexpr, HUGE: tl.constexpr, ALIGNED: tl.constexpr,
-    FRAC: tl.constexpr, NB_LOG2: tl.constexpr, CHUNK: tl.constexpr,
+    ttab,
+    T,
+    ctab,
+    C,
+    per_program,
+    ws,
+    sst,
+    S,
+    hist,
+    zcount,
+    found_inf_ptr,
+    grad_scale_ptr,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    hash_counter,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    KEY_MODE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    USE_HCOUNTER: tl.constexpr,
+    HUGE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FRAC: tl.constexpr,
+    NB_LOG2: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     if skip_step(found_inf_ptr, HAS_INF):
         return
@@ -80,13 +148,59 @@ def moments_window_kernel(
         if ALIGNED:
             start = tl.multiple_of(start, 16)
         if ALIGNED and n == CHUNK:
-            h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, CHUNK, base,
-                                     grad_scale_ptr, beta1, omb1, beta2, omb2, hash_counter,
-                                     MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
+            h = _moments_window_body(
+                ttab,
+                T,
+                t,
+                ws,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                start,
+                CHUNK,
+                base,
+                grad_scale_ptr,
+                beta1,
+                omb1,
+                beta2,
+                omb2,
+                hash_counter,
+                MDT,
+                KEY_MODE,
+                HAS_SCALE,
+                USE_HCOUNTER,
+                HUGE,
+                FRAC,
+                NB_LOG2,
+                CHUNK,
+            )
         else:
-            h = _moments_window_body(ttab, T, t, ws, g_ptr, m_ptr, v_ptr, start, n, base,
-                                     grad_scale_ptr, beta1, omb1, beta2, omb2, hash_counter,
-                                     MDT, KEY_MODE, HAS_SCALE, USE_HCOUNTER, HUGE, FRAC, NB_LOG2, CHUNK)
+            h = _moments_window_body(
+                ttab,
+                T,
+                t,
+                ws,
+                g_ptr,
+                m_ptr,
+                v_ptr,
+                start,
+                n,
+                base,
+                grad_scale_ptr,
+                beta1,
+                omb1,
+                beta2,
+                omb2,
+                hash_counter,
+                MDT,
+                KEY_MODE,
+                HAS_SCALE,
+                USE_HCOUNTER,
+                HUGE,
+                FRAC,
+                NB_LOG2,
+                CHUNK,
+            )
         acc += h
         if KEY_MODE != 2:
             tl.store(zcount + c, tl.sum(tl.where(bins == 0, h, 0), axis=0).to(tl.int64))
@@ -95,9 +209,22 @@ def moments_window_kernel(
 
 @triton.jit
 def window_select_kernel(
-    hist, sst, S, stab, zcount, ztotal, rank, world, found_inf_ptr,
-    HAS_INF: tl.constexpr, FLOAT_KEY: tl.constexpr, FRAC: tl.constexpr, NB_LOG2: tl.constexpr,
-    IDXB: tl.constexpr, TOP_SHIFT: tl.constexpr, SCAN: tl.constexpr,
+    hist,
+    sst,
+    S,
+    stab,
+    zcount,
+    ztotal,
+    rank,
+    world,
+    found_inf_ptr,
+    HAS_INF: tl.constexpr,
+    FLOAT_KEY: tl.constexpr,
+    FRAC: tl.constexpr,
+    NB_LOG2: tl.constexpr,
+    IDXB: tl.constexpr,
+    TOP_SHIFT: tl.constexpr,
+    SCAN: tl.constexpr,
 ):
     """One program per segment: the boundary bin, the mode, and the histogram row reset.
 
@@ -123,8 +250,9 @@ def window_select_kernel(
         zero = b < 0
         miss = b < 0
     over = h_b > tl.load(stab + G_CAP * S + s)
-    mode = tl.where(whole, MODE_DIGIT,
-                    tl.where(zero, MODE_ZERO, tl.where(miss | over, MODE_EXACT, MODE_WINDOW)))
+    mode = tl.where(
+        whole, MODE_DIGIT, tl.where(zero, MODE_ZERO, tl.where(miss | over, MODE_EXACT, MODE_WINDOW))
+    )
     dsel = tl.where(whole, b - 1, b).to(tl.int64)
     tl.store(sst + S_MODE * S + s, mode.to(tl.int64))
     tl.store(sst + S_DSEL * S + s, dsel)

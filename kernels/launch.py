@@ -35,13 +35,21 @@ from maskopt import _hash
 
 from ._apply import apply_compact_kernel
 from ._common import (
-    DECAY_ALL, DECAY_MASKED, DECAY_NONE, KEY_GRADIENT, KEY_HASH, KEY_MOMENTUM, MODE_EXACT,
-    MODE_WINDOW, S_ZBASE, prologue_kernel,
+    DECAY_ALL,
+    DECAY_MASKED,
+    DECAY_NONE,
+    KEY_GRADIENT,
+    KEY_HASH,
+    KEY_MOMENTUM,
+    MODE_EXACT,
+    MODE_WINDOW,
+    S_ZBASE,
+    prologue_kernel,
 )
 from ._dense import dense_step_kernel
 from ._fallback import exact_select_kernel
 from ._local import local_step_kernel
-from ._plan import _PLANS, _WORKSPACES, _Sharding, _plan, _programs, _sharding, _tensor_table, _workspace
+from ._plan import _PLANS, _WORKSPACES, _plan, _programs, _Sharding, _sharding, _tensor_table, _workspace
 from ._resolve import resolve_kernel
 from ._sharded import cand_level_kernel, data_level_kernel, level_select_kernel
 from ._window import moments_window_kernel, window_select_kernel
@@ -91,8 +99,10 @@ def set_config(**changes) -> KernelConfig:
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     if not 0 <= new.window_frac <= 7 or not 4 <= new.window_bins_log2 <= 11:
-        raise ValueError(f"window_frac must be in [0, 7] and window_bins_log2 in [4, 11], got "
-                         f"{new.window_frac} and {new.window_bins_log2}")
+        raise ValueError(
+            f"window_frac must be in [0, 7] and window_bins_log2 in [4, 11], got "
+            f"{new.window_frac} and {new.window_bins_log2}"
+        )
     _CONFIG = new
     _PLANS.clear()
     _WORKSPACES.clear()
@@ -111,6 +121,7 @@ def config(**changes):
 # ---------------------------------------------------------------------------------------
 # availability
 
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
@@ -126,16 +137,20 @@ def check_device(device: torch.device) -> None:
         if _kernels_interpreted():
             raise RuntimeError(
                 "maskopt.kernels were imported with TRITON_INTERPRET=1; CUDA tensors need the "
-                "compiled kernels (unset TRITON_INTERPRET before importing maskopt.kernels)")
+                "compiled kernels (unset TRITON_INTERPRET before importing maskopt.kernels)"
+            )
         return
     if device.type == "cpu":
         if not _kernels_interpreted():
             raise RuntimeError(
                 "the fused (Triton) path runs on CPU only under the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before maskopt.kernels is first used, or use fused=False")
+                "TRITON_INTERPRET=1 before maskopt.kernels is first used, or use fused=False"
+            )
         return
-    raise RuntimeError(f"the fused (Triton) path supports CUDA (and CPU under TRITON_INTERPRET=1), "
-                       f"not {device.type!r}; use fused=False")
+    raise RuntimeError(
+        f"the fused (Triton) path supports CUDA (and CPU under TRITON_INTERPRET=1), "
+        f"not {device.type!r}; use fused=False"
+    )
 
 
 _debug_capture: list | None = None  # set to a list to record each step's segment state
@@ -144,13 +159,28 @@ _debug_capture: list | None = None  # set to a list to record each step's segmen
 # ---------------------------------------------------------------------------------------
 # argument checks
 
-def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, tensor_indices, grad_scale,
-           found_inf, shards):
+
+def _check(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    state_steps,
+    selection,
+    tensor_indices,
+    grad_scale,
+    found_inf,
+    shards,
+):
     n = len(params)
     if shards is not None and len(shards) != n:
         raise ValueError(f"fused_adam_step_: len(shards)={len(shards)} != len(params)={n}")
-    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                      ("state_steps", state_steps)):
+    for name, lst in (
+        ("grads", grads),
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+        ("state_steps", state_steps),
+    ):
         if len(lst) != n:
             raise ValueError(f"fused_adam_step_: len({name})={len(lst)} != len(params)={n}")
     if selection not in SELECTIONS:  # (SelectionPolicy has checked alpha and block_size)
@@ -160,34 +190,47 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, tensor_
     device = params[0].device
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         if p.dtype not in _PARAM_DTYPES:
-            raise TypeError(f"fused_adam_step_: param {i} has dtype {p.dtype}; the fused path supports "
-                            f"float32, bfloat16 and float16 (use fused=False)")
+            raise TypeError(
+                f"fused_adam_step_: param {i} has dtype {p.dtype}; the fused path supports "
+                f"float32, bfloat16 and float16 (use fused=False)"
+            )
         if g.is_sparse or g.layout != torch.strided:
             raise TypeError(f"fused_adam_step_: grad {i} is sparse; the fused path needs dense gradients")
         if g.dtype != p.dtype:
             raise TypeError(f"fused_adam_step_: grad {i} has dtype {g.dtype}, param has {p.dtype}")
         if m.dtype not in _MOMENT_DTYPES or v.dtype != m.dtype:
-            raise TypeError(f"fused_adam_step_: exp_avg/exp_avg_sq {i} must both be float32 or both "
-                            f"bfloat16, got {m.dtype}/{v.dtype}")
+            raise TypeError(
+                f"fused_adam_step_: exp_avg/exp_avg_sq {i} must both be float32 or both "
+                f"bfloat16, got {m.dtype}/{v.dtype}"
+            )
         if s.dtype != torch.float32 or s.numel() != 1:
-            raise TypeError(f"fused_adam_step_: state_steps[{i}] must be a float32 scalar tensor, "
-                            f"got dtype {s.dtype} with {s.numel()} elements")
+            raise TypeError(
+                f"fused_adam_step_: state_steps[{i}] must be a float32 scalar tensor, "
+                f"got dtype {s.dtype} with {s.numel()} elements"
+            )
         for name, x in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("step", s)):
             if x.device != device:
-                raise ValueError(f"fused_adam_step_: {name} {i} is on {x.device}, expected {device} "
-                                 f"(one launch covers tensors of one device)")
+                raise ValueError(
+                    f"fused_adam_step_: {name} {i} is on {x.device}, expected {device} "
+                    f"(one launch covers tensors of one device)"
+                )
         for name, x in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
             if x.shape != p.shape:
-                raise ValueError(f"fused_adam_step_: {name} {i} has shape {tuple(x.shape)}, "
-                                 f"param has {tuple(p.shape)}")
+                raise ValueError(
+                    f"fused_adam_step_: {name} {i} has shape {tuple(x.shape)}, param has {tuple(p.shape)}"
+                )
         for name, x in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
             if not x.is_contiguous():
-                raise ValueError(f"fused_adam_step_: {name} {i} is not contiguous; the fused path "
-                                 f"needs contiguous tensors (call .contiguous() or use fused=False)")
+                raise ValueError(
+                    f"fused_adam_step_: {name} {i} is not contiguous; the fused path "
+                    f"needs contiguous tensors (call .contiguous() or use fused=False)"
+                )
     for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if x is not None and (x.device != device or x.numel() != 1):
-            raise ValueError(f"fused_adam_step_: {name} must be a one-element tensor on {device}, "
-                             f"got {x.numel()} elements on {x.device}")
+            raise ValueError(
+                f"fused_adam_step_: {name} must be a one-element tensor on {device}, "
+                f"got {x.numel()} elements on {x.device}"
+            )
     return device
 
 
@@ -203,6 +246,7 @@ def _to_fp32(x: float) -> float:
 
 # ---------------------------------------------------------------------------------------
 # the public entry point
+
 
 def fused_adam_step_(
     params: Sequence[torch.Tensor],
@@ -242,14 +286,25 @@ def fused_adam_step_(
         return
     selection = "all" if policy.moves_all else policy.kind
     alpha, block_size, seed, hash_counter = policy.alpha, policy.block_size, policy.seed, policy.counter
-    device = _check(params, grads, exp_avgs, exp_avg_sqs, state_steps, selection, tensor_indices,
-                    grad_scale, found_inf, shards)
+    device = _check(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        selection,
+        tensor_indices,
+        grad_scale,
+        found_inf,
+        shards,
+    )
     check_device(device)
     # Shards hash their global indices; a whole-tensor selection is taken across the ranks,
     # while blocks lie inside one shard (the optimizer checks it) and are selected locally.
     bases = [0] * len(params) if shards is None else [0 if s is None else int(s.offset) for s in shards]
     across = selection in ("topk_momentum", "topk_gradient", "random_exact") and not (
-        block_size is not None and selection.startswith("topk"))
+        block_size is not None and selection.startswith("topk")
+    )
     sharding = _sharding(params, shards) if across else None
     by_dtype: dict[tuple, list[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
@@ -257,28 +312,95 @@ def fused_adam_step_(
     # Triton launches on the current CUDA device: make it the tensors' device
     guard = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     with guard:
-        _step_dtype_groups(by_dtype, params, grads, exp_avgs, exp_avg_sqs, state_steps, tensor_indices,
-                           device, selection=selection, alpha=alpha, block_size=block_size, lr=lr,
-                           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                           mask_weight_decay=mask_weight_decay, seed=seed, hash_counter=hash_counter,
-                           grad_scale=grad_scale, found_inf=found_inf, sharding=sharding, bases=bases)
+        _step_dtype_groups(
+            by_dtype,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            tensor_indices,
+            device,
+            selection=selection,
+            alpha=alpha,
+            block_size=block_size,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            mask_weight_decay=mask_weight_decay,
+            seed=seed,
+            hash_counter=hash_counter,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            sharding=sharding,
+            bases=bases,
+        )
 
 
-def _step_dtype_groups(by_dtype, params, grads, exp_avgs, exp_avg_sqs, state_steps, tensor_indices, device,
-                       *, selection, alpha, block_size, lr, beta1, beta2, eps, weight_decay,
-                       mask_weight_decay, seed, hash_counter, grad_scale, found_inf, sharding, bases):
+def _step_dtype_groups(
+    by_dtype,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    state_steps,
+    tensor_indices,
+    device,
+    *,
+    selection,
+    alpha,
+    block_size,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    mask_weight_decay,
+    seed,
+    hash_counter,
+    grad_scale,
+    found_inf,
+    sharding,
+    bases,
+):
     for (dtype, mdtype), idx in by_dtype.items():
-        part = None if sharding is None else replace(
-            sharding, numels=tuple(sharding.numels[i] for i in idx), offsets=tuple(sharding.offsets[i] for i in idx))
+        part = (
+            None
+            if sharding is None
+            else replace(
+                sharding,
+                numels=tuple(sharding.numels[i] for i in idx),
+                offsets=tuple(sharding.offsets[i] for i in idx),
+            )
+        )
         _step_group(
-            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [state_steps[i] for i in idx],
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx],
+            [state_steps[i] for i in idx],
             [tensor_indices[i] for i in idx] if selection in ("random", "random_exact") else None,
-            dtype, mdtype, device, selection=selection, alpha=float(alpha), block_size=block_size,
-            lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-            weight_decay=float(weight_decay), mask_weight_decay=bool(mask_weight_decay),
-            seed=int(seed), hash_counter=hash_counter, grad_scale=grad_scale, found_inf=found_inf,
-            sharding=part, bases=[bases[i] for i in idx])
+            dtype,
+            mdtype,
+            device,
+            selection=selection,
+            alpha=float(alpha),
+            block_size=block_size,
+            lr=float(lr),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            mask_weight_decay=bool(mask_weight_decay),
+            seed=int(seed),
+            hash_counter=hash_counter,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            sharding=part,
+            bases=[bases[i] for i in idx],
+        )
 
 
 def _tl_dtype(dtype):
@@ -287,9 +409,33 @@ def _tl_dtype(dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, selection, alpha, block_size,
-                lr, beta1, beta2, eps, weight_decay, mask_weight_decay, seed, hash_counter,
-                grad_scale, found_inf, sharding, bases):
+def _step_group(
+    params,
+    grads,
+    ms,
+    vs,
+    steps,
+    tidx,
+    dtype,
+    mdtype,
+    device,
+    *,
+    selection,
+    alpha,
+    block_size,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    mask_weight_decay,
+    seed,
+    hash_counter,
+    grad_scale,
+    found_inf,
+    sharding,
+    bases,
+):
     cfg = _CONFIG
     T = len(params)
     numels = [p.numel() for p in params]
@@ -325,8 +471,20 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     b2 = _split(beta2)
     lrs = _split(lr)
     prologue_kernel[(triton.cdiv(T, 1024),)](
-        ttab, T, ws, inf_arg, b1[0], b1[1], b2[0], b2[1], lrs[0], lrs[1],
-        HAS_INF=has_inf, BLOCK=1024, num_warps=4)
+        ttab,
+        T,
+        ws,
+        inf_arg,
+        b1[0],
+        b1[1],
+        b2[0],
+        b2[1],
+        lrs[0],
+        lrs[1],
+        HAS_INF=has_inf,
+        BLOCK=1024,
+        num_warps=4,
+    )
 
     common = dict(PDT=pdt, MDT=mdt, HAS_INF=has_inf, HAS_SCALE=has_scale, USE_HCOUNTER=use_hc, HUGE=plan.huge)
     omb1, omb2 = 1.0 - beta1, 1.0 - beta2
@@ -334,10 +492,29 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     if selection in ("all", "random"):
         if plan.n_chunks:
             dense_step_kernel[(plan.n_chunks,)](
-                ttab, T, plan.ctab, plan.n_chunks, ws, inf_arg, scale_arg,
-                beta1, omb1, beta2, omb2, eps, decay, hc, _hash.threshold(alpha),
-                MODE=0 if selection == "all" else 1, DECAY=decay_mode, ALIGNED=aligned,
-                SEC=sec, CHUNK=cfg.chunk, num_warps=nw, **common)
+                ttab,
+                T,
+                plan.ctab,
+                plan.n_chunks,
+                ws,
+                inf_arg,
+                scale_arg,
+                beta1,
+                omb1,
+                beta2,
+                omb2,
+                eps,
+                decay,
+                hc,
+                _hash.threshold(alpha),
+                MODE=0 if selection == "all" else 1,
+                DECAY=decay_mode,
+                ALIGNED=aligned,
+                SEC=sec,
+                CHUNK=cfg.chunk,
+                num_warps=nw,
+                **common,
+            )
         return
 
     key_mode = _KEY_MODE[selection]
@@ -345,10 +522,28 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     keybits, idxb = (32, 31) if key_mode == KEY_HASH else (31, 32)
     for loc in plan.locals_:
         local_step_kernel[(triton.cdiv(loc.n_seg, loc.rows),)](
-            ttab, T, loc.ltab, loc.n_seg, ws, inf_arg, scale_arg,
-            beta1, omb1, beta2, omb2, eps, decay, hc,
-            KEY_MODE=key_mode, DECAY=decay_mode, KEYBITS=keybits, ROWS=loc.rows, BB=loc.bb,
-            num_warps=cfg.local_num_warps, **common)
+            ttab,
+            T,
+            loc.ltab,
+            loc.n_seg,
+            ws,
+            inf_arg,
+            scale_arg,
+            beta1,
+            omb1,
+            beta2,
+            omb2,
+            eps,
+            decay,
+            hc,
+            KEY_MODE=key_mode,
+            DECAY=decay_mode,
+            KEYBITS=keybits,
+            ROWS=loc.rows,
+            BB=loc.bb,
+            num_warps=cfg.local_num_warps,
+            **common,
+        )
     if not plan.n_seg:
         return
 
@@ -363,19 +558,67 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
     rank = 0 if sharding is None else sharding.rank
     if programs:
         moments_window_kernel[(programs,)](
-            ttab, T, plan.ctab, C, per_program, ws, work.sst, S, work.hist, work.zcount, inf_arg, scale_arg,
-            beta1, omb1, beta2, omb2, hc,
-            KEY_MODE=key_mode, ALIGNED=aligned, CHUNK=cfg.chunk, num_warps=nw, **window, **common)
+            ttab,
+            T,
+            plan.ctab,
+            C,
+            per_program,
+            ws,
+            work.sst,
+            S,
+            work.hist,
+            work.zcount,
+            inf_arg,
+            scale_arg,
+            beta1,
+            omb1,
+            beta2,
+            omb2,
+            hc,
+            KEY_MODE=key_mode,
+            ALIGNED=aligned,
+            CHUNK=cfg.chunk,
+            num_warps=nw,
+            **window,
+            **common,
+        )
     if sharding is not None:
         _all_reduce(work.hist, sharding)
     window_select_kernel[(S,)](
-        work.hist, work.sst, S, plan.stab, work.zcount, work.ztotal, rank, work.ztotal.shape[0], inf_arg,
-        HAS_INF=has_inf, FLOAT_KEY=float_key, IDXB=idxb, TOP_SHIFT=top_shift, SCAN=1024,
-        num_warps=cfg.select_num_warps, **window)
+        work.hist,
+        work.sst,
+        S,
+        plan.stab,
+        work.zcount,
+        work.ztotal,
+        rank,
+        work.ztotal.shape[0],
+        inf_arg,
+        HAS_INF=has_inf,
+        FLOAT_KEY=float_key,
+        IDXB=idxb,
+        TOP_SHIFT=top_shift,
+        SCAN=1024,
+        num_warps=cfg.select_num_warps,
+        **window,
+    )
     if sharding is None:
         exact_select_kernel[(S,)](
-            ttab, T, ws, work.sst, S, plan.stab, inf_arg, scale_arg, hc,
-            KEY_MODE=key_mode, IDXB=idxb, CHUNK=cfg.chunk, num_warps=nw, **common)
+            ttab,
+            T,
+            ws,
+            work.sst,
+            S,
+            plan.stab,
+            inf_arg,
+            scale_arg,
+            hc,
+            KEY_MODE=key_mode,
+            IDXB=idxb,
+            CHUNK=cfg.chunk,
+            num_warps=nw,
+            **common,
+        )
     else:
         # the zeros on the ranks before this one (each rank wrote its own row and zeroed the
         # others), then the fallback level by level across the ranks
@@ -384,31 +627,114 @@ def _step_group(params, grads, ms, vs, steps, tidx, dtype, mdtype, device, *, se
         for shift in range(56, -1, -8):
             if programs:
                 data_level_kernel[(programs,)](
-                    ttab, T, plan.ctab, C, per_program, ws, work.sst, S, work.levels, inf_arg, scale_arg, hc,
-                    shift, KEY_MODE=key_mode, IDXB=idxb, CHUNK=cfg.chunk, num_warps=nw, **common)
+                    ttab,
+                    T,
+                    plan.ctab,
+                    C,
+                    per_program,
+                    ws,
+                    work.sst,
+                    S,
+                    work.levels,
+                    inf_arg,
+                    scale_arg,
+                    hc,
+                    shift,
+                    KEY_MODE=key_mode,
+                    IDXB=idxb,
+                    CHUNK=cfg.chunk,
+                    num_warps=nw,
+                    **common,
+                )
             _all_reduce(work.levels, sharding)
-            level_select_kernel[(S,)](work.levels, work.sst, S, inf_arg, shift, MODE=MODE_EXACT.value,
-                                      HAS_INF=has_inf, num_warps=cfg.select_num_warps)
+            level_select_kernel[(S,)](
+                work.levels,
+                work.sst,
+                S,
+                inf_arg,
+                shift,
+                MODE=MODE_EXACT.value,
+                HAS_INF=has_inf,
+                num_warps=cfg.select_num_warps,
+            )
     if programs:
         apply_compact_kernel[(programs,)](
-            ttab, T, plan.ctab, C, per_program, ws, work.sst, S, plan.stab, work.cand, work.zcount,
-            inf_arg, scale_arg, eps, decay, hc,
-            KEY_MODE=key_mode, DECAY=decay_mode, ALIGNED=aligned, IDXB=idxb, SEC=sec, CHUNK=cfg.chunk,
-            num_warps=nw, **window, **common)
+            ttab,
+            T,
+            plan.ctab,
+            C,
+            per_program,
+            ws,
+            work.sst,
+            S,
+            plan.stab,
+            work.cand,
+            work.zcount,
+            inf_arg,
+            scale_arg,
+            eps,
+            decay,
+            hc,
+            KEY_MODE=key_mode,
+            DECAY=decay_mode,
+            ALIGNED=aligned,
+            IDXB=idxb,
+            SEC=sec,
+            CHUNK=cfg.chunk,
+            num_warps=nw,
+            **window,
+            **common,
+        )
     if sharding is not None:  # the candidates' threshold across the ranks
         for shift in range(top_shift, -1, -8):
-            cand_level_kernel[(S,)](work.sst, S, plan.stab, work.cand, work.levels, inf_arg, shift,
-                                    HAS_INF=has_inf, TILE=cfg.resolve_tile, num_warps=cfg.select_num_warps)
+            cand_level_kernel[(S,)](
+                work.sst,
+                S,
+                plan.stab,
+                work.cand,
+                work.levels,
+                inf_arg,
+                shift,
+                HAS_INF=has_inf,
+                TILE=cfg.resolve_tile,
+                num_warps=cfg.select_num_warps,
+            )
             _all_reduce(work.levels, sharding)
-            level_select_kernel[(S,)](work.levels, work.sst, S, inf_arg, shift, MODE=MODE_WINDOW.value,
-                                      HAS_INF=has_inf, num_warps=cfg.select_num_warps)
+            level_select_kernel[(S,)](
+                work.levels,
+                work.sst,
+                S,
+                inf_arg,
+                shift,
+                MODE=MODE_WINDOW.value,
+                HAS_INF=has_inf,
+                num_warps=cfg.select_num_warps,
+            )
     if _debug_capture is not None:  # tests: the mode each segment took
         _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
     resolve_kernel[(S,)](
-        ttab, T, ws, work.sst, S, plan.stab, work.cand, inf_arg, eps, decay,
-        PDT=pdt, MDT=mdt, HAS_INF=has_inf, DECAY=decay_mode, FLOAT_KEY=float_key, IDXB=idxb,
-        TOP_SHIFT=top_shift, TILE=cfg.resolve_tile, THR_KNOWN=sharding is not None,
-        num_warps=cfg.select_num_warps, **window)
+        ttab,
+        T,
+        ws,
+        work.sst,
+        S,
+        plan.stab,
+        work.cand,
+        inf_arg,
+        eps,
+        decay,
+        PDT=pdt,
+        MDT=mdt,
+        HAS_INF=has_inf,
+        DECAY=decay_mode,
+        FLOAT_KEY=float_key,
+        IDXB=idxb,
+        TOP_SHIFT=top_shift,
+        TILE=cfg.resolve_tile,
+        THR_KNOWN=sharding is not None,
+        num_warps=cfg.select_num_warps,
+        **window,
+    )
 
 
 def _all_reduce(tensor: torch.Tensor, sharding: _Sharding) -> None:

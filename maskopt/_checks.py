@@ -20,8 +20,10 @@ def as_float(value: Any, name: str) -> float:
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)} "
-                             f"and dtype {value.dtype}")
+            raise ValueError(
+                f"Invalid {name}: expected a number, got a tensor of shape {tuple(value.shape)} "
+                f"and dtype {value.dtype}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}: expected a number, got {value!r} ({type(value).__name__})")
@@ -59,8 +61,10 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
         allowed: the allowed values.
     """
     allowed = tuple(allowed)
-    ok = any(value is a if isinstance(a, bool) or a is None else (not isinstance(value, bool) and value == a)
-             for a in allowed)
+    ok = any(
+        value is a if isinstance(a, bool) or a is None else (not isinstance(value, bool) and value == a)
+        for a in allowed
+    )
     if not ok:
         raise ValueError(f"Invalid {name}: {value!r}; allowed values: {', '.join(map(repr, allowed))}")
     return value
@@ -78,14 +82,19 @@ def check_int(name: str, value: Any, *, low: int | None = None, allow_none: bool
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or (low is not None and value < low)
+    ):
         allowed = "an integer" + (f" >= {low}" if low is not None else "")
         raise ValueError(f"Invalid {name}: {value!r}; allowed: {'None or ' if allow_none else ''}{allowed}")
     return int(value)
 
 
-def check_gradient(who: str, what: str, param: torch.Tensor, grad: torch.Tensor,
-                   moment: torch.Tensor | None = None) -> None:
+def check_gradient(
+    who: str, what: str, param: torch.Tensor, grad: torch.Tensor, moment: torch.Tensor | None = None
+) -> None:
     """Raise RuntimeError unless ``grad`` is a dense real gradient of ``param``'s shape and
     device, ``param`` is floating point and its first moment (if any) has its shape.
 
@@ -103,8 +112,12 @@ def check_gradient(who: str, what: str, param: torch.Tensor, grad: torch.Tensor,
     if not param.is_floating_point():
         raise RuntimeError(f"{who} needs floating-point parameters, got {param.dtype}")
     if grad.shape != param.shape or grad.device != param.device:
-        raise RuntimeError(f"{who}: the gradient of {what} has shape {tuple(grad.shape)} on {grad.device}; "
-                           f"{what} has shape {tuple(param.shape)} on {param.device}")
+        raise RuntimeError(
+            f"{who}: the gradient of {what} has shape {tuple(grad.shape)} on {grad.device}; "
+            f"{what} has shape {tuple(param.shape)} on {param.device}"
+        )
     if torch.is_tensor(moment) and moment.shape != param.shape:
-        raise RuntimeError(f"{who}: {what} has shape {tuple(param.shape)} but its optimizer state has shape "
-                           f"{tuple(moment.shape)} (was the parameter replaced?)")
+        raise RuntimeError(
+            f"{who}: {what} has shape {tuple(param.shape)} but its optimizer state has shape "
+            f"{tuple(moment.shape)} (was the parameter replaced?)"
+        )

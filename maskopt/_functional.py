@@ -39,16 +39,25 @@ def _select(
             return topk_indices_sharded(scores, shards, policy.alpha, policy.block_size)
         return topk_indices(scores, policy.alpha, policy.block_size)
     if policy.is_random:
-        keys = [_hash.stream_key(policy.seed, index, policy.hash_counter(t))
-                for index, t in zip(tensor_indices, step_values)]
+        keys = [
+            _hash.stream_key(policy.seed, index, policy.hash_counter(t))
+            for index, t in zip(tensor_indices, step_values)
+        ]
         exact = policy.kind == RANDOM_EXACT
         if sharded:
             from .distributed import random_indices_sharded
 
-            return random_indices_sharded([m.numel() for m in exp_avgs], shards, keys, policy.alpha,
-                                          exact=exact, device=exp_avgs[0].device)
-        return random_indices([m.shape for m in exp_avgs], keys, policy.alpha, exact=exact,
-                              device=exp_avgs[0].device)
+            return random_indices_sharded(
+                [m.numel() for m in exp_avgs],
+                shards,
+                keys,
+                policy.alpha,
+                exact=exact,
+                device=exp_avgs[0].device,
+            )
+        return random_indices(
+            [m.shape for m in exp_avgs], keys, policy.alpha, exact=exact, device=exp_avgs[0].device
+        )
     raise ValueError(f"unknown selection {policy.kind!r}")
 
 
@@ -119,7 +128,9 @@ def masked_adam_(
     decay = 1 - lr * weight_decay
 
     # Whole fp32 tensors: in place, op for op as AdamW's foreach path (alpha=1 == AdamW).
-    dense = [i for i, (p, idx) in enumerate(zip(params, selected)) if idx is None and p.dtype == torch.float32]
+    dense = [
+        i for i, (p, idx) in enumerate(zip(params, selected)) if idx is None and p.dtype == torch.float32
+    ]
     if dense:
         dense_params = [params[i] for i in dense]
         denoms = torch._foreach_sqrt([exp_avg_sqs[i] for i in dense])
@@ -127,7 +138,9 @@ def masked_adam_(
         torch._foreach_add_(denoms, eps)
         if weight_decay:
             torch._foreach_mul_(dense_params, decay)
-        torch._foreach_addcdiv_(dense_params, [exp_avgs[i] for i in dense], denoms, [step_sizes[i] for i in dense])
+        torch._foreach_addcdiv_(
+            dense_params, [exp_avgs[i] for i in dense], denoms, [step_sizes[i] for i in dense]
+        )
 
     # The rest: gather the selected entries, update them in fp32 with the same ops, scatter
     # them back. Unselected entries are never written, so they keep their exact bits.
@@ -142,7 +155,9 @@ def masked_adam_(
         if idx is None:
             m, v, theta = exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat.to(work)
         else:
-            m, v, theta = (x.index_select(0, idx) for x in (exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat))
+            m, v, theta = (
+                x.index_select(0, idx) for x in (exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat)
+            )
             theta = theta.to(work)
         denom = v.sqrt().div_(bias_correction2_sqrt[i]).add_(eps)
         if weight_decay and mask_weight_decay:

@@ -179,12 +179,18 @@ def order_keys(numel: int, key: int, device: torch.device | str = "cpu", start: 
     """
     # Under torch.compile the torch version (identical keys) is traced: Dynamo would turn the
     # NumPy one into uint32 torch ops that have no CPU kernels.
-    if torch.device(device).type == "cpu" and start + numel <= (1 << 32) and not torch.compiler.is_compiling():
+    if (
+        torch.device(device).type == "cpu"
+        and start + numel <= (1 << 32)
+        and not torch.compiler.is_compiling()
+    ):
         return torch.from_numpy(_order_keys_numpy(numel, key, start))
     return _order_keys_torch(numel, key, device, start)
 
 
-def _order_keys_torch(numel: int, key: int | torch.Tensor, device: torch.device | str, start: int) -> torch.Tensor:
+def _order_keys_torch(
+    numel: int, key: int | torch.Tensor, device: torch.device | str, start: int
+) -> torch.Tensor:
     """:func:`order_keys` in torch ops. ``key``: a Python int in [0, 2**32), or its 32 bits as
     a 0-d int32 tensor (a key computed on the device from a device step counter)."""
     on_device = torch.is_tensor(key)

@@ -100,8 +100,11 @@ def shard_of(param: torch.Tensor, who: str = "maskopt") -> Shard | None:
     sharded = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
     if not sharded:
         return None
-    bad = [pl for pl in placements if not isinstance(pl, (Replicate, ShardPlacement)) or
-           (isinstance(pl, ShardPlacement) and pl.dim != 0)]
+    bad = [
+        pl
+        for pl in placements
+        if not isinstance(pl, (Replicate, ShardPlacement)) or (isinstance(pl, ShardPlacement) and pl.dim != 0)
+    ]
     if bad or len(sharded) > 1:
         raise NotImplementedError(
             f"{who}: DTensor parameters with placements {tuple(placements)} are not supported; "
@@ -115,7 +118,9 @@ def shard_of(param: torch.Tensor, who: str = "maskopt") -> Shard | None:
     for size in param.shape[1:]:
         row *= size
     global_offset = offset[0] * row if len(offset) else 0
-    return Shard(numel=param.numel(), offset=int(global_offset), group=param.device_mesh.get_group(sharded[0]))
+    return Shard(
+        numel=param.numel(), offset=int(global_offset), group=param.device_mesh.get_group(sharded[0])
+    )
 
 
 def _misaligned(shard: Shard, n: int, block_size: int) -> str | None:
@@ -127,8 +132,9 @@ def _misaligned(shard: Shard, n: int, block_size: int) -> str | None:
     return None
 
 
-def check_block_alignment(shards: Sequence[tuple[torch.Tensor, Shard]], block_size: int,
-                          who: str = "maskopt") -> None:
+def check_block_alignment(
+    shards: Sequence[tuple[torch.Tensor, Shard]], block_size: int, who: str = "maskopt"
+) -> None:
     """``block_size`` blocks are selected locally, which is exact only if no block straddles
     two shards. ``shards`` holds (local tensor, its Shard) pairs. Every rank raises, or none:
     one all-reduce per process group.
@@ -150,7 +156,8 @@ def check_block_alignment(shards: Sequence[tuple[torch.Tensor, Shard]], block_si
     by_group: dict = {}
     for local_tensor, shard in shards:
         by_group.setdefault(id(shard.group), (shard.group, local_tensor.device, []))[2].append(
-            _misaligned(shard, local_tensor.numel(), block_size))
+            _misaligned(shard, local_tensor.numel(), block_size)
+        )
     for group, device, problems in by_group.values():
         here = next((x for x in problems if x), None)
         flag = torch.tensor([1 if here else 0], dtype=torch.int64, device=device)
@@ -166,6 +173,7 @@ def check_block_alignment(shards: Sequence[tuple[torch.Tensor, Shard]], block_si
 
 # ------------------------------------------------------------------------------ radix select
 
+
 def _float_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Non-negative scores (or their integer keys) -> int64 keys with the same order, NaN
     largest (selection.magnitude_keys), and their bit width: 31 for 32-bit keys, 63 for 64."""
@@ -174,8 +182,9 @@ def _float_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
     return scores.to(torch.int64), 63 if scores.dtype == torch.int64 else 31
 
 
-def _global_topk(keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int],
-                 key_bits: int) -> list[torch.Tensor]:
+def _global_topk(
+    keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int], key_bits: int
+) -> list[torch.Tensor]:
     """Sorted local flat indices of each tensor's global top-``k`` by key (lowest global
     index wins ties). All tensors share one process group; collective calls are the same
     on every rank (their number depends only on ``key_bits`` and the tensor count)."""
@@ -202,8 +211,9 @@ def _global_topk(keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequ
         # Digit of the k-th largest: counts from the top, first digit where they reach need.
         from_top = hist.flip(1).cumsum(1)
         pos = torch.searchsorted(from_top, need.unsqueeze(1)).squeeze(1).clamp(max=_BINS - 1)
-        above = torch.where(pos > 0, from_top.gather(1, (pos - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
-                            torch.zeros_like(pos))
+        above = torch.where(
+            pos > 0, from_top.gather(1, (pos - 1).clamp(min=0).unsqueeze(1)).squeeze(1), torch.zeros_like(pos)
+        )
         digit = (_BINS - 1) - pos
         need = need - above
         prefix = (prefix << width) | digit
@@ -243,8 +253,9 @@ def _by_group(shards: Sequence[Shard | None]) -> dict:
     return groups
 
 
-def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard | None], alpha: float,
-                         block_size: int | None) -> list[torch.Tensor]:
+def topk_indices_sharded(
+    scores: Sequence[torch.Tensor], shards: Sequence[Shard | None], alpha: float, block_size: int | None
+) -> list[torch.Tensor]:
     """:func:`maskopt.selection.topk_indices` for local shards: exact over each whole tensor.
 
     With ``block_size=None`` each sharded tensor's exactly ``topk_count(shard.numel, alpha)``
@@ -286,8 +297,15 @@ def topk_indices_sharded(scores: Sequence[torch.Tensor], shards: Sequence[Shard 
     return out  # type: ignore[return-value]
 
 
-def random_indices_sharded(local_numels: Sequence[int], shards: Sequence[Shard | None], keys: Sequence[int],
-                           alpha: float, *, exact: bool, device) -> list[torch.Tensor]:
+def random_indices_sharded(
+    local_numels: Sequence[int],
+    shards: Sequence[Shard | None],
+    keys: Sequence[int],
+    alpha: float,
+    *,
+    exact: bool,
+    device,
+) -> list[torch.Tensor]:
     """RandomBCD's selection on local shards: the hash of global flat indices.
 
     With ``exact=False`` every entry is decided on its own (``u(i) < threshold(alpha)`` on
@@ -315,8 +333,9 @@ def random_indices_sharded(local_numels: Sequence[int], shards: Sequence[Shard |
     out: list[torch.Tensor | None] = [None] * len(shapes)
     unsharded = [i for i, s in enumerate(shards) if s is None]
     if unsharded:
-        found = random_indices([shapes[i] for i in unsharded], [keys[i] for i in unsharded], alpha,
-                               exact=True, device=device)
+        found = random_indices(
+            [shapes[i] for i in unsharded], [keys[i] for i in unsharded], alpha, exact=True, device=device
+        )
         for i, idx in zip(unsharded, found):
             out[i] = idx
     for members in _by_group(shards).values():

@@ -57,12 +57,22 @@ def fused_by_default(param: torch.Tensor) -> bool:
     Args:
         param: a (local) parameter tensor.
     """
-    return (FUSED_BY_DEFAULT_ON_CUDA and param.is_cuda and param.dtype in FUSED_DTYPES
-            and fused_available(param.device))
+    return (
+        FUSED_BY_DEFAULT_ON_CUDA
+        and param.is_cuda
+        and param.dtype in FUSED_DTYPES
+        and fused_available(param.device)
+    )
 
 
-def use_fused(fused: bool | None, params: Sequence[torch.Tensor], policy: SelectionPolicy, sharded: bool,
-              who: str = "masked_adamw", shard_kernels: bool = False) -> bool:
+def use_fused(
+    fused: bool | None,
+    params: Sequence[torch.Tensor],
+    policy: SelectionPolicy,
+    sharded: bool,
+    who: str = "masked_adamw",
+    shard_kernels: bool = False,
+) -> bool:
     """Whether tensors take the Triton path, refusing what it cannot do.
 
     Args:
@@ -85,8 +95,10 @@ def use_fused(fused: bool | None, params: Sequence[torch.Tensor], policy: Select
         return not across_shards and all(fused_by_default(p) for p in params)
     if fused:
         if across_shards:
-            raise ValueError(f"{who}: fused=True does not support sharded tensors (FSDP2, DeepSpeed ZeRO) with "
-                             f"the {policy.kind!r} selection yet; use fused=None or fused=False")
+            raise ValueError(
+                f"{who}: fused=True does not support sharded tensors (FSDP2, DeepSpeed ZeRO) with "
+                f"the {policy.kind!r} selection yet; use fused=None or fused=False"
+            )
         if not all(fused_available(p.device) for p in params):
             raise RuntimeError(f"{who}: {FUSED_HINT}")
     return bool(fused)
@@ -170,16 +182,28 @@ def masked_adamw(
     fused = use_fused(fused, params, policy, sharded, shard_kernels=True)
     if maximize:
         grads = torch._foreach_neg(grads)
-    hyper = dict(policy=policy, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 mask_weight_decay=mask_weight_decay, grad_scale=grad_scale, found_inf=found_inf)
+    hyper = dict(
+        policy=policy,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask_weight_decay=mask_weight_decay,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     if fused:
         # whole tensors in one call, the shards of each process group in another: a call's
         # collectives run over one group, in the same order on every rank
         for run, run_shards in _shard_runs(shards, len(params)):
-            _kernels().fused_adam_step_(*([x[i] for i in run] for x in lists),
-                                        tensor_indices=[tensor_indices[i] for i in run],
-                                        shards=run_shards, **hyper)
+            _kernels().fused_adam_step_(
+                *([x[i] for i in run] for x in lists),
+                tensor_indices=[tensor_indices[i] for i in run],
+                shards=run_shards,
+                **hyper,
+            )
         return
     if foreach is False:
         runs = [[i] for i in range(len(params))]
@@ -188,10 +212,15 @@ def masked_adamw(
         # cost far more than the cache misses that small batches save. They are cut by
         # whole-tensor sizes so that every rank makes the same calls; the limit bounds the
         # temporaries (score keys, gathered entries) to a few bytes per batch entry.
-        runs = _batches([s.numel if s is not None else p.numel() for p, s in zip(params, shards)],
-                        _SHARDED_BATCH_ENTRIES)
+        runs = _batches(
+            [s.numel if s is not None else p.numel() for p, s in zip(params, shards)], _SHARDED_BATCH_ENTRIES
+        )
     else:
         runs = _batches([p.numel() for p in params], _BATCH_ENTRIES)
     for run in runs:
-        masked_adam_(*([x[i] for i in run] for x in lists), tensor_indices=[tensor_indices[i] for i in run],
-                     shards=None if shards is None else [shards[i] for i in run], **hyper)
+        masked_adam_(
+            *([x[i] for i in run] for x in lists),
+            tensor_indices=[tensor_indices[i] for i in run],
+            shards=None if shards is None else [shards[i] for i in run],
+            **hyper,
+        )

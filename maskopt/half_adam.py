@@ -108,13 +108,24 @@ class HalfAdam(MaskedAdam):
         # Planner options live on the optimizer, not in param_groups: a callable `classify`
         # would stop the state dict from loading with torch.load(weights_only=True).
         self._plan_options = hft.check_plan_options(
-            classify=classify, layers=layers, freeze_non_layer=freeze_non_layer, balance=balance)
+            classify=classify, layers=layers, freeze_non_layer=freeze_non_layer, balance=balance
+        )
         self._built = False
         self._mode: dict[torch.Tensor, str] = {}
         self._kept_frozen: set[torch.Tensor] = set()
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, ratio=ratio, strategy=strategy,
-            seed=seed, freeze=freeze, round=round, foreach=foreach, fused=fused, maximize=maximize,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            ratio=ratio,
+            strategy=strategy,
+            seed=seed,
+            freeze=freeze,
+            round=round,
+            foreach=foreach,
+            fused=fused,
+            maximize=maximize,
             moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
@@ -225,14 +236,25 @@ class HalfAdam(MaskedAdam):
 
     def _draw(self, settings: Mapping[str, Any]) -> tuple[dict[torch.Tensor, str], Any]:
         """Which tensors train (and how) for the round and options in ``settings``; changes nothing."""
-        ratio, strategy, seed, rnd = float(settings["ratio"]), settings["strategy"], int(settings["seed"]), int(settings["round"])
+        ratio, strategy, seed, rnd = (
+            float(settings["ratio"]),
+            settings["strategy"],
+            int(settings["seed"]),
+            int(settings["round"]),
+        )
         params = self._param_list()
         mode: dict[torch.Tensor, str] = {}
         plan = None
         if all("param_names" in g for g in self.param_groups):
             names = [n for g in self.param_groups for n in g["param_names"]]
-            plan = hft.plan_half(list(zip(names, params)), ratio=ratio, strategy=strategy, seed=seed, round=rnd,
-                                 **self._plan_options)
+            plan = hft.plan_half(
+                list(zip(names, params)),
+                ratio=ratio,
+                strategy=strategy,
+                seed=seed,
+                round=rnd,
+                **self._plan_options,
+            )
             kept = {n for n, p in zip(names, params) if p in self._kept_frozen}
             if kept:
                 plan = plan.without(kept)

@@ -48,8 +48,10 @@ def _lower_triangle(R: Any, t: int | None, higher_is_better: bool) -> tuple[list
     try:
         rows = [list(row) for row in R]
     except TypeError:
-        raise ValueError("R must be a 2-D matrix: a sequence of rows, R[i][j] = performance "
-                         "on task j after training task i") from None
+        raise ValueError(
+            "R must be a 2-D matrix: a sequence of rows, R[i][j] = performance "
+            "on task j after training task i"
+        ) from None
     T = len(rows)
     if T == 0:
         raise ValueError("R must have at least one row (one trained task)")
@@ -70,8 +72,10 @@ def _lower_triangle(R: Any, t: int | None, higher_is_better: bool) -> tuple[list
     for i in range(t):
         row = rows[i]
         if len(row) < i + 1:
-            raise ValueError(f"R[{i}] has {len(row)} entries; it needs at least {i + 1} "
-                             f"(performance on tasks 0..{i} after training task {i})")
+            raise ValueError(
+                f"R[{i}] has {len(row)} entries; it needs at least {i + 1} "
+                f"(performance on tasks 0..{i} after training task {i})"
+            )
         vals = []
         for j in range(i + 1):
             x = row[j]
@@ -120,8 +124,9 @@ def overall_performance(R: Any, t: int | None = None, *, higher_is_better: bool 
     return sum(last) / t
 
 
-def backward_transfer(R: Any, t: int | None = None, *, convention: str = "mofo",
-                      higher_is_better: bool = True) -> float:
+def backward_transfer(
+    R: Any, t: int | None = None, *, convention: str = "mofo", higher_is_better: bool = True
+) -> float:
     """Backward Transfer after the first ``t`` tasks (default: all rows of ``R``).
 
     Sum of ``R[t-1][i] - R[i][i]`` over the earlier tasks ``i < t-1`` (0-based): how much the
@@ -164,8 +169,10 @@ def backward_transfer(R: Any, t: int | None = None, *, convention: str = "mofo",
     if convention == "hft":
         return total / t
     if t < 2:
-        raise ValueError("BWT with convention='mofo' divides by t-1 and needs t >= 2 tasks "
-                         "(use convention='hft' for BWT_1 = 0)")
+        raise ValueError(
+            "BWT with convention='mofo' divides by t-1 and needs t >= 2 tasks "
+            "(use convention='hft' for BWT_1 = 0)"
+        )
     return total / (t - 1)
 
 

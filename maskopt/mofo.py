@@ -78,9 +78,18 @@ class MoFO(MaskedAdam):
         moment_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, filter=filter,
-            mask_weight_decay=mask_weight_decay, block_size=block_size, foreach=foreach, fused=fused,
-            maximize=maximize, moment_dtype=moment_dtype,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            alpha=alpha,
+            filter=filter,
+            mask_weight_decay=mask_weight_decay,
+            block_size=block_size,
+            foreach=foreach,
+            fused=fused,
+            maximize=maximize,
+            moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)
 

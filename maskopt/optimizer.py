@@ -22,10 +22,10 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed, zero
-from ._checks import as_float as _as_float, check_choice, check_gradient, check_int, check_range  # noqa: F401 (re-exported)
+from ._checks import as_float as _as_float  # noqa: F401 (re-exported)
+from ._checks import check_choice, check_gradient, check_int, check_range
 from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw, use_fused
 from .policy import SelectionPolicy
-
 
 # DeepSpeed ZeRO (stages 1-3) puts flat fp32 partitions of many tensors into the client
 # optimizer's param_groups; maskopt.zero maps them back to the tensors. Anything else in their
@@ -69,14 +69,22 @@ def _check_adamw_keys(group: dict[str, Any]) -> None:
     ``capturable`` changes no result, and torch.compile sets it on an optimizer it traces,
     so it is left alone."""
     if group.get("amsgrad", False) is not False:
-        raise ValueError(f"Invalid amsgrad: {group['amsgrad']!r}; allowed values: False "
-                         "(maskopt's optimizers have no AMSGrad variant)")
+        raise ValueError(
+            f"Invalid amsgrad: {group['amsgrad']!r}; allowed values: False "
+            "(maskopt's optimizers have no AMSGrad variant)"
+        )
     if group.get("differentiable", False) is not False:
-        raise ValueError(f"Invalid differentiable: {group['differentiable']!r}; allowed values: False "
-                         "(a maskopt step is not differentiable)")
-    if group.get("decoupled_weight_decay", True) is not True and _as_float(group.get("weight_decay", 0), "weight_decay"):
-        raise ValueError("Invalid decoupled_weight_decay: False with weight_decay != 0; allowed values: True "
-                         "(maskopt's weight decay is AdamW's decoupled decay, not Adam's L2 penalty)")
+        raise ValueError(
+            f"Invalid differentiable: {group['differentiable']!r}; allowed values: False "
+            "(a maskopt step is not differentiable)"
+        )
+    if group.get("decoupled_weight_decay", True) is not True and _as_float(
+        group.get("weight_decay", 0), "weight_decay"
+    ):
+        raise ValueError(
+            "Invalid decoupled_weight_decay: False with weight_decay != 0; allowed values: True "
+            "(maskopt's weight decay is AdamW's decoupled decay, not Adam's L2 penalty)"
+        )
 
 
 # -- a planned step ------------------------------------------------------------------------------
@@ -118,7 +126,9 @@ class MaskedAdam(Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     if not fused_available(p.device):
-                        raise RuntimeError(f"{type(self).__name__}: {FUSED_HINT}; got a parameter on {p.device}")
+                        raise RuntimeError(
+                            f"{type(self).__name__}: {FUSED_HINT}; got a parameter on {p.device}"
+                        )
         # GradScaler hands grad_scale/found_inf to a step that can take them (the fused path)
         # instead of unscaling the gradients itself; the PyTorch path honours them as well.
         params = [p for g in self.param_groups for p in g["params"]]
@@ -173,7 +183,11 @@ class MaskedAdam(Optimizer):
         # load_state_dict comes here with new group dicts in the old ones' order; under DeepSpeed
         # ZeRO their "params" are flat partitions, so the built tensors carry over by position.
         old_groups = self.__dict__.get("param_groups")
-        built = [self._built_params(g) for g in old_groups] if old_groups and "_built_groups" in self.__dict__ else None
+        built = (
+            [self._built_params(g) for g in old_groups]
+            if old_groups and "_built_groups" in self.__dict__
+            else None
+        )
         super().__setstate__(state)
         if built is None or len(built) != len(self.param_groups):
             built = [list(g["params"]) for g in self.param_groups]
@@ -187,7 +201,9 @@ class MaskedAdam(Optimizer):
 
     # -- selection (subclasses) ---------------------------------------------------------------
 
-    def selection_policy(self, param: torch.Tensor, group: dict[str, Any] | None = None) -> SelectionPolicy | None:
+    def selection_policy(
+        self, param: torch.Tensor, group: dict[str, Any] | None = None
+    ) -> SelectionPolicy | None:
         """Which entries of ``param`` move in this step (None: the tensor is left untouched).
 
         Args:
@@ -252,8 +268,9 @@ class MaskedAdam(Optimizer):
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             found = len(groups) if isinstance(groups, list) else groups
-            raise ValueError(f"Invalid state_dict: it has {found} param groups, the optimizer has "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"Invalid state_dict: it has {found} param groups, the optimizer has {len(self.param_groups)}"
+            )
         self._check_groups([self._with_defaults(g) for g in groups])
         params = [p for group in self.param_groups for p in group["params"]]
         ids = [pid for group in groups for pid in group["params"]]
@@ -262,8 +279,10 @@ class MaskedAdam(Optimizer):
                 if key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(value):
                     shapes = {tuple(param.shape), tuple(distributed.local(param).shape)}
                     if tuple(value.shape) not in shapes:
-                        raise ValueError(f"Invalid state_dict: state[{pid!r}][{key!r}] has shape "
-                                         f"{tuple(value.shape)}, its parameter has {tuple(param.shape)}")
+                        raise ValueError(
+                            f"Invalid state_dict: state[{pid!r}][{key!r}] has shape "
+                            f"{tuple(value.shape)}, its parameter has {tuple(param.shape)}"
+                        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_state_dict(state_dict)
@@ -276,8 +295,11 @@ class MaskedAdam(Optimizer):
         # that a state dict taken from a live optimizer shares no tensor with it.
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         saved = {
-            pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
-                  if k in ("exp_avg", "exp_avg_sq", "step") and torch.is_tensor(v) and v.is_floating_point()}
+            pid: {
+                k: v
+                for k, v in state_dict["state"].get(pid, {}).items()
+                if k in ("exp_avg", "exp_avg_sq", "step") and torch.is_tensor(v) and v.is_floating_point()
+            }
             for pid in ids
         }
         super().load_state_dict(state_dict)
@@ -287,8 +309,9 @@ class MaskedAdam(Optimizer):
                 if key == "step":
                     self.state[param][key] = value.clone()
                 else:
-                    self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param, group),
-                                                      copy=True)
+                    self.state[param][key] = value.to(
+                        device=param.device, dtype=moment_dtype(param, group), copy=True
+                    )
 
     # -- step -----------------------------------------------------------------------------------
 
@@ -335,13 +358,24 @@ class MaskedAdam(Optimizer):
                 if policy is None:
                     continue
                 state = self.state.get(p)
-                check_gradient(name, f"parameter {self.tensor_index(p)}", p, p.grad,
-                               state.get("exp_avg") if state else None)
+                check_gradient(
+                    name,
+                    f"parameter {self.tensor_index(p)}",
+                    p,
+                    p.grad,
+                    state.get("exp_avg") if state else None,
+                )
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
                 if shard is not None and policy.block_size and policy.is_topk:
                     blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
-                fused = use_fused(group.get("fused"), [distributed.local(p)], policy, shard is not None, name,
-                                  shard_kernels=True)
+                fused = use_fused(
+                    group.get("fused"),
+                    [distributed.local(p)],
+                    policy,
+                    shard is not None,
+                    name,
+                    shard_kernels=True,
+                )
                 bucket = by_policy.setdefault(policy, _Bucket(group, policy))
                 bucket.fused = bucket.fused and fused  # the Triton path only if every tensor can take it
                 bucket.params.append(p)
@@ -364,16 +398,26 @@ class MaskedAdam(Optimizer):
             # FSDP2 / DTensor: the math runs on the local shards; a selection that needs the
             # whole tensor (top-k, the hash's global indices) is computed across the shards.
             params, grads, exp_avgs, exp_avg_sqs = (
-                [distributed.local(x) for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs))
+                [distributed.local(x) for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs)
+            )
         if bucket.fused:
             # the fused path keeps the step counters on the device
             for s, p in zip(states, params):
                 if s["step"].device != p.device:
                     s["step"] = s["step"].to(p.device)
         masked_adamw(
-            params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], policy=bucket.policy,
-            tensor_indices=bucket.indices, grad_scale=grad_scale, found_inf=found_inf, shards=shards,
-            fused=bucket.fused, **adamw_options(group),
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [s["step"] for s in states],
+            policy=bucket.policy,
+            tensor_indices=bucket.indices,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            shards=shards,
+            fused=bucket.fused,
+            **adamw_options(group),
         )
 
 
@@ -386,7 +430,13 @@ def adamw_options(group: dict[str, Any]) -> dict[str, Any]:
         group: a param group whose values ``_check_group`` accepted.
     """
     beta1, beta2 = (_as_float(b, "betas") for b in group["betas"])
-    return dict(lr=_as_float(group["lr"], "lr"), beta1=beta1, beta2=beta2, eps=_as_float(group["eps"], "eps"),
-                weight_decay=_as_float(group["weight_decay"], "weight_decay"),
-                mask_weight_decay=group.get("mask_weight_decay", True), maximize=group.get("maximize", False),
-                foreach=group.get("foreach"))
+    return dict(
+        lr=_as_float(group["lr"], "lr"),
+        beta1=beta1,
+        beta2=beta2,
+        eps=_as_float(group["eps"], "eps"),
+        weight_decay=_as_float(group["weight_decay"], "weight_decay"),
+        mask_weight_decay=group.get("mask_weight_decay", True),
+        maximize=group.get("maximize", False),
+        foreach=group.get("foreach"),
+    )

@@ -41,7 +41,9 @@ class SelectionPolicy:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"Invalid kind: {self.kind!r}; allowed values (maskopt.selection.KINDS): {', '.join(map(repr, KINDS))}")
+            raise ValueError(
+                f"Invalid kind: {self.kind!r}; allowed values (maskopt.selection.KINDS): {', '.join(map(repr, KINDS))}"
+            )
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"Invalid alpha: {self.alpha!r}; allowed: 0 < alpha <= 1")
         if self.block_size is not None and self.block_size < 1:
@@ -95,8 +97,9 @@ class SelectionPolicy:
 _SHARED: dict[tuple, SelectionPolicy] = {}
 
 
-def cached_policy(kind: str, alpha: float = 1.0, block_size: int | None = None, seed: int = 0,
-                  counter: int | None = None) -> SelectionPolicy:
+def cached_policy(
+    kind: str, alpha: float = 1.0, block_size: int | None = None, seed: int = 0, counter: int | None = None
+) -> SelectionPolicy:
     """A shared :class:`SelectionPolicy` (they are immutable): optimizers ask for one per
     tensor per step, and this keeps that to a dictionary lookup. (A plain dict rather than
     functools.lru_cache, which torch.compile warns about when it traces a step.)

@@ -61,8 +61,17 @@ class RandomBCD(MaskedAdam):
         moment_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha, seed=seed, exact=exact,
-            mask_weight_decay=mask_weight_decay, foreach=foreach, fused=fused, maximize=maximize,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            alpha=alpha,
+            seed=seed,
+            exact=exact,
+            mask_weight_decay=mask_weight_decay,
+            foreach=foreach,
+            fused=fused,
+            maximize=maximize,
             moment_dtype=moment_dtype,
         )
         super().__init__(params, defaults)

@@ -182,8 +182,16 @@ def reference_step(
         v = state["exp_avg_sq"] = v.to(moment_dtype).to(dtype)
 
     counter = t if hash_counter is None else hash_counter
-    mask = select(selection, m, g64, alpha=alpha, block_size=block_size, seed=seed,
-                  tensor_index=tensor_index, counter=counter).view(p.shape)
+    mask = select(
+        selection,
+        m,
+        g64,
+        alpha=alpha,
+        block_size=block_size,
+        seed=seed,
+        tensor_index=tensor_index,
+        counter=counter,
+    ).view(p.shape)
 
     theta = p.detach().to("cpu", dtype)
     decayed = theta * (1 - lr * weight_decay)

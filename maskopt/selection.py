@@ -101,7 +101,9 @@ def _kth_largest_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= length:
         return torch.ones_like(scores, dtype=torch.bool)
     if scores.device.type == "cpu":
-        kth = torch.from_numpy(np.partition(scores.numpy(), length - k, axis=1)[:, length - k : length - k + 1])
+        kth = torch.from_numpy(
+            np.partition(scores.numpy(), length - k, axis=1)[:, length - k : length - k + 1]
+        )
     else:  # CUDA's kthvalue runs one block per row: topk's radix select is far faster there
         kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     return _keep_top(scores, kth, k)
@@ -236,14 +238,20 @@ def topk_indices(
             full = n // block
             for start, length, rows in ((0, block, full), (full * block, n - full * block, 1)):
                 if rows and length:
-                    by_length[length].append((t, len(parts), start, flat[start : start + rows * length].view(rows, length)))
+                    by_length[length].append(
+                        (t, len(parts), start, flat[start : start + rows * length].view(rows, length))
+                    )
                     parts.append(None)
         pieces.append(parts)
 
     for length, members in by_length.items():
         k = topk_count(length, alpha)
         if length >= _LONG_ROW:
-            jobs = [(t, slot, start + r * length, row) for t, slot, start, rows in members for r, row in enumerate(rows)]
+            jobs = [
+                (t, slot, start + r * length, row)
+                for t, slot, start, rows in members
+                for r, row in enumerate(rows)
+            ]
             found = _map_rows(lambda job: _top_k_long(job[3], k) + job[2], jobs)
             for (t, slot, _, _), idx in zip(jobs, found):
                 pieces[t][slot] = idx if pieces[t][slot] is None else torch.cat([pieces[t][slot], idx])
@@ -325,8 +333,10 @@ def random_indices(
         own first entry (not from ``starts[t]``).
     """
     starts = starts if starts is not None else [0] * len(shapes)
-    keyed = [_hash.order_keys(math.prod(shape), key, device, start=start)
-             for shape, key, start in zip(shapes, keys, starts)]
+    keyed = [
+        _hash.order_keys(math.prod(shape), key, device, start=start)
+        for shape, key, start in zip(shapes, keys, starts)
+    ]
     if exact:
         return topk_indices(keyed, alpha)
     limit = _hash.signed_threshold(alpha)

@@ -203,13 +203,16 @@ class UpdateTelemetry:
             if params and not any(p in self._given_names for p in params):
                 raise ValueError(
                     "named_parameters: none of these tensors is in the optimizer's param_groups; pass "
-                    "model.named_parameters() of the model the optimizer was built for (or None)")
+                    "model.named_parameters() of the model the optimizer was built for (or None)"
+                )
         self.track_distance = bool(track_distance)
         try:
             self.reference_device = None if reference_device is None else torch.device(reference_device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"Invalid reference_device: {reference_device!r}; allowed: None (each "
-                             f"parameter's own device) or a torch device such as 'cpu' ({err})") from None
+            raise ValueError(
+                f"Invalid reference_device: {reference_device!r}; allowed: None (each "
+                f"parameter's own device) or a torch device such as 'cpu' ({err})"
+            ) from None
         self.steps = 0  # optimizer steps recorded so far
         self._records: list[Any] | None = None  # the last step, as recorded by the hook
         self._keep: torch.Tensor | None = None  # GradScaler's "step not skipped", when it was passed
@@ -262,7 +265,9 @@ class UpdateTelemetry:
         records: list[Any] = []
         device_counters: dict[torch.device, list[tuple[_HashMask, torch.Tensor]]] = {}
         for group in opt.param_groups:
-            decays_all = masked and group.get("mask_weight_decay", True) is False and group.get("weight_decay", 0) != 0
+            decays_all = (
+                masked and group.get("mask_weight_decay", True) is False and group.get("weight_decay", 0) != 0
+            )
             for p in group["params"]:
                 n = p.numel()
                 if p.grad is None:
@@ -291,7 +296,9 @@ class UpdateTelemetry:
                     mask.counter = counter
                     records.append(mask)
                 else:
-                    warnings.warn(f"UpdateTelemetry: unknown selection kind {policy.kind!r}; counted as unknown")
+                    warnings.warn(
+                        f"UpdateTelemetry: unknown selection kind {policy.kind!r}; counted as unknown"
+                    )
                     records.append(None)
         # Device step counters (the fused path) move on in place each step: one stacked
         # copy per device keeps this step's values.
@@ -315,8 +322,12 @@ class UpdateTelemetry:
             counts = [r.count() if isinstance(r, _HashMask) else r for r in self._records]
             if self._keep is not None:
                 keep = self._keep
-                counts = [None if c is None else keep.to(torch.int64) * (c.to(keep.device) if torch.is_tensor(c) else c)
-                          for c in counts]
+                counts = [
+                    None
+                    if c is None
+                    else keep.to(torch.int64) * (c.to(keep.device) if torch.is_tensor(c) else c)
+                    for c in counts
+                ]
             self._counts = counts
         return self._counts
 
@@ -365,7 +376,9 @@ class UpdateTelemetry:
                 pairs = [(theta, ref)]  # (tensor subclasses such as DTensor take this path)
             else:
                 flat, flat_ref = theta.reshape(-1), ref.reshape(-1)
-                pairs = [(flat[s:s + _CHUNK], flat_ref[s:s + _CHUNK]) for s in range(0, flat.numel(), _CHUNK)]
+                pairs = [
+                    (flat[s : s + _CHUNK], flat_ref[s : s + _CHUNK]) for s in range(0, flat.numel(), _CHUNK)
+                ]
             sq = moved = None
             for a, b in pairs:
                 if b.device != a.device:
@@ -434,12 +447,18 @@ class UpdateTelemetry:
                 out["changed_fraction"] = _sum(changed) / total_numel
             if per_tensor:
                 out.update({f"distance/{n}": sq.sqrt() for n, sq in zip(self.names, squares)})
-                out.update({f"changed_fraction/{n}": c / self.numel[n]
-                            for n, c in zip(self.names, changed) if self.numel[n]})
+                out.update(
+                    {
+                        f"changed_fraction/{n}": c / self.numel[n]
+                        for n, c in zip(self.names, changed)
+                        if self.numel[n]
+                    }
+                )
         return out
 
-    def as_dict(self, sync: bool = True, per_tensor: bool = False, distance: bool = True,
-                prefix: str = "") -> dict[str, Any]:
+    def as_dict(
+        self, sync: bool = True, per_tensor: bool = False, distance: bool = True, prefix: str = ""
+    ) -> dict[str, Any]:
         """:meth:`summary` with ``prefix`` on every key; ``sync=True`` makes every value a
         Python float (one device-to-host copy per device), ``sync=False`` leaves tensors.
 
@@ -475,8 +494,10 @@ class UpdateTelemetry:
         self.remove()
 
     def __repr__(self) -> str:
-        return (f"UpdateTelemetry({type(self.optimizer).__name__}, tensors={len(self._params)}, "
-                f"steps={self.steps}, track_distance={self._reference is not None})")
+        return (
+            f"UpdateTelemetry({type(self.optimizer).__name__}, tensors={len(self._params)}, "
+            f"steps={self.steps}, track_distance={self._reference is not None})"
+        )
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------
@@ -501,8 +522,14 @@ def _make_callback_class():
         :meth:`add_to` to put it first. ``trainer.state.log_history`` gets them either way.
         """
 
-        def __init__(self, *, per_tensor: bool = False, track_distance: bool = False,
-                     reference_device: torch.device | str | None = None, prefix: str = "maskopt/") -> None:
+        def __init__(
+            self,
+            *,
+            per_tensor: bool = False,
+            track_distance: bool = False,
+            reference_device: torch.device | str | None = None,
+            prefix: str = "maskopt/",
+        ) -> None:
             self.per_tensor = per_tensor
             self.track_distance = track_distance
             self.reference_device = reference_device
@@ -529,8 +556,9 @@ def _make_callback_class():
                 t.remove()
             model = kwargs.get("model")
             named = model.named_parameters() if isinstance(model, torch.nn.Module) else None
-            self.telemetry = UpdateTelemetry(inner, named, track_distance=self.track_distance,
-                                             reference_device=self.reference_device)
+            self.telemetry = UpdateTelemetry(
+                inner, named, track_distance=self.track_distance, reference_device=self.reference_device
+            )
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._attach(kwargs)

@@ -68,7 +68,9 @@ class Fragment:
 
 
 def _zero3_optimizer(params: Sequence[torch.Tensor]):
-    return next((p._z3_optimizer for p in params if hasattr(p, "ds_id") and hasattr(p, "_z3_optimizer")), None)
+    return next(
+        (p._z3_optimizer for p in params if hasattr(p, "ds_id") and hasattr(p, "_z3_optimizer")), None
+    )
 
 
 def _in_partition(p: torch.Tensor, z3) -> bool:
@@ -93,10 +95,18 @@ def _zero12_fragments(flat: torch.Tensor, built: Sequence[torch.Tensor]) -> list
             out.append(Fragment(p, 0, 0, distributed.Shard(p.numel(), 0, p._dp_group)))
             continue
         hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-        if (not _same_storage(mapping.hp_fragment, flat) or hp.numel != lp.numel
-                or hp.start + hp.numel > flat.numel() or lp.start + lp.numel > p.numel()):
+        if (
+            not _same_storage(mapping.hp_fragment, flat)
+            or hp.numel != lp.numel
+            or hp.start + hp.numel > flat.numel()
+            or lp.start + lp.numel > p.numel()
+        ):
             return None
-        out.append(Fragment(p, int(hp.start), int(hp.numel), distributed.Shard(p.numel(), int(lp.start), p._dp_group)))
+        out.append(
+            Fragment(
+                p, int(hp.start), int(hp.numel), distributed.Shard(p.numel(), int(lp.start), p._dp_group)
+            )
+        )
     return out
 
 
@@ -196,17 +206,29 @@ class ZeroStep:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for flat, frag in bucket.entries:
                 state = states[flat]
-                for out, whole in zip((params, grads, exp_avgs, exp_avg_sqs),
-                                      (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"])):
+                for out, whole in zip(
+                    (params, grads, exp_avgs, exp_avg_sqs),
+                    (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"]),
+                ):
                     out.append(whole.narrow(0, frag.start, frag.numel))
                 # One counter per partition: each fragment advances a copy of it, and the
                 # partition keeps the result (unchanged when GradScaler skips the step).
                 device = flat.device if bucket.fused else state["step"].device
                 steps.append(state["step"].to(device, copy=True))
-            masked_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, policy=bucket.policy,
-                         tensor_indices=[opt.tensor_index(f.param) for _, f in bucket.entries],
-                         grad_scale=grad_scale, found_inf=found_inf, shards=[f.shard for _, f in bucket.entries],
-                         fused=bucket.fused, **self.options)
+            masked_adamw(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                policy=bucket.policy,
+                tensor_indices=[opt.tensor_index(f.param) for _, f in bucket.entries],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                shards=[f.shard for _, f in bucket.entries],
+                fused=bucket.fused,
+                **self.options,
+            )
             for (flat, _), step in zip(bucket.entries, steps):
                 stepped[flat] = step
         for flat, step in stepped.items():
@@ -255,15 +277,16 @@ def plan_partitions(optimizer, group: dict[str, Any], options: dict[str, Any]) -
     z3 = _zero3_optimizer(built)
     for p in built:
         numel = p.ds_numel if hasattr(p, "ds_id") else p.numel()
-        if (p.requires_grad and numel and not _in_partition(p, z3)
-                and optimizer._policy(group, p) is not None):
+        if p.requires_grad and numel and not _in_partition(p, z3) and optimizer._policy(group, p) is not None:
             raise _not_partitioned(who, optimizer.tensor_index(p), p)
     step = ZeroStep(optimizer, group, options)
     blocked: dict[int, list] = {}
     for flat, frags in found:
         if flat.grad is None:
             continue
-        check_gradient(who, "a DeepSpeed ZeRO partition", flat, flat.grad, optimizer.state.get(flat, {}).get("exp_avg"))
+        check_gradient(
+            who, "a DeepSpeed ZeRO partition", flat, flat.grad, optimizer.state.get(flat, {}).get("exp_avg")
+        )
         step.flats.append((flat, built))
         for frag in frags:
             # As in one process, where a tensor without a gradient is not stepped.
@@ -276,7 +299,9 @@ def plan_partitions(optimizer, group: dict[str, Any], options: dict[str, Any]) -
                 bucket = step.buckets[policy] = _FragmentBucket(policy, fused)
             bucket.entries.append((flat, frag))
             if policy.block_size and policy.is_topk:
-                blocked.setdefault(policy.block_size, []).append((flat.narrow(0, frag.start, frag.numel), frag.shard))
+                blocked.setdefault(policy.block_size, []).append(
+                    (flat.narrow(0, frag.start, frag.numel), frag.shard)
+                )
     for block_size, pairs in sorted(blocked.items()):
         distributed.check_block_alignment(pairs, block_size, f"{who} (DeepSpeed ZeRO)")
     return step

@@ -115,51 +115,110 @@ def _causal(config, seed=0):
 
 def tiny_llama(layers=4, kv_heads=4, *, seed=0, vocab=96, hidden=32, intermediate=64, **config):
     """``LlamaForCausalLM``; ``config``: further ``LlamaConfig`` fields (token ids, ...)."""
-    return _causal(_transformers().LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv_heads, **config), seed)
+    return _causal(
+        _transformers().LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            **config,
+        ),
+        seed,
+    )
 
 
 def tiny_qwen2(layers=4):
-    return _causal(_transformers().Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2))
+    return _causal(
+        _transformers().Qwen2Config(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def tiny_mistral(layers=4):
-    return _causal(_transformers().MistralConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=1))
+    return _causal(
+        _transformers().MistralConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+        )
+    )
 
 
 def tiny_gpt2(layers=4):
-    return _causal(_transformers().GPT2Config(
-        vocab_size=96, n_embd=32, n_layer=layers, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0))
+    return _causal(
+        _transformers().GPT2Config(
+            vocab_size=96, n_embd=32, n_layer=layers, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    )
 
 
 def tiny_neox(layers=4):
-    return _causal(_transformers().GPTNeoXConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4))
+    return _causal(
+        _transformers().GPTNeoXConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+        )
+    )
 
 
 def tiny_bert(layers=3):
     transformers = _transformers()
     torch.manual_seed(0)
-    return transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4))
+    return transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+        )
+    )
 
 
 def tiny_mixtral(layers=4):
-    return _causal(_transformers().MixtralConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+    return _causal(
+        _transformers().MixtralConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
 
 
 def tiny_qwen2_moe(layers=4):
-    return _causal(_transformers().Qwen2MoeConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=4, num_experts_per_tok=2))
+    return _causal(
+        _transformers().Qwen2MoeConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
 
 
 def causal_lm_ids():

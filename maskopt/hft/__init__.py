@@ -65,19 +65,20 @@ Where each concept lives:
 from __future__ import annotations
 
 from .apply import freeze_half, half_reset, unfreeze
-from .categories import HFTClassificationError
-from .checks import BALANCES, CATEGORIES, FREEZE_MODES, STRATEGIES
-from .plan import HalfPlan, find_layer_stacks, plan_half
-from .strategies import entry_mask
-from .units import Unit
 
 # Importable from maskopt.hft though not in __all__: the classify() results and hook type and
 # the unit key rule, which callers use to write classify hooks; and what HalfAdam shares with
 # the planner (its option checks and the generator of its unnamed fallback).
-from .categories import ClassifyHook  # noqa: F401
-from .checks import FREEZE, KEEP, check_plan_options  # noqa: F401
+from .categories import (
+    ClassifyHook,  # noqa: F401
+    HFTClassificationError,
+)
+from .checks import BALANCES, CATEGORIES, FREEZE, FREEZE_MODES, KEEP, STRATEGIES, check_plan_options  # noqa: F401
 from .names import unit_key  # noqa: F401
+from .plan import HalfPlan, find_layer_stacks, plan_half
 from .rng import CounterRng  # noqa: F401
+from .strategies import entry_mask
+from .units import Unit
 
 __all__ = [
     "CATEGORIES",

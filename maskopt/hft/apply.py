@@ -32,7 +32,10 @@ def _zero_frozen_entries(mask: torch.Tensor):
 
 
 def apply_plan(
-    plan: HalfPlan, model: nn.Module, freeze: str = "requires_grad", optimizer: torch.optim.Optimizer | None = None
+    plan: HalfPlan,
+    model: nn.Module,
+    freeze: str = "requires_grad",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> HalfPlan:
     """Make ``model`` train only ``plan``'s selection; see :meth:`HalfPlan.apply`.
 
@@ -46,11 +49,15 @@ def apply_plan(
     """
     check_freeze(freeze)
     if freeze == "mask" and optimizer is None:
-        raise ValueError("freeze='mask' leaves requires_grad alone, so it needs optimizer= to skip the frozen tensors")
+        raise ValueError(
+            "freeze='mask' leaves requires_grad alone, so it needs optimizer= to skip the frozen tensors"
+        )
     params = dict(model.named_parameters())
     missing = [n for n in plan.names if n not in params]
     if missing:
-        raise ValueError(f"the plan names parameters the model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"the plan names parameters the model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     _remove_hooks(model)
     handles: list[Any] = []
     for name in plan.names:
@@ -116,8 +123,17 @@ def freeze_half(
         freeze: ``"requires_grad"`` (default) or ``"mask"`` (needs ``optimizer``).
         optimizer: the optimizer to hook; default None.
     """
-    plan = plan_half(model, ratio, strategy, seed, round, freeze_non_layer=freeze_non_layer,
-                     classify=classify, layers=layers, balance=balance)
+    plan = plan_half(
+        model,
+        ratio,
+        strategy,
+        seed,
+        round,
+        freeze_non_layer=freeze_non_layer,
+        classify=classify,
+        layers=layers,
+        balance=balance,
+    )
     return plan.apply(model, freeze=freeze, optimizer=optimizer)
 
 
@@ -155,7 +171,9 @@ def half_reset(
     if plan is None:
         plan = plan_half(finetuned, **plan_kwargs)
     elif plan_kwargs:
-        raise ValueError(f"half_reset: pass either plan= or plan options, not both (got {sorted(plan_kwargs)})")
+        raise ValueError(
+            f"half_reset: pass either plan= or plan options, not both (got {sorted(plan_kwargs)})"
+        )
     source = pretrained.state_dict() if isinstance(pretrained, nn.Module) else pretrained
     params = dict(finetuned.named_parameters())
     with torch.no_grad():
@@ -166,8 +184,10 @@ def half_reset(
                 raise KeyError(f"half_reset: the pre-trained weights have no {name!r}")
             dst, src = params[name], source[name]
             if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"half_reset: {name!r} has shape {tuple(dst.shape)} but the pre-trained "
-                                 f"tensor has {tuple(src.shape)}")
+                raise ValueError(
+                    f"half_reset: {name!r} has shape {tuple(dst.shape)} but the pre-trained "
+                    f"tensor has {tuple(src.shape)}"
+                )
             src = src.to(device=dst.device, dtype=dst.dtype)
             if name in plan.entry_masked:
                 keep = plan.entry_mask(name, dst)

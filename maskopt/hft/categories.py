@@ -15,8 +15,16 @@ from torch import nn
 
 from .names import stack_of, unit_key
 
-__all__ = ["ClassifyHook", "HFTClassificationError", "is_norm_token", "is_norm_name", "builtin_category",
-           "expert_id", "as_classify_hook", "unknown_units_message"]
+__all__ = [
+    "ClassifyHook",
+    "HFTClassificationError",
+    "is_norm_token",
+    "is_norm_name",
+    "builtin_category",
+    "expert_id",
+    "as_classify_hook",
+    "unknown_units_message",
+]
 
 ClassifyHook = Callable[[str, "nn.Module | None"], "str | None"]
 
@@ -30,18 +38,60 @@ class HFTClassificationError(ValueError):
 
 
 _ATTN_EXACT = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "qkv", "query_key_value", "query", "key", "value",
-    "wq", "wk", "wv", "wqkv", "in_proj", "out_proj", "c_attn", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-    "kv_b_proj", "sinks",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "qkv",
+    "query_key_value",
+    "query",
+    "key",
+    "value",
+    "wq",
+    "wk",
+    "wv",
+    "wqkv",
+    "in_proj",
+    "out_proj",
+    "c_attn",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "sinks",
 }
 _FFN_EXACT = {
-    "intermediate", "output", "fc1", "fc2", "fc_in", "fc_out", "c_fc", "linear1", "linear2", "dense_h_to_4h",
-    "dense_4h_to_h", "gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3", "wi", "wi_0", "wi_1",
-    "shared_expert", "shared_experts",
+    "intermediate",
+    "output",
+    "fc1",
+    "fc2",
+    "fc_in",
+    "fc_out",
+    "c_fc",
+    "linear1",
+    "linear2",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "w1",
+    "w2",
+    "w3",
+    "wi",
+    "wi_0",
+    "wi_1",
+    "shared_expert",
+    "shared_experts",
 }
 _ROUTER_EXACT = {"gate", "router", "gating", "shared_expert_gate", "wg", "gate_network"}
 _NORM_TYPES: tuple[type, ...] = tuple(
-    t for t in (getattr(nn, n, None) for n in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d"))
+    t
+    for t in (
+        getattr(nn, n, None) for n in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d")
+    )
     if t is not None
 )
 
@@ -74,7 +124,14 @@ def _attn_or_ffn(tok: str) -> str | None:
     t = tok.lower()
     if "attn" in t or "attention" in t or t in _ATTN_EXACT:
         return "attention"
-    if t in _FFN_EXACT or "mlp" in t or "ffn" in t or "feed_forward" in t or "feedforward" in t or "densereludense" in t:
+    if (
+        t in _FFN_EXACT
+        or "mlp" in t
+        or "ffn" in t
+        or "feed_forward" in t
+        or "feedforward" in t
+        or "densereludense" in t
+    ):
         return "ffn"
     return None
 
@@ -93,7 +150,9 @@ def builtin_category(rel: str, has_experts: bool, modules: Sequence["nn.Module"]
     # 1. norms: by the unit's own name, else by the owner's type
     if is_norm_token(low[-1]):
         return "norm"
-    if owner is not None and (isinstance(owner, _NORM_TYPES) or type(owner).__name__.lower().endswith("norm")):
+    if owner is not None and (
+        isinstance(owner, _NORM_TYPES) or type(owner).__name__.lower().endswith("norm")
+    ):
         return "norm"
     # 2. Mixture of Experts: routed experts, then routers
     if "experts" in low:
@@ -150,8 +209,10 @@ def as_classify_hook(classify: ClassifyHook | Mapping[str, str] | None) -> Class
     if classify is None or callable(classify):
         return classify
     if not isinstance(classify, Mapping):
-        raise ValueError(f"Invalid classify: {classify!r}; allowed: a callable (unit_path, module) -> "
-                         "category or None, or a dict {regex: category}")
+        raise ValueError(
+            f"Invalid classify: {classify!r}; allowed: a callable (unit_path, module) -> "
+            "category or None, or a dict {regex: category}"
+        )
     patterns = [(re.compile(pat), cat) for pat, cat in classify.items()]
 
     def hook(path: str, module: nn.Module | None) -> str | None:

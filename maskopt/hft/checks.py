@@ -152,5 +152,9 @@ def check_plan_options(
         balance: as :func:`check_balance` (default ``"count"``).
     """
     check_classify(classify)
-    return dict(classify=classify, layers=check_layers(layers),
-                freeze_non_layer=check_freeze_non_layer(freeze_non_layer), balance=check_balance(balance))
+    return dict(
+        classify=classify,
+        layers=check_layers(layers),
+        freeze_non_layer=check_freeze_non_layer(freeze_non_layer),
+        balance=check_balance(balance),
+    )

@@ -50,7 +50,7 @@ def unwrapped(name: str) -> str:
         stripped = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
+                name, stripped = name[len(prefix) :], True
     return name
 
 
@@ -66,10 +66,14 @@ def collect(params_or_model) -> tuple[Named, nn.Module | None]:
     out = []
     for item in params_or_model:
         if isinstance(item, dict):
-            raise TypeError("plan_half takes (name, tensor) pairs or a model, not param-group dicts; "
-                            "flatten the groups' named params first")
+            raise TypeError(
+                "plan_half takes (name, tensor) pairs or a model, not param-group dicts; "
+                "flatten the groups' named params first"
+            )
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"plan_half takes model.named_parameters() or a model; got an item {type(item).__name__}")
+            raise TypeError(
+                f"plan_half takes model.named_parameters() or a model; got an item {type(item).__name__}"
+            )
         out.append(item)
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
@@ -88,7 +92,9 @@ def _split_prefix(name: str) -> list[tuple[str, int, str]]:
     return out
 
 
-def _detect_stacks(unit_keys: Sequence[str], module_of: Callable[[str], "nn.Module | None"] | None) -> list[str]:
+def _detect_stacks(
+    unit_keys: Sequence[str], module_of: Callable[[str], "nn.Module | None"] | None
+) -> list[str]:
     """Prefixes of the outermost repeated-block containers whose every block has >= 2 units."""
     blocks: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for key in unit_keys:
@@ -100,7 +106,9 @@ def _detect_stacks(unit_keys: Sequence[str], module_of: Callable[[str], "nn.Modu
             continue
         if module_of is not None:
             container = module_of(prefix)
-            if container is not None and not isinstance(container, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            if container is not None and not isinstance(
+                container, (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+            ):
                 continue
         valid.append(prefix)
     # an inner container (the experts of a layer) repeats too; only the outermost is the stack
@@ -146,4 +154,3 @@ def resolve_stacks(keys: Sequence[str], model: nn.Module | None, layers: Sequenc
         if not any(stack_of(k, [p]) for k in keys):
             raise ValueError(f"Invalid layers: no parameter name matches {p!r} followed by '.<int>.'")
     return sorted(layers)
-

@@ -65,7 +65,9 @@ class HalfPlan:
         self.stacks: dict[str, int] = dict(stacks)
         self.trainable: frozenset[str] = frozenset(trainable)
         self.entry_masked: frozenset[str] = frozenset(entry_masked)
-        self.frozen: frozenset[str] = frozenset(n for n in self.names if n not in self.trainable and n not in self.entry_masked)
+        self.frozen: frozenset[str] = frozenset(
+            n for n in self.names if n not in self.trainable and n not in self.entry_masked
+        )
         self.options: dict[str, Any] = dict(options)
         self.ratio: float = options["ratio"]
         self.strategy: str = options["strategy"]
@@ -119,8 +121,14 @@ class HalfPlan:
             raise KeyError(f"{name!r} is not entry-masked in this plan (strategy={self.strategy!r})")
         shape = param.shape if param is not None else (self.numel[name],)
         device = param.device if param is not None else "cpu"
-        return entry_mask(shape, ratio=self.ratio, seed=self.seed, tensor_index=self.tensor_index(name),
-                          round=self.round, device=device)
+        return entry_mask(
+            shape,
+            ratio=self.ratio,
+            seed=self.seed,
+            tensor_index=self.tensor_index(name),
+            round=self.round,
+            device=device,
+        )
 
     def without(self, names: Iterable[str]) -> "HalfPlan":
         """This plan with ``names`` frozen (e.g. tensors frozen by hand, which a plan must
@@ -130,9 +138,15 @@ class HalfPlan:
             names: parameter names to move to ``frozen``.
         """
         drop = frozenset(names)
-        return HalfPlan(names=self.names, numel=self.numel, units=self.units, stacks=self.stacks,
-                        trainable=self.trainable - drop, entry_masked=self.entry_masked - drop,
-                        options=self.options)
+        return HalfPlan(
+            names=self.names,
+            numel=self.numel,
+            units=self.units,
+            stacks=self.stacks,
+            trainable=self.trainable - drop,
+            entry_masked=self.entry_masked - drop,
+            options=self.options,
+        )
 
     def counts(self) -> dict[str, Any]:
         """Exact parameter counts: ``layers`` and ``all`` as (trainable, total), ``categories``
@@ -162,7 +176,9 @@ class HalfPlan:
             c[1] += u.numel
         order = {c: i for i, c in enumerate((*CATEGORIES, KEEP, FREEZE))}
         return dict(
-            layers=tuple(lay), outside=tuple(out), all=(lay[0] + out[0], lay[1] + out[1]),
+            layers=tuple(lay),
+            outside=tuple(out),
+            all=(lay[0] + out[0], lay[1] + out[1]),
             categories={k: tuple(cats[k]) for k in sorted(cats, key=lambda c: (order.get(c, len(order)), c))},
         )
 
@@ -179,7 +195,9 @@ class HalfPlan:
 
     # -- applying to a model -------------------------------------------------------------
 
-    def apply(self, model: nn.Module, freeze: str = "requires_grad", optimizer: torch.optim.Optimizer | None = None) -> "HalfPlan":
+    def apply(
+        self, model: nn.Module, freeze: str = "requires_grad", optimizer: torch.optim.Optimizer | None = None
+    ) -> "HalfPlan":
         """Make ``model`` train only this plan's selection with any optimizer.
 
         ``freeze="requires_grad"``: trainable and entry-masked tensors get
@@ -211,16 +229,20 @@ class HalfPlan:
     def __repr__(self) -> str:
         t, n = self.counts()["layers"]
         frac = f"{t / n:.4%}" if n else "n/a"
-        return (f"HalfPlan(strategy={self.strategy!r}, ratio={self.ratio}, seed={self.seed}, round={self.round}, "
-                f"layers trainable={frac}, tensors: {len(self.trainable)} trainable, "
-                f"{len(self.entry_masked)} entry-masked, {len(self.frozen)} frozen)")
+        return (
+            f"HalfPlan(strategy={self.strategy!r}, ratio={self.ratio}, seed={self.seed}, round={self.round}, "
+            f"layers trainable={frac}, tensors: {len(self.trainable)} trainable, "
+            f"{len(self.entry_masked)} entry-masked, {len(self.frozen)} frozen)"
+        )
 
     def summary(self) -> str:
         """A text table: per layer and category what trains, then exact trainable fractions."""
         return report.summary(self)
 
 
-def _located(params_or_model, layers: tuple[str, ...] | None) -> tuple[list, nn.Module | None, list[str], list[str]]:
+def _located(
+    params_or_model, layers: tuple[str, ...] | None
+) -> tuple[list, nn.Module | None, list[str], list[str]]:
     """The ``(name, tensor)`` pairs, the model (or None), the unit keys and the layer stacks."""
     named, model = collect(params_or_model)
     keys = list(dict.fromkeys(unit_key(n) for n, _ in named))
@@ -299,10 +321,24 @@ def plan_half(
             trainable.update(u.names)
         elif u.key in picked.entries:
             entry_masked.update(u.names)
-    options = dict(ratio=p_float, strategy=strategy, seed=seed, round=round,
-                   freeze_non_layer=freeze_non_layer, balance=balance, layers=layers)
-    return HalfPlan(names=[n for n, _ in named], numel={n: t.numel() for n, t in named}, units=units,
-                    stacks=stack_sizes, trainable=trainable, entry_masked=entry_masked, options=options)
+    options = dict(
+        ratio=p_float,
+        strategy=strategy,
+        seed=seed,
+        round=round,
+        freeze_non_layer=freeze_non_layer,
+        balance=balance,
+        layers=layers,
+    )
+    return HalfPlan(
+        names=[n for n, _ in named],
+        numel={n: t.numel() for n, t in named},
+        units=units,
+        stacks=stack_sizes,
+        trainable=trainable,
+        entry_masked=entry_masked,
+        options=options,
+    )
 
 
 def find_layer_stacks(params_or_model, layers: str | Sequence[str] | None = None) -> dict[str, list[int]]:

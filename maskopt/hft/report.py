@@ -58,8 +58,10 @@ def _state(plan: HalfPlan, u: Unit) -> str:
 
 
 def _trained_share(plan: HalfPlan, u: Unit) -> float:
-    return sum(plan.numel[n] if n in plan.trainable else plan.ratio * plan.numel[n] if n in plan.entry_masked
-               else 0 for n in u.names)
+    return sum(
+        plan.numel[n] if n in plan.trainable else plan.ratio * plan.numel[n] if n in plan.entry_masked else 0
+        for n in u.names
+    )
 
 
 def _layer_table(plan: HalfPlan) -> list[str]:
@@ -83,7 +85,7 @@ def _layer_table(plan: HalfPlan) -> list[str]:
                 cells.append(f"{plan.ratio:g} of entries")
                 continue
             prefix = _common_prefix([u.rel for u in cu])
-            shown = [u.rel[len(prefix):] or u.rel for u in on]
+            shown = [u.rel[len(prefix) :] or u.rel for u in on]
             text = " ".join(shown) if len(cu) <= 8 else ""
             cells.append(f"{text} {len(on)}/{len(cu)}".strip())
         tot = sum(u.numel for u in units)
@@ -106,8 +108,14 @@ def _totals_table(plan: HalfPlan) -> list[str]:
     outside = [u for u in plan.units if u.stack is None]
     if outside:
         t2, n2 = c["outside"]
-        rows.append(["outside layers", f"{sum(1 for u in outside if _state(plan, u) != 'no')}/{len(outside)}",
-                     f"{_num(t2)} / {n2}", _pct(t2, n2)])
+        rows.append(
+            [
+                "outside layers",
+                f"{sum(1 for u in outside if _state(plan, u) != 'no')}/{len(outside)}",
+                f"{_num(t2)} / {n2}",
+                _pct(t2, n2),
+            ]
+        )
     t3, n3 = c["all"]
     rows.append(["all parameters", "", f"{approx}{_num(t3)} / {n3}", f"{approx}{_pct(t3, n3)}"])
     lines = _table(["category", "units", "trainable / total params", "fraction"], rows)

@@ -21,8 +21,19 @@ from .rng import CounterRng
 if TYPE_CHECKING:
     from .units import Unit
 
-__all__ = ["Selection", "Strategy", "STRATEGY_RULES", "STRATEGIES", "by_category", "by_layer", "by_model",
-           "by_parameter", "as_fraction", "round_half_down", "entry_mask"]
+__all__ = [
+    "Selection",
+    "Strategy",
+    "STRATEGY_RULES",
+    "STRATEGIES",
+    "by_category",
+    "by_layer",
+    "by_model",
+    "by_parameter",
+    "as_fraction",
+    "round_half_down",
+    "entry_mask",
+]
 
 NUMEL_CANDIDATES = 64  # draws tried by balance="numel"
 
@@ -59,7 +70,9 @@ def as_fraction(ratio: float) -> Fraction:
     return Fraction(repr(float(ratio)))
 
 
-def _closest_draw(draw: Callable[[int], set[str]], size: dict[str, int], target: Fraction, tries: int) -> set[str]:
+def _closest_draw(
+    draw: Callable[[int], set[str]], size: dict[str, int], target: Fraction, tries: int
+) -> set[str]:
     """Of ``tries`` draws (``draw(i)``, i = 0, 1, ...), the first whose total size is closest to
     ``target``; stops early at an exact hit."""
     best = draw(0)
@@ -113,7 +126,9 @@ def by_category(pool: Sequence[Unit], p: Fraction, *, seed: int, round: int, bal
         by_cat[(u.stack, u.category)].append(u)
     chosen: set[str] = set()
     for (stack, cat), units in sorted(by_cat.items()):
-        chosen |= _select_category(units, p, CounterRng(seed, round, "category", unwrapped(stack), cat), balance)
+        chosen |= _select_category(
+            units, p, CounterRng(seed, round, "category", unwrapped(stack), cat), balance
+        )
     return Selection(whole=frozenset(chosen))
 
 
@@ -125,7 +140,11 @@ def _spread(layer_ids: Sequence[int], p: Fraction, rng: CounterRng) -> set[int]:
         return set()
     phase = rng.uniform()
     step = Fraction(c, L)
-    return {lid for i, lid in enumerate(layer_ids) if math.floor((i + 1) * step + phase) - math.floor(i * step + phase) == 1}
+    return {
+        lid
+        for i, lid in enumerate(layer_ids)
+        if math.floor((i + 1) * step + phase) - math.floor(i * step + phase) == 1
+    }
 
 
 def by_layer(pool: Sequence[Unit], p: Fraction, *, seed: int, round: int, balance: str) -> Selection:  # noqa: A002
@@ -163,8 +182,11 @@ def by_model(pool: Sequence[Unit], p: Fraction, *, seed: int, round: int, balanc
         return {u.key for u in CounterRng(seed, round, "model", i).sample(pool, k)}
 
     tries = NUMEL_CANDIDATES if balance == "numel" else 1
-    return Selection(whole=frozenset(_closest_draw(draw, {u.key: u.numel for u in pool},
-                                                   p * sum(u.numel for u in pool), tries)))
+    return Selection(
+        whole=frozenset(
+            _closest_draw(draw, {u.key: u.numel for u in pool}, p * sum(u.numel for u in pool), tries)
+        )
+    )
 
 
 def by_parameter(pool: Sequence[Unit], p: Fraction, *, seed: int, round: int, balance: str) -> Selection:  # noqa: A002

@@ -66,7 +66,10 @@ def pseudo_layer_units(named: Sequence[tuple[str, torch.Tensor]]) -> list[Unit]:
         named: the ``(name, tensor)`` pairs.
     """
     order, numel = _by_unit(named)
-    return [Unit(key, tuple(names), sum(numel[n] for n in names), "", 0, key, "all") for key, names in order.items()]
+    return [
+        Unit(key, tuple(names), sum(numel[n] for n in names), "", 0, key, "all")
+        for key, names in order.items()
+    ]
 
 
 def _path_modules(key: str, stack: str, modules: Mapping[str, nn.Module]) -> list[nn.Module]:
@@ -97,17 +100,24 @@ def layer_units(
     modules = dict(model.named_modules()) if model is not None else {}
     order, numel = _by_unit(named)
     located = {k: stack_of(k, stacks) for k in order}
-    has_experts = {(hit[0], hit[1]) for k, hit in located.items()
-                   if hit and "experts" in [t.lower() for t in hit[2].split(".")]}
+    has_experts = {
+        (hit[0], hit[1])
+        for k, hit in located.items()
+        if hit and "experts" in [t.lower() for t in hit[2].split(".")]
+    }
     hook = as_classify_hook(classify)
 
     units, unknown = [], []
     for key, names in order.items():
         hit = located[key]
-        owner = modules.get(key) if key in modules else modules.get(key.rpartition(".")[0]) if modules else None
+        owner = (
+            modules.get(key) if key in modules else modules.get(key.rpartition(".")[0]) if modules else None
+        )
         cat = hook(key, owner) if hook is not None else None
         if cat is not None and not isinstance(cat, str):
-            raise ValueError(f"classify({key!r}) returned {cat!r}; expected a category name, 'keep', 'freeze' or None")
+            raise ValueError(
+                f"classify({key!r}) returned {cat!r}; expected a category name, 'keep', 'freeze' or None"
+            )
         size = sum(numel[n] for n in names)
         if hit is None:
             if cat not in (None, KEEP, FREEZE):

@@ -12,13 +12,35 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(args, **env):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env}, check=True).stdout
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+        check=True,
+    ).stdout
 
 
 def test_cpu_step_benchmark_prints_ratios_against_adamw():
-    out = run(["benchmarks/cpu_step.py", "--hidden", "64", "--layers", "2", "--vocab", "500",
-               "--repeats", "2", "--warmup", "1", "--threads", "1"])
+    out = run(
+        [
+            "benchmarks/cpu_step.py",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--vocab",
+            "500",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line and not line.startswith("#")}
     assert rows["AdamW(foreach=True)"][-1] == "1.00"
     assert float(rows["MoFO(momentum)"][-1]) > 0

@@ -35,14 +35,25 @@ def test_interval_covers_zero_for_a_noisy_difference():
 
 
 def _row(name, lr, seed, ft_loss, forgetting, dist=1.0):
-    return dict(optimizer=name, lr=lr, seed=seed, ft_loss=ft_loss, forgetting=forgetting, dist=dist,
-                learned=2.0 - ft_loss)
+    return dict(
+        optimizer=name,
+        lr=lr,
+        seed=seed,
+        ft_loss=ft_loss,
+        forgetting=forgetting,
+        dist=dist,
+        learned=2.0 - ft_loss,
+    )
 
 
 def test_paired_differences_match_lr_and_seed():
-    rows = [_row("adamw", 1e-3, 0, 1.5, 0.20), _row("adamw", 1e-3, 1, 1.6, 0.10),
-            _row("mofo15", 1e-3, 0, 1.6, 0.15), _row("mofo15", 1e-3, 1, 1.7, 0.12),
-            _row("mofo15", 3e-3, 0, 1.4, 0.30)]  # no AdamW partner: left out
+    rows = [
+        _row("adamw", 1e-3, 0, 1.5, 0.20),
+        _row("adamw", 1e-3, 1, 1.6, 0.10),
+        _row("mofo15", 1e-3, 0, 1.6, 0.15),
+        _row("mofo15", 1e-3, 1, 1.7, 0.12),
+        _row("mofo15", 3e-3, 0, 1.4, 0.30),
+    ]  # no AdamW partner: left out
     assert st.paired_differences(rows, "forgetting", "mofo15") == pytest.approx([-0.05, 0.02])
 
 
@@ -72,14 +83,19 @@ def test_equal_learning_gap_reads_both_sweeps_at_one_level():
 
 
 def test_equal_learning_gap_is_none_without_overlap():
-    rows = [_row("adamw", 1e-3, 0, 1.5, 0.2), _row("adamw", 3e-3, 0, 1.4, 0.3),
-            _row("mofo15", 1e-3, 0, 1.8, 0.1), _row("mofo15", 3e-3, 0, 1.7, 0.15)]
+    rows = [
+        _row("adamw", 1e-3, 0, 1.5, 0.2),
+        _row("adamw", 3e-3, 0, 1.4, 0.3),
+        _row("mofo15", 1e-3, 0, 1.8, 0.1),
+        _row("mofo15", 3e-3, 0, 1.7, 0.15),
+    ]
     assert st.equal_learning_gap(rows, "mofo15") is None
     assert st.equal_learning(rows) is None
 
 
-TINY = models.ModelShape(hidden=16, layers=1, heads=2, intermediate=32, seq=16, pretrain_lr=1e-3,
-                         pretrain_max_steps=60)
+TINY = models.ModelShape(
+    hidden=16, layers=1, heads=2, intermediate=32, seq=16, pretrain_lr=1e-3, pretrain_max_steps=60
+)
 
 
 class _Script:
@@ -94,9 +110,8 @@ class _Script:
 
 
 def _tiny_setup():
-    import torch
-
     import _forgetting_data as data
+    import torch
 
     model = models.build_model(TINY, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -113,8 +128,9 @@ def test_plateau_stops_after_patience_and_keeps_the_best_weights():
     rule = training.StopRule(eval_every=5, patience=3, tolerance=0.01, max_steps=100, warmup=2)
     from _forgetting_progress import Progress
 
-    result = training.train_until_plateau(model, opt, batches, rule, torch.device("cpu"),
-                                          Progress(quiet=True).bar(100, ""), script)
+    result = training.train_until_plateau(
+        model, opt, batches, rule, torch.device("cpu"), Progress(quiet=True).bar(100, ""), script
+    )
     assert result.stopped_by == "plateau"
     assert result.steps == 25  # step 10's reference, then 15, 20, 25 without a 0.01 improvement
     assert result.best_step == 20 and result.best_loss == 1.999  # a small gain still counts as best
@@ -132,11 +148,19 @@ def test_plateau_with_lr_drops_divides_the_lr_then_stops():
     rule = training.StopRule(eval_every=5, patience=2, tolerance=0.01, max_steps=100, warmup=1, lr_drops=1)
     from _forgetting_progress import Progress
 
-    result = training.train_until_plateau(model, opt, batches, rule, torch.device("cpu"),
-                                          Progress(quiet=True).bar(100, ""), script)
+    result = training.train_until_plateau(
+        model, opt, batches, rule, torch.device("cpu"), Progress(quiet=True).bar(100, ""), script
+    )
     mults = [c["lr_mult"] for c in result.curve]
-    assert mults == [1.0, 1.0, 1.0, 1.0, 1 / training.LR_DROP_DIVISOR, 1 / training.LR_DROP_DIVISOR,
-                     1 / training.LR_DROP_DIVISOR]
+    assert mults == [
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        1 / training.LR_DROP_DIVISOR,
+        1 / training.LR_DROP_DIVISOR,
+        1 / training.LR_DROP_DIVISOR,
+    ]
     assert result.stopped_by == "plateau" and result.best_step == 20
 
 
@@ -149,21 +173,23 @@ def test_a_run_that_only_gets_worse_returns_theta0():
     rule = training.StopRule(eval_every=3, patience=3, tolerance=0.0, max_steps=50, warmup=1)
     from _forgetting_progress import Progress
 
-    result = training.train_until_plateau(model, opt, batches, rule, torch.device("cpu"),
-                                          Progress(quiet=True).bar(50, ""), script)
+    result = training.train_until_plateau(
+        model, opt, batches, rule, torch.device("cpu"), Progress(quiet=True).bar(50, ""), script
+    )
     assert result.best_step == 0
     assert training.distance(model, theta0) == 0.0 and training.fraction_moved(model, theta0) == 0.0
 
 
 def test_pretrain_writes_a_checkpoint_that_loads_and_verifies(tmp_path, monkeypatch):
-    import torch
-
     import _forgetting_data as data
     import _forgetting_pretrain as pretrain
+    import torch
     from _forgetting_progress import Progress
 
     monkeypatch.setitem(models.SIZES, "tiny", TINY)
-    monkeypatch.setattr(pretrain, "RULE", dict(eval_every=20, patience=2, tolerance=0.01, warmup=5, lr_drops=1))
+    monkeypatch.setattr(
+        pretrain, "RULE", dict(eval_every=20, patience=2, tolerance=0.01, warmup=5, lr_drops=1)
+    )
     monkeypatch.setattr(pretrain, "EVAL_WINDOWS", 16)
     code = bytes(range(256)) * 400
     corpora = {"code": data.split("code", code, 1), "english": data.split("english", code[::-1], 1)}
@@ -177,7 +203,8 @@ def test_pretrain_writes_a_checkpoint_that_loads_and_verifies(tmp_path, monkeypa
     # the recipe's held-out loss is that of the float16 file, measured after loading it
     windows = data.eval_windows(corpora["code"].held_out, TINY.seq, 16)
     assert training.evaluate(model, windows, pretrain.BATCH, torch.device("cpu"))[0] == pytest.approx(
-        recipe["held_out_code_loss"], abs=1e-4)
+        recipe["held_out_code_loss"], abs=1e-4
+    )
     assert models.corpus_note(recipe, corpora["code"].digest) is None
     assert "differs" in models.corpus_note(recipe, "another-digest")
 

@@ -27,8 +27,14 @@ TASKS = ["english", "codecs", "email", "asyncio"]
 
 def _run(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def test_tables_on_stdout(quick):
     assert "paired by seed, mean ± 95 % t-interval half-width" in out
     for label in LABELS:
         assert f"| {label}" in out, label
-    ablation = out[out.index("The MoFO paper's ablations at lr 0.001"):]
+    ablation = out[out.index("The MoFO paper's ablations at lr 0.001") :]
     assert "| optimizer − MoFO a=15% |" in ablation
     for label in ("MoFO-grad a=15%", "RandomBCD a=15%", "MoFO a=5%"):
         assert f"| {label}" in ablation, label
@@ -74,7 +80,8 @@ def test_finetune_csv_has_every_optimizer_and_seed(quick):
     assert rows[0]["optimizer"] == "theta0"
     runs = rows[1:]
     assert sorted((r["optimizer"], r["seed"]) for r in runs) == sorted(
-        (n, s) for n in FINETUNE for s in ("0", "1"))
+        (n, s) for n in FINETUNE for s in ("0", "1")
+    )
     base = {k: float(rows[0][k]) for k in ("ft_loss", "code_loss")}
     # the shipped checkpoint knows code much better than English
     assert base["code_loss"] < base["ft_loss"] - 0.2
@@ -103,7 +110,8 @@ def test_continual_csv_matches_metrics(quick):
     out, _ = quick
     rows = _rows(out / "continual.csv")
     assert sorted((r["optimizer"], r["seed"]) for r in rows) == sorted(
-        (n, s) for n in CONTINUAL for s in ("0", "1"))
+        (n, s) for n in CONTINUAL for s in ("0", "1")
+    )
     cells = _rows(out / "continual_matrix.csv")
     for row in rows:
         R = [[None] * 4 for _ in range(4)]
@@ -126,8 +134,22 @@ def test_png(quick):
 def sweep(tmp_path_factory):
     """Two lrs and two seeds of AdamW and MoFO on a tiny budget."""
     out = tmp_path_factory.mktemp("sweep")
-    proc = _run("--quick", "--seeds", "2", "--lr", "1e-3,3e-3", "--mode", "finetune", "--optimizers",
-                "adamw,mofo15", "--quiet", "--threads", "2", "--out", str(out))
+    proc = _run(
+        "--quick",
+        "--seeds",
+        "2",
+        "--lr",
+        "1e-3,3e-3",
+        "--mode",
+        "finetune",
+        "--optimizers",
+        "adamw,mofo15",
+        "--quiet",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -166,7 +188,7 @@ def _sorted_rows(path):
 
 
 def _tables(stdout):
-    return stdout[stdout.index("Fine-tuning on English"):stdout.index("wrote ")].strip()
+    return stdout[stdout.index("Fine-tuning on English") : stdout.index("wrote ")].strip()
 
 
 def test_merge_of_runs_split_by_seed_gives_the_tables_of_the_whole_run(sweep, tmp_path):
@@ -217,11 +239,14 @@ def checkpoint_copy(tmp_path):
     return target
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("flip a byte", "has sha256"),
-    ("delete the .pt", "is missing"),
-    ("delete the .json", "is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("flip a byte", "has sha256"),
+        ("delete the .pt", "is missing"),
+        ("delete the .json", "is missing"),
+    ],
+)
 def test_damaged_checkpoint_is_refused_with_the_rebuild_command(checkpoint_copy, tmp_path, damage, message):
     pt, meta = checkpoint_copy / "cpu.pt", checkpoint_copy / "cpu.json"
     if damage == "flip a byte":

@@ -22,12 +22,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import exit_without_interpreter_shutdown, free_port, snapshot
+from _tiny_models import toy_llama
 from torch import nn
 
 from maskopt import HalfAdam, MoFO, RandomBCD
-
-from _helpers import exit_without_interpreter_shutdown, free_port, snapshot
-from _tiny_models import toy_llama
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -103,8 +102,16 @@ def _scenario_elementwise(name, rank):
         forward = nn.parallel.DistributedDataParallel(model) if r is not None else model
         opt = make_opt(model.parameters())
         first = {}
-        _train(forward, opt, mlp_loss, mlp_batch, STEPS, r, 0,
-               after_step=lambda s: first.update(snapshot(model)) if s == 0 else None)
+        _train(
+            forward,
+            opt,
+            mlp_loss,
+            mlp_batch,
+            STEPS,
+            r,
+            0,
+            after_step=lambda s: first.update(snapshot(model)) if s == 0 else None,
+        )
         out[f"{tag}_step1"] = first
         out[f"{tag}_final"] = snapshot(model)
     return out
@@ -171,8 +178,13 @@ SCENARIOS = {
 
 def _worker(rank, port, outdir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         for name, fn in SCENARIOS.items():
             try:
@@ -216,8 +228,9 @@ def ddp_results(tmp_path_factory):
         p.join(5)
         if p.is_alive():
             p.kill()
-    status = ("hung: terminated after %.0f s" % DEADLINE_S if hung
-              else f"exit codes {[p.exitcode for p in procs]}")
+    status = (
+        "hung: terminated after %.0f s" % DEADLINE_S if hung else f"exit codes {[p.exitcode for p in procs]}"
+    )
 
     def get(name):
         results = []
@@ -338,7 +351,9 @@ def test_ddp_halfadam_requires_grad_not_rewrapped_find_unused_diverges_silently(
     assert_ranks_differ(r0["ddp"]["rounds"][1], r1["ddp"]["rounds"][1], "after round 1")
     # exactly the tensors trainable now but frozen when DDP was built drift apart
     frozen_at_wrap = set(r0["ddp"]["final"]) - set(r0["ddp"]["trainable"][0])
-    drifted = {n for n in r0["ddp"]["final"] if not torch.equal(r0["ddp"]["rounds"][1][n], r1["ddp"]["rounds"][1][n])}
+    drifted = {
+        n for n in r0["ddp"]["final"] if not torch.equal(r0["ddp"]["rounds"][1][n], r1["ddp"]["rounds"][1][n])
+    }
     assert drifted == frozen_at_wrap & set(r0["ddp"]["trainable"][1])
 
 

@@ -33,8 +33,15 @@ SHAPES = [(7, 5), (6, 4), (3,), (1, 9), (64, 3), (2,)]
 
 
 def _start_deepspeed(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     import deepspeed
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel at start-up (about
@@ -95,9 +102,15 @@ def _targets(step, shapes=SHAPES, dtype=torch.float32):
 
 
 def _config(stage, bf16=False, load_universal=False):
-    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-           "gradient_clipping": 0.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
     if bf16:
         cfg["bf16"] = {"enabled": True}
     if load_universal:
@@ -134,7 +147,9 @@ def _train_step(engine, step, shapes=SHAPES, bf16=False):
 
     loss = engine(*_targets(step, shapes, torch.bfloat16 if bf16 else torch.float32))
     engine.backward(loss)
-    grads = [safe_get_full_grad(p).float().clone() if p.requires_grad else None for p in engine.module.parameters()]
+    grads = [
+        safe_get_full_grad(p).float().clone() if p.requires_grad else None for p in engine.module.parameters()
+    ]
     engine.step()
     return grads
 
@@ -142,7 +157,9 @@ def _train_step(engine, step, shapes=SHAPES, bf16=False):
 def _assert_equal(got, want, what):
     for i, (a, b) in enumerate(zip(got, want)):
         a = a.reshape(b.shape)
-        assert torch.equal(a, b), f"{what}, tensor {i} {tuple(b.shape)}: {(a != b).sum().item()} entries differ"
+        assert torch.equal(a, b), (
+            f"{what}, tensor {i} {tuple(b.shape)}: {(a != b).sum().item()} entries differ"
+        )
 
 
 def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, new_round_at=None):
@@ -151,7 +168,9 @@ def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, n
     params = list(engine.module.parameters())
     # the frozen tensors' values do not matter: no gradient depends on them
     start = iter(_full(trained))
-    plain = [torch.nn.Parameter(next(start) if p.requires_grad else torch.zeros(s)) for p, s in zip(params, shapes)]
+    plain = [
+        torch.nn.Parameter(next(start) if p.requires_grad else torch.zeros(s)) for p, s in zip(params, shapes)
+    ]
     reference = make(plain)
     in_zero = [i for i, p in enumerate(params) if any(p is t for t in trained)]
     for step in range(steps):
@@ -162,15 +181,20 @@ def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, n
         for q, g in zip(plain, grads):
             q.grad = g
         reference.step()
-        _assert_equal(_full(trained), [plain[i].detach() for i in in_zero], f"stage {stage}, step {step}: weights")
+        _assert_equal(
+            _full(trained), [plain[i].detach() for i in in_zero], f"stage {stage}, step {step}: weights"
+        )
         stepped = [i for i in in_zero if plain[i] in reference.state]
         for key in ("exp_avg", "exp_avg_sq"):
             got = _full([params[i] for i in stepped], key)
-            _assert_equal(got, [reference.state[plain[i]][key] for i in stepped], f"stage {stage}, step {step}: {key}")
+            _assert_equal(
+                got, [reference.state[plain[i]][key] for i in stepped], f"stage {stage}, step {step}: {key}"
+            )
     engine.destroy()
 
 
 # ------------------------------------------------------------------------------ scenarios
+
 
 def _mofo(**kw):
     from maskopt import MoFO
@@ -198,15 +222,24 @@ def _mofo_two_groups():
         params = list(params)
         matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) > 1]
         vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) <= 1]
-        return MoFO([{"params": matrices}, {"params": vectors, "alpha": 1.0, "weight_decay": 0.0}],
-                    lr=1e-2, alpha=0.3, weight_decay=0.1)
+        return MoFO(
+            [{"params": matrices}, {"params": vectors, "alpha": 1.0, "weight_decay": 0.0}],
+            lr=1e-2,
+            alpha=0.3,
+            weight_decay=0.1,
+        )
+
     return make
 
 
 OPTIMIZERS = {
-    "mofo": _mofo(), "mofo_gradient": _mofo(filter="gradient"), "random_bcd": _random_bcd(),
-    "random_bcd_exact": _random_bcd(exact=True), "half_adam_mask": _half_adam(freeze="mask"),
-    "half_adam_entries": _half_adam(freeze="mask", strategy="parameter"), "mofo_two_groups": _mofo_two_groups(),
+    "mofo": _mofo(),
+    "mofo_gradient": _mofo(filter="gradient"),
+    "random_bcd": _random_bcd(),
+    "random_bcd_exact": _random_bcd(exact=True),
+    "half_adam_mask": _half_adam(freeze="mask"),
+    "half_adam_entries": _half_adam(freeze="mask", strategy="parameter"),
+    "mofo_two_groups": _mofo_two_groups(),
 }
 
 
@@ -243,7 +276,10 @@ def half_adam_requires_grad(rank, world, shared):
 def block_size_fits_or_is_refused(rank, world, shared):
     """block_size blocks inside one rank's fragment are exact; blocks straddling two are
     refused on every rank before anything changes."""
-    shapes = [(8, 4), (4, 4)]  # two ranks: fragments of 24 + 8 and 16 entries (ZeRO-1/2), 16 + 16 and 8 + 8 (ZeRO-3)
+    shapes = [
+        (8, 4),
+        (4, 4),
+    ]  # two ranks: fragments of 24 + 8 and 16 entries (ZeRO-1/2), 16 + 16 and 8 + 8 (ZeRO-3)
     for stage in (2, 3):
         _compare_with_one_process(stage, _mofo(block_size=8), steps=2, shapes=shapes)
     engine, _, trained = _engine(2, _mofo(block_size=5), shapes)
@@ -255,7 +291,12 @@ def block_size_fits_or_is_refused(rank, world, shared):
 
 def checkpoint_resume(rank, world, shared):
     """engine.save_checkpoint / load_checkpoint: the resumed run equals the uninterrupted one."""
-    cases = ((1, _mofo()), (2, _random_bcd()), (3, _mofo()), (3, _half_adam(freeze="mask", strategy="parameter")))
+    cases = (
+        (1, _mofo()),
+        (2, _random_bcd()),
+        (3, _mofo()),
+        (3, _half_adam(freeze="mask", strategy="parameter")),
+    )
     for case, (stage, make) in enumerate(cases):
         folder = os.path.join(shared, f"checkpoint-{case}")
         engine, _, params = _engine(stage, make)
@@ -294,10 +335,25 @@ def save_universal_checkpoints(rank, world, shared):
         saved = [_full(params), _full(params, "exp_avg")]
         if rank == 0:
             torch.save(saved, os.path.join(folder, "expected.pt"))
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            os.path.join(folder, "t"), "--output_folder", os.path.join(folder, "t_universal"),
-                            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-                           check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    os.path.join(folder, "t"),
+                    "--output_folder",
+                    os.path.join(folder, "t_universal"),
+                    "--num_extract_workers",
+                    "1",
+                    "--num_merge_workers",
+                    "1",
+                    "--inject_missing_state",
+                ],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "DS_ACCELERATOR": "cpu"},
+            )
         dist.barrier()
         engine.destroy()
 
@@ -329,7 +385,9 @@ def resume_universal_on_three_ranks(rank, world, shared):
             for q, g in zip(plain, _train_step(engine, step)):
                 q.grad = g
             reference.step()
-            _assert_equal(_full(params), [q.detach() for q in plain], f"stage {stage}, step {step} on 3 ranks: weights")
+            _assert_equal(
+                _full(params), [q.detach() for q in plain], f"stage {stage}, step {step} on 3 ranks: weights"
+            )
         engine.destroy()
 
 
@@ -343,10 +401,23 @@ def hf_trainer_one_rank(rank, world, shared):
 
     from maskopt import HalfAdam, MoFO
 
-    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-           "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
-    args = TrainingArguments(os.path.join(shared, "hf"), max_steps=2, per_device_train_batch_size=2, report_to=[],
-                             deepspeed=cfg, use_cpu=True, save_strategy="no", disable_tqdm=True)
+    cfg = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+    }
+    args = TrainingArguments(
+        os.path.join(shared, "hf"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        deepspeed=cfg,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
 
     def trained(**how):
         reset_accelerate_state()  # one Accelerator per Trainer, as in its own process
@@ -359,7 +430,9 @@ def hf_trainer_one_rank(rank, world, shared):
     opt, _ = trained(optimizer_cls_and_kwargs=lambda m: (MoFO, {"lr": 1e-3, "alpha": 0.1}))
     assert isinstance(opt, MoFO) and opt.state and all(int(s["step"]) == 2 for s in opt.state.values())
     named = {"lr": 1e-3}
-    opt, model = trained(optimizer_cls_and_kwargs=lambda m: (HalfAdam, {**named, "params": list(m.named_parameters())}))
+    opt, model = trained(
+        optimizer_cls_and_kwargs=lambda m: (HalfAdam, {**named, "params": list(m.named_parameters())})
+    )
     assert isinstance(opt, HalfAdam) and opt.plan is not None
     assert 0 < sum(p.requires_grad for p in model.parameters()) < len(list(model.parameters()))
     opt, _ = trained(optimizers=lambda m: (MoFO(m.parameters(), lr=1e-3), None))
@@ -375,9 +448,11 @@ class _CountingDist:
     def __getattr__(self, name):
         attr = getattr(self.real, name)
         if name.startswith(("all_", "broadcast", "reduce", "gather", "scatter")):
+
             def counted(*args, **kwargs):
                 self.calls += 1
                 return attr(*args, **kwargs)
+
             return counted
         return attr
 
@@ -402,6 +477,7 @@ def rank_without_a_tensor(rank, world, shared):
             found = real_fragments(flat, built)
             held.extend(f.numel for f in found)
             return found
+
         zero.fragments = spy
         try:
             _train_step(engine, 0)
@@ -412,19 +488,32 @@ def rank_without_a_tensor(rank, world, shared):
         calls = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
         dist.all_gather(calls, torch.tensor([counter.calls]))
         dist.all_reduce(empty)
-        assert int(empty) > 0, f"stage {stage}: every rank holds part of every tensor; the scenario tests nothing"
+        assert int(empty) > 0, (
+            f"stage {stage}: every rank holds part of every tensor; the scenario tests nothing"
+        )
         per_rank = [int(c) for c in calls]
-        assert len(set(per_rank)) == 1 and per_rank[0] > 0, f"stage {stage}: collective calls per rank {per_rank}"
+        assert len(set(per_rank)) == 1 and per_rank[0] > 0, (
+            f"stage {stage}: collective calls per rank {per_rank}"
+        )
         engine.destroy()
 
 
 # ------------------------------------------------------------------------------ tests
 
+
 def test_zero_stages_equal_one_process_two_ranks():
     """Stages 1, 2, 3; MoFO (both filters), RandomBCD (both modes), HalfAdam (both freeze
     modes, a new round); fp32 and bf16; block_size; checkpoint resume."""
-    _spawn(["every_optimizer_each_stage", "bf16_each_stage", "half_adam_requires_grad",
-            "block_size_fits_or_is_refused", "checkpoint_resume"], world=2)
+    _spawn(
+        [
+            "every_optimizer_each_stage",
+            "bf16_each_stage",
+            "half_adam_requires_grad",
+            "block_size_fits_or_is_refused",
+            "checkpoint_resume",
+        ],
+        world=2,
+    )
 
 
 def test_zero_ranks_holding_none_of_a_tensor_three_ranks():
@@ -448,9 +537,29 @@ def test_benchmark_script_runs():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    tiny = ["--stages", "2", "--hidden", "32", "--layers", "1", "--vocab", "64", "--steps", "2", "--warmup", "1",
-            "--repeats", "1"]
-    out = subprocess.run([sys.executable, "benchmarks/deepspeed_step.py", *tiny],
-                         cwd=root, capture_output=True, text=True, timeout=300, check=True).stdout
+    tiny = [
+        "--stages",
+        "2",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--vocab",
+        "64",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+    ]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/deepspeed_step.py", *tiny],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("2 ")]
     assert [r[1] for r in rows][:2] == ["AdamW", "MoFO(alpha=0.1)"] and rows[0][3] == "1.00"

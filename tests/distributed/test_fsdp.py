@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-
 from _helpers import exit_without_interpreter_shutdown, free_port, spawn_ranks, write_traceback
 from _tiny_models import tiny_llama
 
@@ -96,7 +95,8 @@ def _compare_direct(rank, world, make, steps=4, block_size=None, grads=None, equ
         for i, (p, q) in enumerate(zip(plain, sharded)):
             got = q.detach().full_tensor()
             assert equal(got, p.detach()), (
-                f"step {step}, tensor {i} {tuple(p.shape)}: {(got != p).sum().item()} entries differ")
+                f"step {step}, tensor {i} {tuple(p.shape)}: {(got != p).sum().item()} entries differ"
+            )
             m = opt_sharded.state[q]["exp_avg"].full_tensor()
             assert equal(m, opt_plain.state[p]["exp_avg"])
 
@@ -113,7 +113,9 @@ def _interpreted_kernels(**knobs):
     os.environ["TRITON_INTERPRET"] = "1"
     from maskopt.kernels import launch
 
-    return launch.config(**{**dict(chunk=16, local_max=8, local_tile=64, cand_min=1, cand_frac=0.05), **knobs})
+    return launch.config(
+        **{**dict(chunk=16, local_max=8, local_tile=64, cand_min=1, cand_frac=0.05), **knobs}
+    )
 
 
 def fused_mofo(rank, world):
@@ -121,13 +123,22 @@ def fused_mofo(rank, world):
     from maskopt import MoFO, RandomBCD
 
     with _interpreted_kernels():
-        for i, make in enumerate((
-            lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1, fused=True),
-            lambda ps: MoFO(ps, lr=1e-2, alpha=0.1, filter="gradient", mask_weight_decay=False,
-                            weight_decay=0.1, fused=True),
-            lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, exact=True, fused=True),
-            lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, fused=True),
-        )):
+        for i, make in enumerate(
+            (
+                lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, weight_decay=0.1, fused=True),
+                lambda ps: MoFO(
+                    ps,
+                    lr=1e-2,
+                    alpha=0.1,
+                    filter="gradient",
+                    mask_weight_decay=False,
+                    weight_decay=0.1,
+                    fused=True,
+                ),
+                lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, exact=True, fused=True),
+                lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.3, seed=5, fused=True),
+            )
+        ):
             _compare_direct(rank, world, make, steps=3 if i == 0 else 2)  # the first takes every mode
         from maskopt.kernels import launch
 
@@ -152,13 +163,19 @@ def fused_mofo_zeros_and_spikes(rank, world):
 
     launch._debug_capture = seen = []
     with _interpreted_kernels(cand_frac=3.0):  # every bin fits: window ties resolved across ranks
-        _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, fused=True), steps=4, grads=grads)
+        _compare_direct(
+            rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, fused=True), steps=4, grads=grads
+        )
     launch._debug_capture = None
     modes = {int(m) for rec in seen for m in rec["sst"][0]}
     assert {0, 2, 3} <= modes, modes  # window, zeros, fallback
     with _interpreted_kernels():
-        _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, fused=True, moment_dtype=torch.bfloat16),
-                        steps=2)
+        _compare_direct(
+            rank,
+            world,
+            lambda ps: MoFO(ps, lr=1e-2, alpha=0.3, fused=True, moment_dtype=torch.bfloat16),
+            steps=2,
+        )
 
 
 def mofo_float64(rank, world):
@@ -190,7 +207,9 @@ def mofo_nan(rank, world):
         return out
 
     before = [t.clone() for t in _full_params()]
-    _compare_direct(rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.5), steps=1, grads=grads, equal=_equal_nan)
+    _compare_direct(
+        rank, world, lambda ps: MoFO(ps, lr=1e-2, alpha=0.5), steps=1, grads=grads, equal=_equal_nan
+    )
     plain = [torch.nn.Parameter(t.clone()) for t in before]
     opt = MoFO(plain, lr=1e-2, alpha=0.5)
     for p, g in zip(plain, grads(0)):
@@ -226,7 +245,10 @@ def block_size_alignment(rank, world):
         full = torch.randn(6, 4, generator=gen)
         p = torch.nn.Parameter(full.clone())
         q = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
-        a, b = MoFO([p], lr=1e-2, alpha=0.25, block_size=block), MoFO([q], lr=1e-2, alpha=0.25, block_size=block)
+        a, b = (
+            MoFO([p], lr=1e-2, alpha=0.25, block_size=block),
+            MoFO([q], lr=1e-2, alpha=0.25, block_size=block),
+        )
         g = torch.randn(6, 4, generator=gen)
         p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), mesh, [Shard(0)])
         a.step()
@@ -242,8 +264,15 @@ def block_size_alignment(rank, world):
 
 
 def _llama():
-    return tiny_llama(2, kv_heads=2, vocab=48, hidden=16, intermediate=24, max_position_embeddings=32,
-                      tie_word_embeddings=False)
+    return tiny_llama(
+        2,
+        kv_heads=2,
+        vocab=48,
+        hidden=16,
+        intermediate=24,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
 
 
 def _batch(step, world):
@@ -274,7 +303,7 @@ def _fsdp_vs_single(rank, world, make, steps=3, round_at=None, telemetry=False):
             opt_sharded.new_round()
         ids = _batch(step, world)
         single(input_ids=ids, labels=ids).loss.backward()
-        mine = ids[rank * 2:(rank + 1) * 2]
+        mine = ids[rank * 2 : (rank + 1) * 2]
         sharded(input_ids=mine, labels=mine).loss.backward()
         opt_single.step()
         opt_sharded.step()
@@ -303,15 +332,22 @@ def fsdp_mofo(rank, world):
 def fsdp_random_bcd(rank, world):
     from maskopt import RandomBCD
 
-    _fsdp_vs_single(rank, world, lambda m: RandomBCD(m.parameters(), lr=1e-2, alpha=0.2, seed=5), telemetry=True)
+    _fsdp_vs_single(
+        rank, world, lambda m: RandomBCD(m.parameters(), lr=1e-2, alpha=0.2, seed=5), telemetry=True
+    )
 
 
 def fsdp_half_adam_rounds(rank, world):
     from maskopt import HalfAdam
 
     for freeze in ("mask", "requires_grad"):
-        _fsdp_vs_single(rank, world, lambda m: HalfAdam(m.named_parameters(), lr=1e-2, freeze=freeze, seed=1),
-                        steps=4, round_at=2)
+        _fsdp_vs_single(
+            rank,
+            world,
+            lambda m: HalfAdam(m.named_parameters(), lr=1e-2, freeze=freeze, seed=1),
+            steps=4,
+            round_at=2,
+        )
     # "parameter" strategy: a hashed half of the entries of every tensor, on global indices
     _fsdp_vs_single(rank, world, lambda m: HalfAdam(m.named_parameters(), lr=1e-2, strategy="parameter"))
 
@@ -336,7 +372,7 @@ def fsdp_dcp_resume(rank, world):
 
     def train(model, opt, steps):
         for step in steps:
-            ids = _batch(step, world)[rank * 2:(rank + 1) * 2]
+            ids = _batch(step, world)[rank * 2 : (rank + 1) * 2]
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
@@ -350,8 +386,10 @@ def fsdp_dcp_resume(rank, world):
 
     fresh, fresh_opt = build()
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)  # creates the state (an lr=0 step)
-    assert all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in
-               zip(fresh.parameters(), build()[0].parameters())), "the state-creating step moved a parameter"
+    assert all(
+        torch.equal(p.full_tensor(), q.full_tensor())
+        for p, q in zip(fresh.parameters(), build()[0].parameters())
+    ), "the state-creating step moved a parameter"
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -375,6 +413,7 @@ def tensor_parallel_refused(rank, world):
 
 # ------------------------------------------------------------------------------ tests
 
+
 def test_fused_sharded_step_equals_single_process_bitwise():
     """FSDP2 shards on the Triton path (the interpreter here; NCCL and CUDA on a GPU): exact
     over the whole tensor, bitwise equal to the fused step of one process."""
@@ -382,8 +421,10 @@ def test_fused_sharded_step_equals_single_process_bitwise():
 
 
 def test_sharded_dtensor_step_equals_single_process_bitwise():
-    _spawn("mofo_momentum,mofo_float64,mofo_nan,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,"
-           "tensor_parallel_refused")
+    _spawn(
+        "mofo_momentum,mofo_float64,mofo_nan,mofo_gradient_small_alpha,random_bcd_both,block_size_alignment,"
+        "tensor_parallel_refused"
+    )
 
 
 def test_fsdp2_training_equals_single_process():
@@ -396,5 +437,7 @@ def test_fsdp2_distributed_checkpoint_resume():
     _spawn("fsdp_dcp_resume")
 
 
-if __name__ == "__main__":  # one scenario by hand: PYTHONPATH=tests python tests/distributed/test_fsdp.py fsdp_mofo
+if (
+    __name__ == "__main__"
+):  # one scenario by hand: PYTHONPATH=tests python tests/distributed/test_fsdp.py fsdp_mofo
     _spawn(sys.argv[1])

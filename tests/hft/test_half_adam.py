@@ -9,11 +9,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch import nn
-
-from maskopt import HalfAdam
-from maskopt.hft import entry_mask, plan_half
-
 from _tiny_models import (
     TinyLlama,
     causal_lm_ids,
@@ -25,6 +20,10 @@ from _tiny_models import (
     token_ids,
     train_causal_lm,
 )
+from torch import nn
+
+from maskopt import HalfAdam
+from maskopt.hft import entry_mask, plan_half
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,11 +53,18 @@ def test_category_half_freezes_exactly_half_of_each_layer_category_and_keeps_emb
     assert model.model.embed_tokens.weight.requires_grad and model.lm_head.weight.requires_grad
     assert model.model.norm.weight.requires_grad
     for layer in model.model.layers:
-        attn = [getattr(layer.self_attn, n).weight.requires_grad for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        norms = [layer.input_layernorm.weight.requires_grad, layer.post_attention_layernorm.weight.requires_grad]
+        attn = [
+            getattr(layer.self_attn, n).weight.requires_grad for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ]
+        norms = [
+            layer.input_layernorm.weight.requires_grad,
+            layer.post_attention_layernorm.weight.requires_grad,
+        ]
         assert sum(attn) == 2 and sum(norms) == 1
-    ffn = [sum(getattr(l.mlp, n).weight.requires_grad for n in ("gate_proj", "up_proj", "down_proj"))
-           for l in model.model.layers]
+    ffn = [
+        sum(getattr(l.mlp, n).weight.requires_grad for n in ("gate_proj", "up_proj", "down_proj"))
+        for l in model.model.layers
+    ]
     assert sorted(ffn) == [1, 1, 2, 2]  # 2 in a random half of the layers, 1 in the rest
     assert opt.plan is not None
 
@@ -175,12 +181,19 @@ def test_planner_options_reach_the_plan():
 # -- tiny transformers models ----------------------------------------------------------------------
 
 # two layers each; the Llama with grouped-query attention (2 key/value heads)
-ARCHS = {"llama": partial(tiny_llama, kv_heads=2), "gpt2": tiny_gpt2, "gpt_neox": tiny_neox, "bert": tiny_bert,
-         "mixtral": tiny_mixtral}
+ARCHS = {
+    "llama": partial(tiny_llama, kv_heads=2),
+    "gpt2": tiny_gpt2,
+    "gpt_neox": tiny_neox,
+    "bert": tiny_bert,
+    "mixtral": tiny_mixtral,
+}
 
 
 def state_numel(opt):
-    return sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return sum(
+        v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "bert", "mixtral"])
@@ -215,6 +228,7 @@ def test_state_memory_is_half_of_adamw():
     layer = {n for n in numel if n.startswith("model.layers.")}
     assert state_numel(adamw) == 2 * sum(numel.values())
     assert state_numel(half) == 2 * sum(numel[n] for n in plan.trainable)
+
     # layer tensors: exactly half of AdamW's state; outside the layers (embeddings, lm_head): all of it
     def layer_state(opt, model):
         ps = {dict(model.named_parameters())[n] for n in layer}

@@ -10,6 +10,18 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from _tiny_models import (
+    causal_lm_ids,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mixtral,
+    tiny_neox,
+    tiny_qwen2,
+    tiny_qwen2_moe,
+    train_causal_lm,
+)
 from torch import nn
 
 from maskopt.groups import is_bias_or_norm
@@ -23,19 +35,6 @@ from maskopt.hft import (
     unfreeze,
 )
 from maskopt.hft.categories import is_norm_name
-
-from _tiny_models import (
-    causal_lm_ids,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_mistral,
-    tiny_mixtral,
-    tiny_neox,
-    tiny_qwen2,
-    tiny_qwen2_moe,
-    train_causal_lm,
-)
 
 pytest.importorskip("transformers")  # most models here are transformers models
 
@@ -57,7 +56,11 @@ def torch_encoder(layers=3):
 class _Expert(nn.Module):
     def __init__(self, d=16, h=24):
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False), nn.Linear(d, h, bias=False)
+        self.w1, self.w2, self.w3 = (
+            nn.Linear(d, h, bias=False),
+            nn.Linear(h, d, bias=False),
+            nn.Linear(d, h, bias=False),
+        )
 
 
 class _MoEBlock(nn.Module):
@@ -65,7 +68,9 @@ class _MoEBlock(nn.Module):
 
     def __init__(self, d=16, experts=4):
         super().__init__()
-        self.self_attn = nn.ModuleDict({k: nn.Linear(d, d, bias=False) for k in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.self_attn = nn.ModuleDict(
+            {k: nn.Linear(d, d, bias=False) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        )
         self.block_sparse_moe = nn.Module()
         self.block_sparse_moe.gate = nn.Linear(d, experts, bias=False)
         self.block_sparse_moe.experts = nn.ModuleList(_Expert(d) for _ in range(experts))
@@ -84,14 +89,28 @@ class _PerExpertMoE(nn.Module):
 
 
 ARCHS = {
-    "llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral, "gpt2": tiny_gpt2, "gpt_neox": tiny_neox,
-    "bert": tiny_bert, "mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe, "torch_encoder": torch_encoder,
+    "llama": tiny_llama,
+    "qwen2": tiny_qwen2,
+    "mistral": tiny_mistral,
+    "gpt2": tiny_gpt2,
+    "gpt_neox": tiny_neox,
+    "bert": tiny_bert,
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
+    "torch_encoder": torch_encoder,
     "per_expert_moe": _PerExpertMoE,
 }
 STACKS = {
-    "llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gpt2": "transformer.h",
-    "gpt_neox": "gpt_neox.layers", "bert": "bert.encoder.layer", "mixtral": "model.layers",
-    "qwen2_moe": "model.layers", "torch_encoder": "layers", "per_expert_moe": "layers",
+    "llama": "model.layers",
+    "qwen2": "model.layers",
+    "mistral": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "bert": "bert.encoder.layer",
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
+    "torch_encoder": "layers",
+    "per_expert_moe": "layers",
 }
 
 
@@ -135,7 +154,12 @@ def test_llama_category_is_the_paper_exactly(seed):
     assert all(v == (1, 2) for v in norm.values())  # 1 of 2 norms
     assert sorted(v[0] for v in ffn.values()) == [1, 1, 2, 2]  # FFN: 2 in half the layers, 1 in the others
     for layer in range(4):
-        assert sorted(leaf(u) for u in units_of(plan, layer, "attention")) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert sorted(leaf(u) for u in units_of(plan, layer, "attention")) == [
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "v_proj",
+        ]
         assert sorted(leaf(u) for u in units_of(plan, layer, "ffn")) == ["down_proj", "gate_proj", "up_proj"]
 
     # exactly half of the transformer-layer parameters frozen
@@ -161,7 +185,9 @@ def test_llama_odd_layer_count_follows_len_div_2():
 def test_llama_freeze_non_layer_freezes_embeddings_and_head():
     plan = plan_half(tiny_llama(), freeze_non_layer=True)
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= plan.frozen
-    assert plan.trainable_fraction("all") == pytest.approx(plan.counts()["layers"][0] / plan.counts()["all"][1])
+    assert plan.trainable_fraction("all") == pytest.approx(
+        plan.counts()["layers"][0] / plan.counts()["all"][1]
+    )
 
 
 def test_names_and_model_give_the_same_plan():
@@ -227,7 +253,9 @@ def test_grouped_query_attention_reports_the_real_fraction(build):
         plan = plan_half(model, seed=seed)
         assert all(v == (2, 4) for v in per_layer(plan, "attention").values())
         attn_names = [n for n in numel if ".self_attn." in n]
-        exact = Fraction(sum(numel[n] for n in attn_names if n in plan.trainable), sum(numel[n] for n in attn_names))
+        exact = Fraction(
+            sum(numel[n] for n in attn_names if n in plan.trainable), sum(numel[n] for n in attn_names)
+        )
         assert plan.trainable_fraction("attention") == float(exact)
         fracs.add(exact)
     # k/v are smaller than q/o, so 2 of 4 matrices is not half the numel in general
@@ -245,9 +273,14 @@ def test_gpt2_fused_c_attn_and_conv1d():
         attn = {leaf(u): u for u in units_of(plan, layer, "attention")}
         ffn = {leaf(u): u for u in units_of(plan, layer, "ffn")}
         norm = {leaf(u) for u in units_of(plan, layer, "norm")}
-        assert set(attn) == {"c_attn", "c_proj"} and set(ffn) == {"c_fc", "c_proj"} and norm == {"ln_1", "ln_2"}
+        assert (
+            set(attn) == {"c_attn", "c_proj"} and set(ffn) == {"c_fc", "c_proj"} and norm == {"ln_1", "ln_2"}
+        )
         assert attn["c_proj"].rel == "attn.c_proj" and ffn["c_proj"].rel == "mlp.c_proj"
-        assert attn["c_attn"].names == (f"transformer.h.{layer}.attn.c_attn.weight", f"transformer.h.{layer}.attn.c_attn.bias")
+        assert attn["c_attn"].names == (
+            f"transformer.h.{layer}.attn.c_attn.weight",
+            f"transformer.h.{layer}.attn.c_attn.bias",
+        )
         assert sum(trained(plan, u) for u in attn.values()) == 1
         assert sum(trained(plan, u) for u in ffn.values()) == 1
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"} <= plan.trainable
@@ -266,16 +299,25 @@ def test_gpt_neox_fused_query_key_value():
         assert attn == {"attention.query_key_value", "attention.dense"}
         assert ffn == {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}
         assert per_layer(plan, "attention")[layer] == (1, 2)
-    assert {"gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm.weight", "lm_head.weight"} <= plan.trainable
+    assert {
+        "gpt_neox.embed_in.weight",
+        "gpt_neox.final_layer_norm.weight",
+        "lm_head.weight",
+    } <= plan.trainable
 
 
 def test_bert_dense_in_attention_output_vs_ffn_output():
     plan = plan_half(tiny_bert(), seed=2)
     cat = {u.rel: u.category for u in plan.units if u.layer == 0}
     assert cat == {
-        "attention.self.query": "attention", "attention.self.key": "attention", "attention.self.value": "attention",
-        "attention.output.dense": "attention", "attention.output.LayerNorm": "norm",
-        "intermediate.dense": "ffn", "output.dense": "ffn", "output.LayerNorm": "norm",
+        "attention.self.query": "attention",
+        "attention.self.key": "attention",
+        "attention.self.value": "attention",
+        "attention.output.dense": "attention",
+        "attention.output.LayerNorm": "norm",
+        "intermediate.dense": "ffn",
+        "output.dense": "ffn",
+        "output.LayerNorm": "norm",
     }
     assert all(v == (2, 4) for v in per_layer(plan, "attention").values())
     assert all(v == (1, 2) for v in per_layer(plan, "ffn").values())
@@ -288,10 +330,17 @@ def test_torch_transformer_encoder():
     for layer in range(4):
         units = {u.rel: u for u in plan.units if u.layer == layer}
         assert {r: u.category for r, u in units.items()} == {
-            "self_attn.in_proj": "attention", "self_attn.out_proj": "attention",
-            "linear1": "ffn", "linear2": "ffn", "norm1": "norm", "norm2": "norm"}
-        assert units["self_attn.in_proj"].names == (f"layers.{layer}.self_attn.in_proj_weight",
-                                                    f"layers.{layer}.self_attn.in_proj_bias")
+            "self_attn.in_proj": "attention",
+            "self_attn.out_proj": "attention",
+            "linear1": "ffn",
+            "linear2": "ffn",
+            "norm1": "norm",
+            "norm2": "norm",
+        }
+        assert units["self_attn.in_proj"].names == (
+            f"layers.{layer}.self_attn.in_proj_weight",
+            f"layers.{layer}.self_attn.in_proj_bias",
+        )
         for cat in ("attention", "ffn", "norm"):
             assert per_layer(plan, cat)[layer] == (1, 2)
 
@@ -318,7 +367,10 @@ def test_qwen2_moe_shared_expert_is_an_ffn_and_its_gate_a_router():
     assert cats["mlp.gate"] == cats["mlp.shared_expert_gate"] == "router"
     assert cats["mlp.experts.gate_up_proj"] == cats["mlp.experts.down_proj"] == "experts"
     assert {r for r, c in cats.items() if c == "ffn"} == {
-        "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"}
+        "mlp.shared_expert.gate_proj",
+        "mlp.shared_expert.up_proj",
+        "mlp.shared_expert.down_proj",
+    }
     assert sorted(v[0] for v in per_layer(plan, "ffn").values()) == [1, 1, 2, 2]  # Llama's FFN rule
     assert all(v == (1, 2) for v in per_layer(plan, "router").values())
     assert all(v == (1, 2) for v in per_layer(plan, "experts").values())
@@ -395,8 +447,14 @@ def test_count_rule_for_any_ratio_property():
     st = hypothesis.strategies
 
     @hypothesis.settings(max_examples=60, deadline=None)
-    @hypothesis.given(layers=st.integers(1, 7), n_attn=st.integers(1, 5), n_ffn=st.integers(1, 5),
-                      n_norm=st.integers(1, 3), ratio=st.floats(0.01, 1.0), seed=st.integers(0, 2**40))
+    @hypothesis.given(
+        layers=st.integers(1, 7),
+        n_attn=st.integers(1, 5),
+        n_ffn=st.integers(1, 5),
+        n_norm=st.integers(1, 3),
+        ratio=st.floats(0.01, 1.0),
+        seed=st.integers(0, 2**40),
+    )
     def check(layers, n_attn, n_ffn, n_norm, ratio, seed):
         named = _synthetic(layers, n_attn, n_ffn, n_norm)
         plan = plan_half(named, ratio=ratio, seed=seed)
@@ -475,17 +533,21 @@ def test_bad_strategy_and_options():
         freeze_half(tiny_llama(), freeze="mask")
 
 
-@pytest.mark.parametrize("call, shown", [
-    (lambda named: plan_half(named, layers=5), "5"),
-    (lambda named: find_layer_stacks(named, layers=5), "5"),
-    (lambda named: plan_half(named, strategy="model", layers=5.0), "5.0"),
-    (lambda named: plan_half(named, layers=["model.layers", 5]), "['model.layers', 5]"),
-])
+@pytest.mark.parametrize(
+    "call, shown",
+    [
+        (lambda named: plan_half(named, layers=5), "5"),
+        (lambda named: find_layer_stacks(named, layers=5), "5"),
+        (lambda named: plan_half(named, strategy="model", layers=5.0), "5.0"),
+        (lambda named: plan_half(named, layers=["model.layers", 5]), "['model.layers', 5]"),
+    ],
+)
 def test_bad_layers_names_the_argument_and_the_allowed_values(call, shown):
     with pytest.raises(ValueError) as err:
         call(_synthetic(2, 4, 3, 2))
     assert str(err.value) == (
-        f"Invalid layers: {shown}; allowed: None, a prefix string such as 'model.layers', or a list of them")
+        f"Invalid layers: {shown}; allowed: None, a prefix string such as 'model.layers', or a list of them"
+    )
 
 
 def test_layers_as_str_list_tuple_or_generator_give_the_same_plan():
@@ -500,22 +562,35 @@ def test_layers_as_str_list_tuple_or_generator_give_the_same_plan():
 def test_numpy_scalars_are_accepted_like_python_numbers(strategy):
     named = _synthetic(4, 4, 3, 2)
     want = plan_half(named, 0.5, strategy, 3, 1)
-    for ratio, seed, rnd in [(np.float64(0.5), np.int64(3), np.int64(1)),
-                             (np.float32(0.5), np.int32(3), np.uint8(1))]:
+    for ratio, seed, rnd in [
+        (np.float64(0.5), np.int64(3), np.int64(1)),
+        (np.float32(0.5), np.int32(3), np.uint8(1)),
+    ]:
         got = plan_half(named, ratio=ratio, strategy=strategy, seed=seed, round=rnd)
         assert got.trainable == want.trainable and got.entry_masked == want.entry_masked
         assert type(got.seed) is int and type(got.round) is int and type(got.ratio) is float
         assert (got.seed, got.round, got.ratio) == (3, 1, 0.5)
-    assert plan_half(named, ratio=np.float64(0.3), seed=np.int64(-7)).trainable == \
-        plan_half(named, ratio=0.3, seed=-7).trainable
+    assert (
+        plan_half(named, ratio=np.float64(0.3), seed=np.int64(-7)).trainable
+        == plan_half(named, ratio=0.3, seed=-7).trainable
+    )
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(seed=True), "seed"), (dict(seed=np.True_), "seed"), (dict(seed=np.float64(2.0)), "seed"),
-    (dict(round=True), "round"), (dict(round=np.int64(-1)), "round"), (dict(round=2.0), "round"),
-    (dict(ratio=np.True_), "ratio"), (dict(ratio=np.float64(1.5)), "ratio"), (dict(ratio="0.5"), "ratio"),
-    (dict(freeze_non_layer=1), "freeze_non_layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(seed=True), "seed"),
+        (dict(seed=np.True_), "seed"),
+        (dict(seed=np.float64(2.0)), "seed"),
+        (dict(round=True), "round"),
+        (dict(round=np.int64(-1)), "round"),
+        (dict(round=2.0), "round"),
+        (dict(ratio=np.True_), "ratio"),
+        (dict(ratio=np.float64(1.5)), "ratio"),
+        (dict(ratio="0.5"), "ratio"),
+        (dict(freeze_non_layer=1), "freeze_non_layer"),
+    ],
+)
 def test_bools_and_out_of_range_numbers_are_refused(kwargs, name):
     with pytest.raises(ValueError, match=f"Invalid {name}: "):
         plan_half(_synthetic(2, 4, 3, 2), **kwargs)
@@ -526,8 +601,12 @@ def test_check_plan_options_refuses_early_and_keeps_layers_reusable():
 
     kept = check_plan_options(layers=(p for p in ["model.layers"]), classify={r"\.m0$": "attention"})
     assert kept["layers"] == ("model.layers",) and kept["balance"] == "count"
-    for bad, name in [(dict(layers=5), "layers"), (dict(classify=3), "classify"),
-                      (dict(freeze_non_layer="yes"), "freeze_non_layer"), (dict(balance="size"), "balance")]:
+    for bad, name in [
+        (dict(layers=5), "layers"),
+        (dict(classify=3), "classify"),
+        (dict(freeze_non_layer="yes"), "freeze_non_layer"),
+        (dict(balance="size"), "balance"),
+    ]:
         with pytest.raises(ValueError, match=f"Invalid {name}: "):
             check_plan_options(**bad)
 
@@ -606,7 +685,11 @@ def test_module_types_help_where_names_do_not():
         plan_half(net)  # the Attention class and the LayerNorm type are recognised; z is not
     plan = plan_half(net, classify=lambda path, mod: "ffn" if ".z." in path else None)
     assert {u.rel: u.category for u in plan.units if u.layer == 0} == {
-        "x.a": "attention", "x.b": "attention", "y": "norm", "z.0": "ffn"}
+        "x.a": "attention",
+        "x.b": "attention",
+        "y": "norm",
+        "z.0": "ffn",
+    }
 
 
 def test_no_layer_stack():
@@ -712,7 +795,9 @@ def test_half_reset_restores_the_frozen_half():
     assert plan.trainable_fraction("layers") == 0.5
     for n, p in finetuned.named_parameters():
         assert torch.equal(p, pre[n] if n in plan.frozen else tuned[n]), n
-    assert torch.equal(finetuned.lm_head.weight, tuned["lm_head.weight"])  # embeddings/lm_head stay fine-tuned
+    assert torch.equal(
+        finetuned.lm_head.weight, tuned["lm_head.weight"]
+    )  # embeddings/lm_head stay fine-tuned
     # a state dict works as well, and the plan can be passed in
     ft2 = tiny_llama()
     with torch.no_grad():
@@ -745,9 +830,21 @@ def test_half_reset_parameter_strategy_and_errors():
 def test_a_wrapped_model_draws_the_same_half_as_the_bare_one():
     from maskopt.hft import plan_half
 
-    names = [f"model.layers.{i}.{m}.weight" for i in range(4)
-             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+    names = [
+        f"model.layers.{i}.{m}.weight"
+        for i in range(4)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        )
+    ]
     bare = [(n, torch.nn.Parameter(torch.zeros(2, 2))) for n in names]
     for strategy in ("category", "layer"):
         for seed in range(4):
@@ -755,7 +852,7 @@ def test_a_wrapped_model_draws_the_same_half_as_the_bare_one():
             for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
                 wrapped = [(prefix + n, p) for n, p in bare]
                 got = plan_half(wrapped, strategy=strategy, seed=seed).trainable
-                assert {n[len(prefix):] for n in got} == set(want), (strategy, seed, prefix)
+                assert {n[len(prefix) :] for n in got} == set(want), (strategy, seed, prefix)
 
 
 # ---------------------------------------------------------------------------------------------

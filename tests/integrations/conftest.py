@@ -1,7 +1,6 @@
 """Fixtures of the integration tests."""
 
 import pytest
-
 from _helpers import reset_accelerate_state
 
 

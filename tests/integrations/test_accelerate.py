@@ -12,9 +12,9 @@ from torch import nn
 
 accelerate = pytest.importorskip("accelerate")
 
-from maskopt import MoFO, topk_count
-
 from _helpers import reset_accelerate_state
+
+from maskopt import MoFO, topk_count
 
 ACCUM = 2
 MICRO_BATCHES = 8

@@ -17,11 +17,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
-from maskopt.hft import freeze_half
-
 from _helpers import snapshot, stable_topk_mask
 from _tiny_models import TokenData, tiny_llama
+
+from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
+from maskopt.hft import freeze_half
 
 transformers.logging.set_verbosity_error()
 
@@ -43,9 +43,17 @@ def token_data(n=8):
 
 def trainer_args(out, **kw):
     base = {
-        "output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
-        "report_to": [], "use_cpu": True, "save_strategy": "no", "logging_strategy": "no",
-        "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0,
+        "output_dir": str(out),
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
     }
     return transformers.TrainingArguments(**(base | kw))
 
@@ -85,8 +93,10 @@ def test_trainer_optimizer_cls_and_kwargs_mofo_moves_exactly_topk(tmp_path):
     model = llama()
     before = snapshot(model)
     trainer = transformers.Trainer(
-        model=model, args=trainer_args(tmp_path, max_steps=1, learning_rate=5e-5),
-        train_dataset=token_data(), optimizer_cls_and_kwargs=(MoFO, {"alpha": alpha, "lr": 1e-2}),
+        model=model,
+        args=trainer_args(tmp_path, max_steps=1, learning_rate=5e-5),
+        train_dataset=token_data(),
+        optimizer_cls_and_kwargs=(MoFO, {"alpha": alpha, "lr": 1e-2}),
     )
     trainer.train()
     opt = unwrap(trainer.optimizer)
@@ -119,7 +129,11 @@ def test_trainer_optimizers_tuple_random_bcd_moves_only_its_mask(tmp_path):
     before = snapshot(model)
     opt = RandomBCD(model.parameters(), lr=1e-2, alpha=alpha, seed=seed)
     trainer = transformers.Trainer(
-        model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=token_data(), optimizers=(opt, None))
+        model=model,
+        args=trainer_args(tmp_path, max_steps=1),
+        train_dataset=token_data(),
+        optimizers=(opt, None),
+    )
     trainer.train()
     assert unwrap(trainer.optimizer) is opt
     moved_total = selected_total = 0
@@ -142,8 +156,11 @@ def test_trainer_optimizers_tuple_halfadam_and_its_checkpoint(tmp_path):
     frozen = set(opt.plan.frozen)
     assert frozen and opt.plan.trainable
     trainer = transformers.Trainer(
-        model=model, args=trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
-        train_dataset=token_data(), optimizers=(opt, None))
+        model=model,
+        args=trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=token_data(),
+        optimizers=(opt, None),
+    )
     trainer.train()
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), before[name]) == (name in frozen), name
@@ -165,7 +182,8 @@ def test_trainer_freeze_half_with_stock_adamw(tmp_path):
     before = snapshot(model)
     plan = freeze_half(model, ratio=0.5, seed=0)
     trainer = transformers.Trainer(
-        model=model, args=trainer_args(tmp_path, max_steps=2, weight_decay=0.1), train_dataset=token_data())
+        model=model, args=trainer_args(tmp_path, max_steps=2, weight_decay=0.1), train_dataset=token_data()
+    )
     trainer.train()
     assert isinstance(unwrap(trainer.optimizer), torch.optim.AdamW)
     assert plan.frozen
@@ -182,11 +200,15 @@ def test_trainer_freeze_half_with_stock_adamw(tmp_path):
 def _mofo_trainer(out, model, max_steps):
     # weight decay must come from TrainingArguments: the Trainer's param groups set it per group,
     # overriding a weight_decay in the optimizer kwargs
-    args = trainer_args(out, max_steps=max_steps, save_strategy="steps", save_steps=2, warmup_steps=1,
-                        weight_decay=0.01)
+    args = trainer_args(
+        out, max_steps=max_steps, save_strategy="steps", save_steps=2, warmup_steps=1, weight_decay=0.01
+    )
     return transformers.Trainer(
-        model=model, args=args, train_dataset=token_data(n=6),
-        optimizer_cls_and_kwargs=(MoFO, {"alpha": 0.2, "lr": 1e-2}))
+        model=model,
+        args=args,
+        train_dataset=token_data(n=6),
+        optimizer_cls_and_kwargs=(MoFO, {"alpha": 0.2, "lr": 1e-2}),
+    )
 
 
 def test_trainer_mofo_resume_from_checkpoint_matches_uninterrupted(tmp_path):
@@ -231,7 +253,8 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def test_trl_sft_trainer_with_mofo(tmp_path):
@@ -247,13 +270,27 @@ def test_trl_sft_trainer_with_mofo(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # trl sets a deprecated TrainingArguments alias
         args = trl.SFTConfig(
-            output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-            lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-            disable_tqdm=True, max_length=32, seed=0)  # trl's default bf16=True: CPU bf16 autocast here
+            output_dir=str(tmp_path),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            max_length=32,
+            seed=0,
+        )  # trl's default bf16=True: CPU bf16 autocast here
     assert args.bf16
     trainer = trl.SFTTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tok,
-        optimizer_cls_and_kwargs=(MoFO, {"alpha": alpha, "lr": 1e-2}))
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        optimizer_cls_and_kwargs=(MoFO, {"alpha": alpha, "lr": 1e-2}),
+    )
     trainer.train()
 
     opt = unwrap(trainer.optimizer)

@@ -14,9 +14,9 @@ from torch import nn
 
 L = pytest.importorskip("lightning")
 
-from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
-
 from _helpers import snapshot, stable_topk_mask
+
+from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
@@ -45,8 +45,14 @@ def regression_loader(n=32, batch=8):
 
 def trainer(max_steps, **kw):
     base = {
-        "max_steps": max_steps, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-        "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
     }
     return L.Trainer(**(base | kw))
 
@@ -118,7 +124,9 @@ class CountMovedPerStep(L.Callback):
         self._before = snapshot(pl_module)  # after backward, before the update
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.counts.append({n: int((p.detach() != self._before[n]).sum()) for n, p in pl_module.named_parameters()})
+        self.counts.append(
+            {n: int((p.detach() != self._before[n]).sum()) for n, p in pl_module.named_parameters()}
+        )
 
 
 def test_lightning_random_bcd_with_scheduler_dict():
@@ -155,9 +163,16 @@ def test_lightning_halfadam_on_tiny_llama():
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
-                vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4))
+            self.model = transformers.AutoModelForCausalLM.from_config(
+                transformers.LlamaConfig(
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                )
+            )
             self.losses = []
 
         def training_step(self, batch, batch_idx):

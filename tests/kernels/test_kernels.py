@@ -27,8 +27,8 @@ pytest.importorskip("triton")
 
 from maskopt import _hash  # noqa: E402
 from maskopt._functional import masked_adam_  # noqa: E402
-from maskopt.policy import SelectionPolicy  # noqa: E402
 from maskopt.kernels import fused_adam_step_, is_available  # noqa: E402
+from maskopt.policy import SelectionPolicy  # noqa: E402
 from maskopt.reference import reference_step  # noqa: E402
 from maskopt.selection import topk_count  # noqa: E402
 
@@ -41,8 +41,18 @@ def _load_launch():
     from maskopt.kernels import launch
 
     if (DEVICE.type == "cpu") != launch._kernels_interpreted():
-        for name in ("_common", "_dense", "_window", "_fallback", "_local", "_apply", "_resolve", "_sharded",
-                     "_plan", "launch"):
+        for name in (
+            "_common",
+            "_dense",
+            "_window",
+            "_fallback",
+            "_local",
+            "_apply",
+            "_resolve",
+            "_sharded",
+            "_plan",
+            "launch",
+        ):
             importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
         from maskopt.kernels import launch
     return launch
@@ -108,35 +118,94 @@ def _grads(ps, seed, kind="normal"):
     return out
 
 
-def _run(selection, ps, ms, vs, steps, grads, *, alpha=0.1, block_size=None, mwd=True,
-         hash_counter=None, seed=7, grad_scale=None, found_inf=None, hp=HP, fn=None):
+def _run(
+    selection,
+    ps,
+    ms,
+    vs,
+    steps,
+    grads,
+    *,
+    alpha=0.1,
+    block_size=None,
+    mwd=True,
+    hash_counter=None,
+    seed=7,
+    grad_scale=None,
+    found_inf=None,
+    hp=HP,
+    fn=None,
+):
     policy = SelectionPolicy(selection, alpha, block_size, seed, hash_counter)
     (fn or fused_adam_step_)(
-        ps, grads, ms, vs, steps, policy=policy, mask_weight_decay=mwd,
-        tensor_indices=[3 * i + 1 for i in range(len(ps))], grad_scale=grad_scale, found_inf=found_inf, **hp)
+        ps,
+        grads,
+        ms,
+        vs,
+        steps,
+        policy=policy,
+        mask_weight_decay=mwd,
+        tensor_indices=[3 * i + 1 for i in range(len(ps))],
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        **hp,
+    )
 
 
-def _compare_with_reference(selection, shapes, *, dtype=torch.float32, steps_n=2, alpha=0.1,
-                            block_size=None, mwd=True, hash_counter=None, grad_kind="normal",
-                            hp=HP):
+def _compare_with_reference(
+    selection,
+    shapes,
+    *,
+    dtype=torch.float32,
+    steps_n=2,
+    alpha=0.1,
+    block_size=None,
+    mwd=True,
+    hash_counter=None,
+    grad_kind="normal",
+    hp=HP,
+):
     ps, ms, vs, steps = _tensors(shapes, dtype)
     ref_p = [p.detach().cpu().clone() for p in ps]
     ref_state = [{} for _ in shapes]
     for it in range(steps_n):
         grads = _grads(ps, it, grad_kind)
         before = [p.detach().cpu().clone() for p in ps]
-        _run(selection, ps, ms, vs, steps, grads, alpha=alpha, block_size=block_size, mwd=mwd,
-             hash_counter=hash_counter, hp=hp)
+        _run(
+            selection,
+            ps,
+            ms,
+            vs,
+            steps,
+            grads,
+            alpha=alpha,
+            block_size=block_size,
+            mwd=mwd,
+            hash_counter=hash_counter,
+            hp=hp,
+        )
         for i, p in enumerate(ps):
-            mask = reference_step(ref_p[i], grads[i].cpu(), ref_state[i], selection=selection,
-                                  alpha=alpha, block_size=block_size, mask_weight_decay=mwd, seed=7,
-                                  tensor_index=3 * i + 1, hash_counter=hash_counter, **hp)
+            mask = reference_step(
+                ref_p[i],
+                grads[i].cpu(),
+                ref_state[i],
+                selection=selection,
+                alpha=alpha,
+                block_size=block_size,
+                mask_weight_decay=mwd,
+                seed=7,
+                tensor_index=3 * i + 1,
+                hash_counter=hash_counter,
+                **hp,
+            )
             got = p.detach().cpu()
             # exact selection: the unselected entries keep their bits, the selected all move
             if mwd or hp["weight_decay"] == 0:
                 assert torch.equal(got[~mask], before[i][~mask]), f"tensor {i}: unselected entry written"
             if p.dtype == torch.float32:  # (a 16-bit entry may legitimately round back)
-                assert bool((got[mask] != before[i][mask]).all()), f"tensor {i}: a selected entry did not move"
+                assert bool((got[mask] != before[i][mask]).all()), (
+                    f"tensor {i}: a selected entry did not move"
+                )
             if selection.startswith("topk") and block_size is None and p.numel():
                 assert int(mask.sum()) == topk_count(p.numel(), alpha)
     for i, p in enumerate(ps):
@@ -150,6 +219,7 @@ def _compare_with_reference(selection, shapes, *, dtype=torch.float32, steps_n=2
 
 
 # --------------------------------------------------------------------------------------- basics
+
 
 def test_is_available():
     assert is_available(DEVICE)
@@ -187,23 +257,25 @@ def test_selection_matches_reference(selection, layout):
 
 @pytest.mark.parametrize("block_size", [1000, 64])
 def test_block_size_matches_reference(block_size, layout):
-    _compare_with_reference("topk_momentum", [(4097,), (5, 123), (2500,), (0,)], block_size=block_size,
-                            alpha=0.15, steps_n=1)
+    _compare_with_reference(
+        "topk_momentum", [(4097,), (5, 123), (2500,), (0,)], block_size=block_size, alpha=0.15, steps_n=1
+    )
 
 
 def test_many_long_segments_with_ties():
     # block_size longer than local_max: every block is a segment of the two-pass path
     with launch.config(**MULTI):
-        _compare_with_reference("topk_momentum", [(4097,), (2500,)], block_size=300, alpha=0.15,
-                                grad_kind="ternary", steps_n=2)
+        _compare_with_reference(
+            "topk_momentum", [(4097,), (2500,)], block_size=300, alpha=0.15, grad_kind="ternary", steps_n=2
+        )
 
 
-@pytest.mark.parametrize("selection,grad_kind", [("topk_momentum", "ternary"),
-                                                 ("topk_gradient", "ternary"),
-                                                 ("topk_momentum", "sparse_rows")])
+@pytest.mark.parametrize(
+    "selection,grad_kind",
+    [("topk_momentum", "ternary"), ("topk_gradient", "ternary"), ("topk_momentum", "sparse_rows")],
+)
 def test_ties_go_to_the_lowest_index(selection, grad_kind, layout):
-    _compare_with_reference(selection, [(3000,), (64, 70), (7,)], alpha=0.3, grad_kind=grad_kind,
-                            steps_n=2)
+    _compare_with_reference(selection, [(3000,), (64, 70), (7,)], alpha=0.3, grad_kind=grad_kind, steps_n=2)
 
 
 def test_all_ties_zero_gradient(layout):
@@ -244,17 +316,20 @@ def _momenta(kind, shapes, step, gen):
     return out
 
 
-@pytest.mark.parametrize("kind,alpha,expected", [
-    ("gaussian", 0.1, {"window"}),
-    ("laplace", 0.1, {"window"}),
-    ("row_scaled", 0.1, {"window"}),
-    ("few_values", 0.3, {"exact"}),
-    ("zeros", 0.3, {"zero"}),
-    ("mostly_zero", 0.2, {"zero"}),
-    ("spikes", 0.1, {"window", "exact"}),
-    ("gaussian", 1e-9, {"digit"}),  # k = 1: the largest is alone in its bin
-    ("gaussian", 0.9999, {"digit"}),  # k = n
-])
+@pytest.mark.parametrize(
+    "kind,alpha,expected",
+    [
+        ("gaussian", 0.1, {"window"}),
+        ("laplace", 0.1, {"window"}),
+        ("row_scaled", 0.1, {"window"}),
+        ("few_values", 0.3, {"exact"}),
+        ("zeros", 0.3, {"zero"}),
+        ("mostly_zero", 0.2, {"zero"}),
+        ("spikes", 0.1, {"window", "exact"}),
+        ("gaussian", 1e-9, {"digit"}),  # k = 1: the largest is alone in its bin
+        ("gaussian", 0.9999, {"digit"}),  # k = n
+    ],
+)
 def test_two_pass_modes_match_the_reference(kind, alpha, expected):
     """Every selection mode of the two-pass path is exact: Gaussian, Laplace and row-scaled
     momenta, few distinct values, zeros, spikes, k = 1 and k = n (odd sizes, several steps)."""
@@ -271,13 +346,24 @@ def test_two_pass_modes_match_the_reference(kind, alpha, expected):
                 before = [p.detach().cpu().clone() for p in ps]
                 _run("topk_momentum", ps, ms, vs, steps, grads, alpha=alpha)
                 for i, p in enumerate(ps):
-                    mask = reference_step(ref_p[i], grads[i].cpu(), ref_state[i], selection="topk_momentum",
-                                          alpha=alpha, block_size=None, mask_weight_decay=True, seed=7,
-                                          tensor_index=3 * i + 1, hash_counter=None, **HP)
+                    mask = reference_step(
+                        ref_p[i],
+                        grads[i].cpu(),
+                        ref_state[i],
+                        selection="topk_momentum",
+                        alpha=alpha,
+                        block_size=None,
+                        mask_weight_decay=True,
+                        seed=7,
+                        tensor_index=3 * i + 1,
+                        hash_counter=None,
+                        **HP,
+                    )
                     moved = p.detach().cpu() != before[i]
                     assert torch.equal(moved, mask), f"step {it}, tensor {i}: selection differs"
-                    torch.testing.assert_close(p.detach().cpu().double(), ref_p[i].double(),
-                                               rtol=2e-6, atol=2e-6)
+                    torch.testing.assert_close(
+                        p.detach().cpu().double(), ref_p[i].double(), rtol=2e-6, atol=2e-6
+                    )
     finally:
         launch._debug_capture = None
     modes = {MODES[int(m)] for rec in seen[1:] for m in rec["sst"][0].cpu()}  # after step 1
@@ -363,6 +449,7 @@ def test_mixed_dtypes_in_one_call():
 
 # --------------------------------------------------------------------------------------- PyTorch path
 
+
 @pytest.mark.parametrize("selection", ["topk_momentum", "topk_gradient", "random", "random_exact", "all"])
 def test_matches_pytorch_path(selection):
     shapes = [(3000,), (5, 123), (1,), (0,), (4097,)]
@@ -417,6 +504,7 @@ def test_bf16_moments_match_the_pytorch_path(selection, pdtype):
 
 # --------------------------------------------------------------------------------------- options
 
+
 def test_hash_counter_and_unmasked_decay():
     with launch.config(**SMALL):
         _compare_with_reference("random", [(3000,), (5, 123)], alpha=0.3, hash_counter=5, mwd=False)
@@ -440,15 +528,25 @@ def test_grad_scaler_protocol(layout):
     grads = _grads(a[0], 0)
     snap = [[x.clone() for x in lst] for lst in a]
     # found_inf: nothing changes, step counters included
-    _run("topk_momentum", *a, [g * 1024 for g in grads], grad_scale=torch.tensor([1024.0], device=DEVICE),
-         found_inf=torch.tensor([1.0], device=DEVICE))
+    _run(
+        "topk_momentum",
+        *a,
+        [g * 1024 for g in grads],
+        grad_scale=torch.tensor([1024.0], device=DEVICE),
+        found_inf=torch.tensor([1.0], device=DEVICE),
+    )
     for x, y in zip(sum(a, []), sum(snap, [])):
         assert torch.equal(x, y)
     # a power-of-two scale divides out exactly: same bits as the unscaled step
     b = [[x.clone() for x in lst] for lst in a]
     for sel in ("topk_momentum", "topk_gradient", "random"):
-        _run(sel, *a, [g * 1024 for g in grads], grad_scale=torch.tensor([1024.0], device=DEVICE),
-             found_inf=torch.tensor([0.0], device=DEVICE))
+        _run(
+            sel,
+            *a,
+            [g * 1024 for g in grads],
+            grad_scale=torch.tensor([1024.0], device=DEVICE),
+            found_inf=torch.tensor([0.0], device=DEVICE),
+        )
         _run(sel, *b, grads)
     for x, y in zip(sum(a, []), sum(b, [])):
         assert torch.equal(x, y)
@@ -463,8 +561,16 @@ def test_lr0_zero_grad_changes_no_parameter():
     assert [s.item() for s in steps] == [1.0, 1.0]
 
 
-KERNELS = ("prologue_kernel", "dense_step_kernel", "local_step_kernel", "moments_window_kernel",
-           "window_select_kernel", "exact_select_kernel", "apply_compact_kernel", "resolve_kernel")
+KERNELS = (
+    "prologue_kernel",
+    "dense_step_kernel",
+    "local_step_kernel",
+    "moments_window_kernel",
+    "window_select_kernel",
+    "exact_select_kernel",
+    "apply_compact_kernel",
+    "resolve_kernel",
+)
 
 
 @pytest.fixture
@@ -509,8 +615,16 @@ def test_a_fused_step_never_synchronises_with_the_host(monkeypatch):
         for name in ("item", "cpu", "tolist", "__bool__", "__int__", "__float__"):
             monkeypatch.setattr(torch.Tensor, name, refuse)
         for selection in ("topk_momentum", "topk_gradient", "random_exact", "random"):
-            _run(selection, ps, ms, vs, steps, grads, grad_scale=torch.ones(1, device=DEVICE),
-                 found_inf=torch.zeros(1, device=DEVICE))
+            _run(
+                selection,
+                ps,
+                ms,
+                vs,
+                steps,
+                grads,
+                grad_scale=torch.ones(1, device=DEVICE),
+                found_inf=torch.zeros(1, device=DEVICE),
+            )
         monkeypatch.undo()
 
 
@@ -555,28 +669,39 @@ def test_nan_ranks_largest_and_exactly_k_move(selection, knobs):
         assert int(moved_a.sum()) == k, f"tensor {i}: {int(moved_a.sum())} entries moved, expected {k}"
         nan_at = grads[i].cpu().view(-1).isnan().nonzero().view(-1)
         expected_nan_moves = nan_at[:k]
-        assert bool(moved_a.view(-1)[expected_nan_moves].all()), f"tensor {i}: a NaN entry was not selected first"
+        assert bool(moved_a.view(-1)[expected_nan_moves].all()), (
+            f"tensor {i}: a NaN entry was not selected first"
+        )
 
 
 # --------------------------------------------------------------------------------------- optimizers
 
+
 def _model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(70, 90), torch.nn.LayerNorm(90), torch.nn.Linear(90, 5)).to(DEVICE)
+    return torch.nn.Sequential(torch.nn.Linear(70, 90), torch.nn.LayerNorm(90), torch.nn.Linear(90, 5)).to(
+        DEVICE
+    )
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("MoFO", dict(alpha=0.1)),
-    ("MoFO", dict(alpha=0.2, filter="gradient", block_size=500)),
-    ("RandomBCD", dict(alpha=0.2, seed=3)),
-    ("RandomBCD", dict(alpha=0.2, seed=3, exact=True)),
-    ("MoFO", dict(alpha=0.1, moment_dtype=torch.bfloat16)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("MoFO", dict(alpha=0.1)),
+        ("MoFO", dict(alpha=0.2, filter="gradient", block_size=500)),
+        ("RandomBCD", dict(alpha=0.2, seed=3)),
+        ("RandomBCD", dict(alpha=0.2, seed=3, exact=True)),
+        ("MoFO", dict(alpha=0.1, moment_dtype=torch.bfloat16)),
+    ],
+)
 def test_optimizer_fused_equals_pytorch_path(name, kwargs):
     maskopt = pytest.importorskip("maskopt")
     cls = getattr(maskopt, name)
     models = [_model(), _model()]
-    opts = [cls(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, **kwargs) for m, f in zip(models, (True, False))]
+    opts = [
+        cls(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, **kwargs)
+        for m, f in zip(models, (True, False))
+    ]
     x = torch.randn(16, 70, device=DEVICE)
     with launch.config(**MULTI):
         for _ in range(2):
@@ -597,8 +722,10 @@ def test_halfadam_fused_equals_pytorch_path():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opts = [maskopt.HalfAdam(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, strategy=s, seed=2)
-                for m, f, s in zip(models, (True, False), ("parameter", "parameter"))]
+        opts = [
+            maskopt.HalfAdam(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, strategy=s, seed=2)
+            for m, f, s in zip(models, (True, False), ("parameter", "parameter"))
+        ]
     x = torch.randn(16, 70, device=DEVICE)
     for _ in range(2):
         for m, o in zip(models, opts):
@@ -610,15 +737,22 @@ def test_halfadam_fused_equals_pytorch_path():
 
 
 @pytest.mark.skipif(not _CUDA, reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("name,kwargs", [
-    ("MoFO", dict(alpha=0.1)), ("MoFO", dict(alpha=0.1, filter="gradient")),
-    ("RandomBCD", dict(alpha=0.2, seed=3)), ("HalfAdam", dict(seed=2)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("MoFO", dict(alpha=0.1)),
+        ("MoFO", dict(alpha=0.1, filter="gradient")),
+        ("RandomBCD", dict(alpha=0.2, seed=3)),
+        ("HalfAdam", dict(seed=2)),
+    ],
+)
 def test_a_captured_step_replays_like_the_eager_step(name, kwargs):
     maskopt = pytest.importorskip("maskopt")
     models = [_model(), _model()]
-    opts = [getattr(maskopt, name)(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True, **kwargs)
-            for m in models]
+    opts = [
+        getattr(maskopt, name)(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True, **kwargs)
+        for m in models
+    ]
     params = [list(m.parameters()) for m in models]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     grads = [[torch.randn(p.shape, device=DEVICE, generator=gen) for p in params[0]] for _ in range(6)]

@@ -36,66 +36,235 @@ def _variants(full=True):
     for pdt_name, pdt in dtypes if full else dtypes[:2]:
         sec = 8 if pdt_name == "fp32" else 16
         mdt = tl.bfloat16 if pdt_name == "bf16" else tl.float32  # bf16 parameters: bf16 moments
-        base = dict(ttab=P64, T="i32", ctab=P64, C="i32", ws="*fp32", found_inf_ptr="*fp32",
-                    grad_scale_ptr="*fp32")
+        base = dict(
+            ttab=P64, T="i32", ctab=P64, C="i32", ws="*fp32", found_inf_ptr="*fp32", grad_scale_ptr="*fp32"
+        )
         for mode in (0, 1):
             for decay in (0, 1, 2):
-                sig = dict(base, beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32", eps="fp32",
-                           decay="fp32", hash_counter="i32", threshold=I)
-                cx = dict(PDT=pdt, MDT=mdt, MODE=mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
-                          USE_HCOUNTER=mode == 1, HUGE=False, ALIGNED=True, SEC=sec, CHUNK=4096)
+                sig = dict(
+                    base,
+                    beta1="fp32",
+                    omb1="fp32",
+                    beta2="fp32",
+                    omb2="fp32",
+                    eps="fp32",
+                    decay="fp32",
+                    hash_counter="i32",
+                    threshold=I,
+                )
+                cx = dict(
+                    PDT=pdt,
+                    MDT=mdt,
+                    MODE=mode,
+                    HAS_INF=True,
+                    HAS_SCALE=True,
+                    DECAY=decay,
+                    USE_HCOUNTER=mode == 1,
+                    HUGE=False,
+                    ALIGNED=True,
+                    SEC=sec,
+                    CHUNK=4096,
+                )
                 out.append((f"dense/{pdt_name}/mode{mode}/decay{decay}", _dense.dense_step_kernel, sig, cx))
         for key_mode in (0, 1, 2):
             idxb = 31 if key_mode == 2 else 32
-            sig = dict(base, per_program="i32", sst=P64, S="i32", hist="*i32", zcount=P64,
-                       beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32", hash_counter="i32")
-            cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
-                      HUGE=key_mode == 2, ALIGNED=True, CHUNK=4096, **window)
+            sig = dict(
+                base,
+                per_program="i32",
+                sst=P64,
+                S="i32",
+                hist="*i32",
+                zcount=P64,
+                beta1="fp32",
+                omb1="fp32",
+                beta2="fp32",
+                omb2="fp32",
+                hash_counter="i32",
+            )
+            cx = dict(
+                PDT=pdt,
+                MDT=mdt,
+                KEY_MODE=key_mode,
+                HAS_INF=True,
+                HAS_SCALE=True,
+                USE_HCOUNTER=False,
+                HUGE=key_mode == 2,
+                ALIGNED=True,
+                CHUNK=4096,
+                **window,
+            )
             out.append((f"moments/{pdt_name}/key{key_mode}", _window.moments_window_kernel, sig, cx))
-            sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, found_inf_ptr="*fp32",
-                       grad_scale_ptr="*fp32", hash_counter="i32")
-            cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, USE_HCOUNTER=False,
-                      HUGE=False, IDXB=idxb, CHUNK=4096)
+            sig = dict(
+                ttab=P64,
+                T="i32",
+                ws="*fp32",
+                sst=P64,
+                S="i32",
+                stab=P64,
+                found_inf_ptr="*fp32",
+                grad_scale_ptr="*fp32",
+                hash_counter="i32",
+            )
+            cx = dict(
+                PDT=pdt,
+                MDT=mdt,
+                KEY_MODE=key_mode,
+                HAS_INF=True,
+                HAS_SCALE=True,
+                USE_HCOUNTER=False,
+                HUGE=False,
+                IDXB=idxb,
+                CHUNK=4096,
+            )
             out.append((f"fallback/{pdt_name}/key{key_mode}", _fallback.exact_select_kernel, sig, cx))
             for decay in (1, 2):
-                sig = dict(base, per_program="i32", sst=P64, S="i32", stab=P64, cand=P64, zcount=P64,
-                           eps="fp32", decay="fp32", hash_counter="i32")
-                cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=decay,
-                          USE_HCOUNTER=False, HUGE=False, ALIGNED=True, IDXB=idxb, SEC=sec, CHUNK=4096,
-                          **window)
-                out.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _apply.apply_compact_kernel, sig, cx))
+                sig = dict(
+                    base,
+                    per_program="i32",
+                    sst=P64,
+                    S="i32",
+                    stab=P64,
+                    cand=P64,
+                    zcount=P64,
+                    eps="fp32",
+                    decay="fp32",
+                    hash_counter="i32",
+                )
+                cx = dict(
+                    PDT=pdt,
+                    MDT=mdt,
+                    KEY_MODE=key_mode,
+                    HAS_INF=True,
+                    HAS_SCALE=True,
+                    DECAY=decay,
+                    USE_HCOUNTER=False,
+                    HUGE=False,
+                    ALIGNED=True,
+                    IDXB=idxb,
+                    SEC=sec,
+                    CHUNK=4096,
+                    **window,
+                )
+                out.append(
+                    (f"apply/{pdt_name}/key{key_mode}/decay{decay}", _apply.apply_compact_kernel, sig, cx)
+                )
             for rows, bb in ((1, 4096), (8, 256), (8, 16)):
-                sig = dict(ttab=P64, T="i32", ltab=P64, SL="i32", ws="*fp32", found_inf_ptr="*fp32",
-                           grad_scale_ptr="*fp32", beta1="fp32", omb1="fp32", beta2="fp32", omb2="fp32",
-                           eps="fp32", decay="fp32", hash_counter="i32")
-                cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True, DECAY=1,
-                          USE_HCOUNTER=True, HUGE=False, KEYBITS=32 if key_mode == 2 else 31,
-                          ROWS=rows, BB=bb)
+                sig = dict(
+                    ttab=P64,
+                    T="i32",
+                    ltab=P64,
+                    SL="i32",
+                    ws="*fp32",
+                    found_inf_ptr="*fp32",
+                    grad_scale_ptr="*fp32",
+                    beta1="fp32",
+                    omb1="fp32",
+                    beta2="fp32",
+                    omb2="fp32",
+                    eps="fp32",
+                    decay="fp32",
+                    hash_counter="i32",
+                )
+                cx = dict(
+                    PDT=pdt,
+                    MDT=mdt,
+                    KEY_MODE=key_mode,
+                    HAS_INF=True,
+                    HAS_SCALE=True,
+                    DECAY=1,
+                    USE_HCOUNTER=True,
+                    HUGE=False,
+                    KEYBITS=32 if key_mode == 2 else 31,
+                    ROWS=rows,
+                    BB=bb,
+                )
                 out.append((f"local/{pdt_name}/key{key_mode}/bb{bb}", _local.local_step_kernel, sig, cx))
         for decay in (1, 2):
-            sig = dict(ttab=P64, T="i32", ws="*fp32", sst=P64, S="i32", stab=P64, cand=P64,
-                       found_inf_ptr="*fp32", eps="fp32", decay="fp32")
-            cx = dict(PDT=pdt, MDT=mdt, HAS_INF=True, DECAY=decay, FLOAT_KEY=True, IDXB=32, TOP_SHIFT=48,
-                      TILE=1024, THR_KNOWN=False, **window)
+            sig = dict(
+                ttab=P64,
+                T="i32",
+                ws="*fp32",
+                sst=P64,
+                S="i32",
+                stab=P64,
+                cand=P64,
+                found_inf_ptr="*fp32",
+                eps="fp32",
+                decay="fp32",
+            )
+            cx = dict(
+                PDT=pdt,
+                MDT=mdt,
+                HAS_INF=True,
+                DECAY=decay,
+                FLOAT_KEY=True,
+                IDXB=32,
+                TOP_SHIFT=48,
+                TILE=1024,
+                THR_KNOWN=False,
+                **window,
+            )
             out.append((f"resolve/{pdt_name}/decay{decay}", _resolve.resolve_kernel, sig, cx))
     for float_key in (True, False):
-        sig = dict(hist="*i32", sst=P64, S="i32", stab=P64, zcount=P64, ztotal=P64, rank="i32", world="i32",
-                   found_inf_ptr="*fp32")
-        cx = dict(HAS_INF=True, FLOAT_KEY=float_key, IDXB=32 if float_key else 31, TOP_SHIFT=48, SCAN=1024,
-                  **window)
+        sig = dict(
+            hist="*i32",
+            sst=P64,
+            S="i32",
+            stab=P64,
+            zcount=P64,
+            ztotal=P64,
+            rank="i32",
+            world="i32",
+            found_inf_ptr="*fp32",
+        )
+        cx = dict(
+            HAS_INF=True, FLOAT_KEY=float_key, IDXB=32 if float_key else 31, TOP_SHIFT=48, SCAN=1024, **window
+        )
         out.append((f"select/float{float_key}", _window.window_select_kernel, sig, cx))
     for key_mode in (0, 2):
-        sig = dict(ttab=P64, T="i32", ctab=P64, C="i32", per_program="i32", ws="*fp32", sst=P64, S="i32",
-                   hist="*i32", found_inf_ptr="*fp32", grad_scale_ptr="*fp32", hash_counter="i32", shift="i32")
-        cx = dict(PDT=tl.float32, MDT=tl.float32, KEY_MODE=key_mode, HAS_INF=True, HAS_SCALE=True,
-                  USE_HCOUNTER=False, HUGE=False, IDXB=31 if key_mode == 2 else 32, CHUNK=4096)
+        sig = dict(
+            ttab=P64,
+            T="i32",
+            ctab=P64,
+            C="i32",
+            per_program="i32",
+            ws="*fp32",
+            sst=P64,
+            S="i32",
+            hist="*i32",
+            found_inf_ptr="*fp32",
+            grad_scale_ptr="*fp32",
+            hash_counter="i32",
+            shift="i32",
+        )
+        cx = dict(
+            PDT=tl.float32,
+            MDT=tl.float32,
+            KEY_MODE=key_mode,
+            HAS_INF=True,
+            HAS_SCALE=True,
+            USE_HCOUNTER=False,
+            HUGE=False,
+            IDXB=31 if key_mode == 2 else 32,
+            CHUNK=4096,
+        )
         out.append((f"sharded/data_level/key{key_mode}", _sharded.data_level_kernel, sig, cx))
     sig = dict(sst=P64, S="i32", stab=P64, cand=P64, hist="*i32", found_inf_ptr="*fp32", shift="i32")
     out.append(("sharded/cand_level", _sharded.cand_level_kernel, sig, dict(HAS_INF=True, TILE=1024)))
     sig = dict(hist="*i32", sst=P64, S="i32", found_inf_ptr="*fp32", shift="i32")
     out.append(("sharded/level_select", _sharded.level_select_kernel, sig, dict(MODE=3, HAS_INF=True)))
-    sig = dict(ttab=P64, T="i32", ws="*fp32", found_inf_ptr="*fp32", b1_hi="fp32", b1_lo="fp32",
-               b2_hi="fp32", b2_lo="fp32", lr_hi="fp32", lr_lo="fp32")
+    sig = dict(
+        ttab=P64,
+        T="i32",
+        ws="*fp32",
+        found_inf_ptr="*fp32",
+        b1_hi="fp32",
+        b1_lo="fp32",
+        b2_hi="fp32",
+        b2_lo="fp32",
+        lr_hi="fp32",
+        lr_lo="fp32",
+    )
     out.append(("prologue", _common.prologue_kernel, sig, dict(HAS_INF=True, BLOCK=1024)))
     return out
 
@@ -118,8 +287,7 @@ def compile_all(capabilities=(90,), only=None, verbose=False, full=True):
                 small = ("select", "prologue", "resolve", "sharded/cand", "sharded/level")
                 num_warps = 4 if name.startswith(small) else 16 if name.startswith("local") else 8
                 num_warps = int(os.environ.get("NW", num_warps))
-                k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                   options={"num_warps": num_warps})
+                k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
                 info = ""
                 if verbose:
                     info = _ptxas_info(k.asm["ptx"], cap)
@@ -145,8 +313,11 @@ def _ptxas_info(ptx: str, cap: int) -> str:
         with open(src, "w") as f:
             f.write(ptx)
         arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
-        r = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")],
+            capture_output=True,
+            text=True,
+        )
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     return f"regs={regs[-1] if regs else '?'} spill_stores={spills[-1] if spills else '?'}"
@@ -159,10 +330,13 @@ def _compiled(expression: str):
 
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    code = ("import sys, json; sys.path.insert(0, 'tests/kernels'); from test_kernels_compile import *;"
-            f"print(json.dumps({expression}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    code = (
+        "import sys, json; sys.path.insert(0, 'tests/kernels'); from test_kernels_compile import *;"
+        f"print(json.dumps({expression}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -188,24 +362,43 @@ def full_tile_accesses(capability=90):
 
     out = {}
     tables = dict(tab="*i64", ttab="*i64", T="i32", ws="*fp32")
-    for pdt_name, pdt, sec, mdt in (("fp32", tl.float32, 8, tl.float32), ("bf16", tl.bfloat16, 16, tl.float32),
-                                    ("bf16-bf16moments", tl.bfloat16, 16, tl.bfloat16)):
+    for pdt_name, pdt, sec, mdt in (
+        ("fp32", tl.float32, 8, tl.float32),
+        ("bf16", tl.bfloat16, 16, tl.float32),
+        ("bf16-bf16moments", tl.bfloat16, 16, tl.bfloat16),
+    ):
         cases = []
         for key_mode in (0, 1, 2):
             for decay in (1, 2):
-                sig = dict(tables, sst="*i64", S="i32", stab="*i64", cand="*i64", zcount="*i64",
-                           grad_scale_ptr="*fp32", eps="fp32", decay="fp32")
+                sig = dict(
+                    tables,
+                    sst="*i64",
+                    S="i32",
+                    stab="*i64",
+                    cand="*i64",
+                    zcount="*i64",
+                    grad_scale_ptr="*fp32",
+                    eps="fp32",
+                    decay="fp32",
+                )
                 cx = dict(PDT=pdt, MDT=mdt, KEY_MODE=key_mode, DECAY=decay, SEC=sec, CHUNK=4096)
-                cases.append((f"apply/{pdt_name}/key{key_mode}/decay{decay}", _full_tiles.apply_full_tile, sig, cx))
+                cases.append(
+                    (f"apply/{pdt_name}/key{key_mode}/decay{decay}", _full_tiles.apply_full_tile, sig, cx)
+                )
         for decay in (1, 2):
             sig = dict(tables, grad_scale_ptr="*fp32", eps="fp32", decay="fp32", threshold="i64")
             cx = dict(PDT=pdt, MDT=mdt, DECAY=decay, SEC=sec, CHUNK=4096)
             cases.append((f"random/{pdt_name}/decay{decay}", _full_tiles.dense_full_tile, sig, cx))
         for name, fn, sig, cx in cases:
             full_sig = dict(sig, **{k: "constexpr" for k in cx})
-            k = triton.compile(ASTSource(fn=fn, signature=full_sig, constexprs=cx),
-                               target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
-            forms = collections.Counter(m.group(0) for m in re.finditer(r"\b(ld|st)\.global[\w.]*", k.asm["ptx"]))
+            k = triton.compile(
+                ASTSource(fn=fn, signature=full_sig, constexprs=cx),
+                target=GPUTarget("cuda", capability, 32),
+                options={"num_warps": 8},
+            )
+            forms = collections.Counter(
+                m.group(0) for m in re.finditer(r"\b(ld|st)\.global[\w.]*", k.asm["ptx"])
+            )
             spills = re.search(r"spill_stores=(\d+)", _ptxas_info(k.asm["ptx"], capability))
             out[name] = (forms, int(spills.group(1)) if spills else None)
     return out

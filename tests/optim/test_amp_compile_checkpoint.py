@@ -25,10 +25,10 @@ try:
 except ImportError:  # a torch build without torch.distributed: the DCP tests skip
     CheckpointException = RuntimeError
 
+from _helpers import free_port
+
 from maskopt import HalfAdam, MoFO, RandomBCD, mofo_param_groups
 from maskopt.reference import reference_step
-
-from _helpers import free_port
 
 X = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
@@ -53,8 +53,11 @@ FACTORIES = {
 
 def snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
-    state = {i: {k: v.clone() for k, v in opt.state[p].items()}
-             for i, p in enumerate(model.parameters()) if p in opt.state}
+    state = {
+        i: {k: v.clone() for k, v in opt.state[p].items()}
+        for i, p in enumerate(model.parameters())
+        if p in opt.state
+    }
     return params, state
 
 
@@ -168,8 +171,20 @@ def test_bf16_params_keep_fp32_moments_and_track_an_fp32_master_reference(name):
         opt.step()
         for i, (master, g) in enumerate(zip(masters, grads)):
             if trained[i]:
-                reference_step(master, g, ref_states[i], lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8,
-                               weight_decay=wd, selection=kind, alpha=alpha, seed=seed, tensor_index=i)
+                reference_step(
+                    master,
+                    g,
+                    ref_states[i],
+                    lr=0.05,
+                    beta1=0.9,
+                    beta2=0.999,
+                    eps=1e-8,
+                    weight_decay=wd,
+                    selection=kind,
+                    alpha=alpha,
+                    seed=seed,
+                    tensor_index=i,
+                )
     if name == "half_adam":
         assert any(trained) and not all(trained)
     else:
@@ -182,12 +197,16 @@ def test_bf16_params_keep_fp32_moments_and_track_an_fp32_master_reference(name):
         state = opt.state[p]
         assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
         torch.testing.assert_close(state["exp_avg"].double(), ref_states[i]["exp_avg"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(state["exp_avg_sq"].double(), ref_states[i]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(
+            state["exp_avg_sq"].double(), ref_states[i]["exp_avg_sq"], rtol=1e-5, atol=1e-9
+        )
         # Each step rounds the bf16 parameter once (at most half an ulp, 2**-8 relative);
         # nothing else separates it from the fp32 master.
         drift = (p.detach().double() - master.double()).abs()
         bound = n_steps * 2.0**-8 * (master.double().abs() + n_steps * 0.05)
-        assert bool((drift <= bound).all()), f"tensor {i}: bf16 drifted {float((drift - bound).max()):.3g} too far"
+        assert bool((drift <= bound).all()), (
+            f"tensor {i}: bf16 drifted {float((drift - bound).max()):.3g} too far"
+        )
         moved = (master.double() - start[i].double()).abs().max()
         assert moved > 0.1 > float(drift.max())  # not vacuous: the reference moved much further
 
@@ -247,8 +266,9 @@ COMPILE_FACTORIES = {
 }
 
 
-@pytest.mark.parametrize("name", [
-    "mofo", pytest.param("mofo_gradient", marks=pytest.mark.slow), "half_adam_whole"])
+@pytest.mark.parametrize(
+    "name", ["mofo", pytest.param("mofo_gradient", marks=pytest.mark.slow), "half_adam_whole"]
+)
 def test_compiled_train_step_equals_eager_aot_eager(name, fresh_dynamo):
     # aot_eager: Dynamo + AOTAutograd without Inductor's C++ codegen (a few seconds).
     compiled_vs_eager(COMPILE_FACTORIES[name], "aot_eager")
@@ -257,10 +277,14 @@ def test_compiled_train_step_equals_eager_aot_eager(name, fresh_dynamo):
 # np.arange(dtype=uint32) in the hash is traced into torch.arange(dtype=torch.uint32), which
 # has no CPU eager kernel; maskopt/_hash.py keeps that function out of the graph.
 @pytest.mark.filterwarnings("ignore:HalfAdam got parameters without names")
-@pytest.mark.parametrize("make", [
-    lambda ps: RandomBCD(ps, alpha=0.5),
-    lambda ps: HalfAdam(ps, strategy="parameter"),  # both draw their masks from the hash
-], ids=["random_bcd", "half_adam_entries"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: RandomBCD(ps, alpha=0.5),
+        lambda ps: HalfAdam(ps, strategy="parameter"),  # both draw their masks from the hash
+    ],
+    ids=["random_bcd", "half_adam_entries"],
+)
 def test_compiled_hash_masks_with_a_non_inductor_backend(make, fresh_dynamo):
     runs = []
     for compiled in (False, True):
@@ -279,8 +303,10 @@ def test_where_the_optimizer_step_breaks_the_graph(fresh_dynamo):
     opt.step()  # state exists: explain() sees a steady-state step
     out = torch._dynamo.explain(opt.step)()
     assert out.graph_break_count >= 3
-    where = {(r.reason.splitlines()[0], r.user_stack[-1].filename.replace("\\", "/").split("/")[-1])
-             for r in out.break_reasons}
+    where = {
+        (r.reason.splitlines()[0], r.user_stack[-1].filename.replace("\\", "/").split("/")[-1])
+        for r in out.break_reasons
+    }
     reasons = " ".join(r for r, _ in where)
     files = {f for _, f in where}
     assert "item()" in reasons  # the per-tensor step counters are read as Python floats
@@ -351,9 +377,20 @@ def test_switching_adamw_mofo_random_bcd_adamw_carries_the_moments_on():
                 old = opt.state[p] if opt.state.get(p) else {}
                 ref_state = {k: (int(v) if k == "step" else v.double()) for k, v in old.items()}
                 ref_p = p.detach().double().clone()
-                reference_step(ref_p, g, ref_state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                               weight_decay=0.05, selection=kind, alpha=group.get("alpha", 1.0),
-                               seed=group.get("seed", 0), tensor_index=i)
+                reference_step(
+                    ref_p,
+                    g,
+                    ref_state,
+                    lr=1e-2,
+                    beta1=0.9,
+                    beta2=0.999,
+                    eps=1e-8,
+                    weight_decay=0.05,
+                    selection=kind,
+                    alpha=group.get("alpha", 1.0),
+                    seed=group.get("seed", 0),
+                    tensor_index=i,
+                )
                 expected.append(ref_p)
             opt.step()
             adamw_twin.step()
@@ -418,8 +455,9 @@ WEIGHTS_ONLY_CASES = {
     "mofo_blocks": lambda m: MoFO(m.parameters(), alpha=0.3, block_size=5, weight_decay=0.1),
     "mofo_param_groups": lambda m: MoFO(mofo_param_groups(m.named_parameters(), weight_decay=0.1), alpha=0.2),
     "random_bcd_exact": lambda m: RandomBCD(m.parameters(), alpha=0.3, exact=True, mask_weight_decay=False),
-    "half_adam_classify_hook": lambda m: HalfAdam(m.named_parameters(), strategy="model",
-                                                  classify=lambda name, module=None: None),
+    "half_adam_classify_hook": lambda m: HalfAdam(
+        m.named_parameters(), strategy="model", classify=lambda name, module=None: None
+    ),
 }
 
 
@@ -436,8 +474,9 @@ def test_state_dicts_load_with_weights_only(name):
     fresh = WEIGHTS_ONLY_CASES[name](_named_model())
     fresh.load_state_dict(loaded)
     # (torch's load_state_dict adds its own "differentiable": False key to each group)
-    assert [{k: v for k, v in g.items() if k != "differentiable"} for g in fresh.state_dict()["param_groups"]] \
-        == state["param_groups"]
+    assert [
+        {k: v for k, v in g.items() if k != "differentiable"} for g in fresh.state_dict()["param_groups"]
+    ] == state["param_groups"]
     for a, b in zip(fresh.state_dict()["state"].values(), state["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in b)
 
@@ -460,9 +499,12 @@ def gloo_group():
 
 DCP_FACTORIES = {
     "mofo": lambda m: MoFO(m.parameters(), lr=1e-2, alpha=0.25, weight_decay=0.1, mask_weight_decay=False),
-    "random_bcd": lambda m: RandomBCD(m.parameters(), lr=1e-2, alpha=0.3, seed=1, weight_decay=0.1,
-                                      mask_weight_decay=False),
-    "half_adam": lambda m: HalfAdam(m.named_parameters(), lr=1e-2, strategy="model", seed=0, weight_decay=0.1),
+    "random_bcd": lambda m: RandomBCD(
+        m.parameters(), lr=1e-2, alpha=0.3, seed=1, weight_decay=0.1, mask_weight_decay=False
+    ),
+    "half_adam": lambda m: HalfAdam(
+        m.named_parameters(), lr=1e-2, strategy="model", seed=0, weight_decay=0.1
+    ),
     "half_adam_entries": FACTORIES["half_adam"],
 }
 
@@ -503,7 +545,9 @@ def dcp_resume(make, path, *, rounds_before_save=0, new_rounds_on_fresh=0):
     before = [p.detach().clone() for p in fresh.parameters()]
     assert len(opt2.state) == 0
     model_sd, optim_sd = get_state_dict(fresh, opt2)  # steps once with lr=0 and zero grads
-    assert all(torch.equal(p, b) for p, b in zip(fresh.parameters(), before)), "DCP's init step moved a parameter"
+    assert all(torch.equal(p, b) for p, b in zip(fresh.parameters(), before)), (
+        "DCP's init step moved a parameter"
+    )
     assert steps_of(opt2) and set(steps_of(opt2)) == {1}
     assert all(p.grad is None for p in fresh.parameters())
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
@@ -544,8 +588,14 @@ def test_dcp_half_adam_after_new_round_into_an_optimizer_built_in_that_round(tmp
     built = []
 
     def make(m):  # the third optimizer dcp_resume builds is the fresh one that loads round 1
-        opt = HalfAdam(m.named_parameters(), lr=1e-2, strategy="model", seed=0, weight_decay=0.1,
-                       round=1 if len(built) == 2 else 0)
+        opt = HalfAdam(
+            m.named_parameters(),
+            lr=1e-2,
+            strategy="model",
+            seed=0,
+            weight_decay=0.1,
+            round=1 if len(built) == 2 else 0,
+        )
         built.append(opt)
         return opt
 
@@ -557,7 +607,9 @@ def test_dcp_half_adam_after_new_round_into_an_optimizer_built_in_that_round(tmp
 
 LR0_CASES = {
     "mofo_decay_all": lambda ps: MoFO(ps, lr=1e-2, alpha=0.2, weight_decay=0.5, mask_weight_decay=False),
-    "random_bcd_decay_all": lambda ps: RandomBCD(ps, lr=1e-2, alpha=0.4, weight_decay=0.5, mask_weight_decay=False),
+    "random_bcd_decay_all": lambda ps: RandomBCD(
+        ps, lr=1e-2, alpha=0.4, weight_decay=0.5, mask_weight_decay=False
+    ),
     "half_adam_decay": lambda ps: HalfAdam(ps, lr=1e-2, ratio=0.5, strategy="parameter", weight_decay=0.5),
     "mofo_alpha_one": lambda ps: MoFO(ps, lr=1e-2, alpha=1.0, weight_decay=0.5),
 }

@@ -11,8 +11,8 @@ import pickle
 
 import pytest
 import torch
-
 from _tiny_models import token_ids, toy_llama, train_toy
+
 from maskopt import HalfAdam, MoFO, RandomBCD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,22 +28,47 @@ def _plain(model):
 
 # name -> (build(model, **overrides) -> optimizer, group keys that the configuration uses)
 CONFIGS = {
-    "mofo": (lambda m, **kw: MoFO(_plain(m), **{"lr": 0.01, "alpha": 0.2, "weight_decay": 0.1, **kw}), ("alpha",)),
+    "mofo": (
+        lambda m, **kw: MoFO(_plain(m), **{"lr": 0.01, "alpha": 0.2, "weight_decay": 0.1, **kw}),
+        ("alpha",),
+    ),
     "mofo_named_gradient_blocks": (
-        lambda m, **kw: MoFO(_named(m), **{"lr": 0.01, "alpha": 0.3, "filter": "gradient", "block_size": 8, **kw}),
-        ("alpha", "filter", "block_size")),
+        lambda m, **kw: MoFO(
+            _named(m), **{"lr": 0.01, "alpha": 0.3, "filter": "gradient", "block_size": 8, **kw}
+        ),
+        ("alpha", "filter", "block_size"),
+    ),
     "mofo_alpha1": (lambda m, **kw: MoFO(_plain(m), **{"lr": 0.01, "alpha": 1.0, **kw}), ("alpha",)),
     "mofo_decay_all_single_tensor": (
-        lambda m, **kw: MoFO(_plain(m), **{"lr": 0.01, "alpha": 0.1, "weight_decay": 0.1, "mask_weight_decay": False,
-                                          "foreach": False, **kw}), ("alpha",)),
-    "random_bcd": (lambda m, **kw: RandomBCD(_plain(m), **{"lr": 0.01, "alpha": 0.3, "seed": 3, **kw}), ("alpha", "seed")),
-    "random_bcd_exact": (lambda m, **kw: RandomBCD(_plain(m), **{"lr": 0.01, "alpha": 0.3, "exact": True, **kw}),
-                         ("alpha", "seed", "exact")),
-    "half_adam": (lambda m, **kw: HalfAdam(_named(m), **{"lr": 0.01, "weight_decay": 0.1, **kw}),
-                  ("ratio", "strategy", "freeze", "round", "seed")),
+        lambda m, **kw: MoFO(
+            _plain(m),
+            **{
+                "lr": 0.01,
+                "alpha": 0.1,
+                "weight_decay": 0.1,
+                "mask_weight_decay": False,
+                "foreach": False,
+                **kw,
+            },
+        ),
+        ("alpha",),
+    ),
+    "random_bcd": (
+        lambda m, **kw: RandomBCD(_plain(m), **{"lr": 0.01, "alpha": 0.3, "seed": 3, **kw}),
+        ("alpha", "seed"),
+    ),
+    "random_bcd_exact": (
+        lambda m, **kw: RandomBCD(_plain(m), **{"lr": 0.01, "alpha": 0.3, "exact": True, **kw}),
+        ("alpha", "seed", "exact"),
+    ),
+    "half_adam": (
+        lambda m, **kw: HalfAdam(_named(m), **{"lr": 0.01, "weight_decay": 0.1, **kw}),
+        ("ratio", "strategy", "freeze", "round", "seed"),
+    ),
     "half_adam_mask_parameter": (
         lambda m, **kw: HalfAdam(_named(m), **{"lr": 0.01, "strategy": "parameter", "freeze": "mask", **kw}),
-        ("ratio", "strategy", "freeze", "round", "seed")),
+        ("ratio", "strategy", "freeze", "round", "seed"),
+    ),
 }
 
 # Values every optimizer must refuse for a key it uses (shared keys first).
@@ -67,7 +92,17 @@ BAD_VALUES = {
     "freeze": ["bogus"],
     "round": [-1, 0.5],
 }
-SHARED_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "foreach", "fused", "amsgrad", "differentiable")
+SHARED_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "maximize",
+    "foreach",
+    "fused",
+    "amsgrad",
+    "differentiable",
+)
 
 
 def _twin(model):
@@ -81,7 +116,10 @@ def _twin(model):
 
 def _snapshot(model, opt):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
+    state = {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
     groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
     return params, state, groups
 
@@ -170,7 +208,9 @@ def test_copies_keep_stepping_identically(config, how):
     if isinstance(opt, HalfAdam):
         opt.new_round()
         twin_opt.new_round()
-        assert [opt.is_trainable(p) for p in model.parameters()] == [twin_opt.is_trainable(p) for p in twin.parameters()]
+        assert [opt.is_trainable(p) for p in model.parameters()] == [
+            twin_opt.is_trainable(p) for p in twin.parameters()
+        ]
         train_toy(model, opt, 1, start=4)
         train_toy(twin, twin_opt, 1, start=4)
         assert _params_equal(model, twin)
@@ -210,11 +250,15 @@ def test_per_group_lr_and_weight_decay(config):
     defaults = {k: v for k, v in opt.defaults.items() if k != "differentiable"}
     groups = [
         {"params": named[:half] if "param_names" in opt.param_groups[0] else [p for _, p in named[:half]]},
-        {"params": named[half:] if "param_names" in opt.param_groups[0] else [p for _, p in named[half:]],
-         "lr": 0.0, "weight_decay": 0.0},
+        {
+            "params": named[half:] if "param_names" in opt.param_groups[0] else [p for _, p in named[half:]],
+            "lr": 0.0,
+            "weight_decay": 0.0,
+        },
     ]
-    opt = type(opt)(groups, **{k: v for k, v in defaults.items()
-                               if k in type(opt).__init__.__code__.co_varnames})
+    opt = type(opt)(
+        groups, **{k: v for k, v in defaults.items() if k in type(opt).__init__.__code__.co_varnames}
+    )
     frozen_group = {n: p.detach().clone() for n, p in named[half:]}
     train_toy(model, opt, 2)
     assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == defaults["lr"]
@@ -296,7 +340,9 @@ def test_bad_values_are_refused_before_anything_changes(config_name):
             opt.param_groups[-1][key] = good
         state_dict = copy.deepcopy(opt.state_dict())
         state_dict["param_groups"][-1][key] = value
-        groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+        groups_before = copy.deepcopy(
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        )
         with pytest.raises(ValueError, match=key):
             opt.load_state_dict(state_dict)
         assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
@@ -323,7 +369,11 @@ def test_wrong_shape_gradient_refused_before_anything_changes(config):
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.ones_like(p)
-    victim = [p for p in model.parameters() if p.requires_grad and (not isinstance(opt, HalfAdam) or opt.is_trainable(p))][-1]
+    victim = [
+        p
+        for p in model.parameters()
+        if p.requires_grad and (not isinstance(opt, HalfAdam) or opt.is_trainable(p))
+    ][-1]
     victim.grad.data = torch.ones(victim.numel() + 1)  # torch refuses `p.grad = wrong shape`
     with pytest.raises(RuntimeError, match="shape"):
         opt.step()

@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from _tiny_models import toy_llama, train_toy
+
 from maskopt import HalfAdam, MoFO, RandomBCD, topk_count
 from maskopt.reference import select
 
@@ -171,7 +171,8 @@ def test_half_adam_never_unfreezes_what_the_user_froze(ratio, named):
         assert not any(opt.is_trainable(p) for p in frozen_by_user)
         if named:
             assert not {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"} & (
-                opt.plan.trainable | opt.plan.entry_masked)
+                opt.plan.trainable | opt.plan.entry_masked
+            )
         train_toy(model, opt, 1, start=r)
         opt.new_round()
     for p, p0 in zip(frozen_by_user, before):

@@ -10,7 +10,9 @@ from maskopt.reference import hash_u32
 
 @pytest.mark.parametrize("start", [0, 2**31 - 3, 2**32 - 5, 2**33 + 7])
 @pytest.mark.parametrize("numel", [0, 1, 10, 4097])
-@pytest.mark.parametrize("seed, tensor_index, counter", [(0, 0, 1), (123456789012, 5, 77), (2**40 + 3, 99, 2**33 + 1)])
+@pytest.mark.parametrize(
+    "seed, tensor_index, counter", [(0, 0, 1), (123456789012, 5, 77), (2**40 + 3, 99, 2**33 + 1)]
+)
 def test_hash_paths_equal_the_reference(start, numel, seed, tensor_index, counter):
     key = _hash.stream_key(seed, tensor_index, counter)
     expected = hash_u32(numel, seed, tensor_index, counter, start=start)

@@ -11,8 +11,12 @@ from maskopt.reference import reference_step
 from maskopt.selection import topk_count
 
 HP = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-CASES = [("MoFO", dict(alpha=0.1)), ("MoFO", dict(alpha=0.2, filter="gradient")),
-         ("RandomBCD", dict(alpha=0.2, seed=3)), ("RandomBCD", dict(alpha=0.2, seed=3, exact=True))]
+CASES = [
+    ("MoFO", dict(alpha=0.1)),
+    ("MoFO", dict(alpha=0.2, filter="gradient")),
+    ("RandomBCD", dict(alpha=0.2, seed=3)),
+    ("RandomBCD", dict(alpha=0.2, seed=3, exact=True)),
+]
 
 
 def _params(dtype=torch.float32, seed=0):
@@ -31,8 +35,10 @@ def test_bf16_moments_are_stored_in_bf16_and_track_the_reference(name, kwargs):
     opt = getattr(maskopt, name)(params, moment_dtype=torch.bfloat16, fused=False, **HP, **kwargs)
     ref_p = [p.detach().clone() for p in params]
     ref_state = [{} for _ in params]
-    selection = {"MoFO": "topk_gradient" if kwargs.get("filter") == "gradient" else "topk_momentum",
-                 "RandomBCD": "random_exact" if kwargs.get("exact") else "random"}[name]
+    selection = {
+        "MoFO": "topk_gradient" if kwargs.get("filter") == "gradient" else "topk_momentum",
+        "RandomBCD": "random_exact" if kwargs.get("exact") else "random",
+    }[name]
     for step in range(3):
         grads = _grads(params, step)
         before = [p.detach().clone() for p in params]
@@ -40,9 +46,21 @@ def test_bf16_moments_are_stored_in_bf16_and_track_the_reference(name, kwargs):
             p.grad = g
         opt.step()
         for i, (p, g) in enumerate(zip(params, grads)):
-            mask = reference_step(ref_p[i], g, ref_state[i], selection=selection, alpha=kwargs["alpha"],
-                                  seed=kwargs.get("seed", 0), tensor_index=i, lr=HP["lr"], beta1=0.9,
-                                  beta2=0.999, eps=1e-8, weight_decay=0.1, moment_dtype=torch.bfloat16)
+            mask = reference_step(
+                ref_p[i],
+                g,
+                ref_state[i],
+                selection=selection,
+                alpha=kwargs["alpha"],
+                seed=kwargs.get("seed", 0),
+                tensor_index=i,
+                lr=HP["lr"],
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=0.1,
+                moment_dtype=torch.bfloat16,
+            )
             moved = p.detach() != before[i]
             if selection.startswith("topk"):
                 assert int(moved.sum()) == topk_count(p.numel(), kwargs["alpha"])
@@ -58,7 +76,10 @@ def test_bf16_moments_are_stored_in_bf16_and_track_the_reference(name, kwargs):
 
 def test_float32_and_none_are_the_default():
     a, b = _params(), _params()
-    opts = [maskopt.MoFO(a, fused=False, **HP), maskopt.MoFO(b, fused=False, moment_dtype=torch.float32, **HP)]
+    opts = [
+        maskopt.MoFO(a, fused=False, **HP),
+        maskopt.MoFO(b, fused=False, moment_dtype=torch.float32, **HP),
+    ]
     for step in range(2):
         for ps, opt in zip((a, b), opts):
             for p, g in zip(ps, _grads(ps, step)):
@@ -85,7 +106,9 @@ def test_adamw_state_dicts_load_both_ways():
     mofo.load_state_dict(adamw.state_dict())
     for p in params:
         assert mofo.state[p]["exp_avg"].dtype == torch.bfloat16
-        torch.testing.assert_close(mofo.state[p]["exp_avg"].float(), adamw.state[p]["exp_avg"], rtol=1e-2, atol=1e-8)
+        torch.testing.assert_close(
+            mofo.state[p]["exp_avg"].float(), adamw.state[p]["exp_avg"], rtol=1e-2, atol=1e-8
+        )
     mofo.step()
     back = torch.optim.AdamW(params, **HP)
     back.load_state_dict(mofo.state_dict())

@@ -47,8 +47,14 @@ def expected_selection(kind, opt, p, grad, index, kw):
     """The reference selection given the optimizer's own new moment (exact, no rounding drift)."""
     state = opt.state[p]
     return select(
-        kind, state["exp_avg"].double(), grad.double(), alpha=kw["alpha"], block_size=kw.get("block_size"),
-        seed=kw.get("seed", 0), tensor_index=index, counter=int(state["step"].item()),
+        kind,
+        state["exp_avg"].double(),
+        grad.double(),
+        alpha=kw["alpha"],
+        block_size=kw.get("block_size"),
+        seed=kw.get("seed", 0),
+        tensor_index=index,
+        counter=int(state["step"].item()),
     ).view(p.shape)
 
 
@@ -65,14 +71,17 @@ def test_only_selected_entries_move_and_exactly_k(case, dtype):
         for i, (p, g, old) in enumerate(zip(params, grads, before)):
             mask = expected_selection(kind, opt, p, g, i, kw)
             changed = p.detach() != old
-            assert torch.equal(p.detach()[~mask].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                               old[~mask].view(torch.int16 if dtype != torch.float32 else torch.int32)), \
-                "an unselected entry changed"
+            assert torch.equal(
+                p.detach()[~mask].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                old[~mask].view(torch.int16 if dtype != torch.float32 else torch.int32),
+            ), "an unselected entry changed"
             if dtype == torch.float32:  # lr=1e-2 always moves an fp32 entry of size ~1
                 assert torch.equal(changed, mask)
             if kind.startswith("topk"):
                 block = kw.get("block_size") or max(p.numel(), 1)
-                expected_k = sum(topk_count(min(block, p.numel() - s), kw["alpha"]) for s in range(0, p.numel(), block))
+                expected_k = sum(
+                    topk_count(min(block, p.numel() - s), kw["alpha"]) for s in range(0, p.numel(), block)
+                )
                 assert int(mask.sum()) == expected_k
 
 
@@ -118,13 +127,25 @@ def test_matches_float64_reference(case, dtype):
         grads = set_grads(params, seed=100 + step)
         opt.step()
         for i, (r, g) in enumerate(zip(ref_params, grads)):
-            reference_step(r, g, ref_states[i], **HYPER, weight_decay=0.05, selection=kind, alpha=kw["alpha"],
-                           block_size=kw.get("block_size"), seed=kw.get("seed", 0), tensor_index=i)
+            reference_step(
+                r,
+                g,
+                ref_states[i],
+                **HYPER,
+                weight_decay=0.05,
+                selection=kind,
+                alpha=kw["alpha"],
+                block_size=kw.get("block_size"),
+                seed=kw.get("seed", 0),
+                tensor_index=i,
+            )
     for p, r, s in zip(params, ref_params, ref_states):
         assert opt.state[p]["exp_avg"].dtype == dtype
         torch.testing.assert_close(p.detach(), r, rtol=tol[0], atol=tol[1])
         torch.testing.assert_close(opt.state[p]["exp_avg"], s["exp_avg"].to(dtype), rtol=tol[0], atol=tol[2])
-        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], s["exp_avg_sq"].to(dtype), rtol=tol[0], atol=tol[3])
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg_sq"], s["exp_avg_sq"].to(dtype), rtol=tol[0], atol=tol[3]
+        )
 
 
 @pytest.mark.parametrize("mask_weight_decay", [True, False])
@@ -141,12 +162,15 @@ def test_weight_decay_only_on_selected_entries_by_default(mask_weight_decay):
         assert torch.allclose(unselected, torch.full_like(unselected, 1 - 0.1 * 0.5))
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: MoFO(ps, lr=3e-3, weight_decay=0.1, alpha=1.0),
-    lambda ps: MoFO(ps, lr=3e-3, weight_decay=0.1, alpha=1.0, foreach=False),
-    lambda ps: RandomBCD(ps, lr=3e-3, weight_decay=0.1, alpha=1.0),
-    lambda ps: HalfAdam(ps, lr=3e-3, weight_decay=0.1, ratio=1.0),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: MoFO(ps, lr=3e-3, weight_decay=0.1, alpha=1.0),
+        lambda ps: MoFO(ps, lr=3e-3, weight_decay=0.1, alpha=1.0, foreach=False),
+        lambda ps: RandomBCD(ps, lr=3e-3, weight_decay=0.1, alpha=1.0),
+        lambda ps: HalfAdam(ps, lr=3e-3, weight_decay=0.1, ratio=1.0),
+    ],
+)
 def test_alpha_one_is_adamw(make):
     params = make_params([(7, 13), (4097,), (1,)], seed=3)
     twins = [p.detach().clone().requires_grad_() for p in params]
@@ -221,7 +245,9 @@ def test_random_bcd_frequency_and_reproducibility():
     fraction = (p.detach() != 0).float().mean().item()
     assert abs(fraction - 0.05) < 0.003
     mask = p.detach() != 0
-    expected = select("random", torch.ones(200_000), torch.ones(200_000), alpha=0.05, seed=11, tensor_index=0, counter=1)
+    expected = select(
+        "random", torch.ones(200_000), torch.ones(200_000), alpha=0.05, seed=11, tensor_index=0, counter=1
+    )
     assert torch.equal(mask, expected)
     # A different step draws a different mask; exact=True moves exactly k.
     p.grad = torch.ones_like(p)
@@ -332,33 +358,39 @@ def test_lr_zero_and_zero_grads_change_nothing():
             assert torch.equal(p.detach(), b)
 
 
-@pytest.mark.parametrize("kwargs, argument", [
-    (dict(lr=-1.0), "lr"),
-    (dict(betas=(1.0, 0.999)), "betas"),
-    (dict(betas=(0.9, -0.1)), "betas"),
-    (dict(eps=-1e-8), "eps"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(alpha=0.0), "alpha"),
-    (dict(alpha=1.5), "alpha"),
-    (dict(alpha=float("nan")), "alpha"),
-    (dict(filter="hessian"), "filter"),
-    (dict(block_size=0), "block_size"),
-    (dict(foreach=True, fused=True), "foreach"),
-])
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(1.0, 0.999)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(eps=-1e-8), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(filter="hessian"), "filter"),
+        (dict(block_size=0), "block_size"),
+        (dict(foreach=True, fused=True), "foreach"),
+    ],
+)
 def test_mofo_argument_errors_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         MoFO(make_params([(3,)]), **kwargs)
 
 
-@pytest.mark.parametrize("cls, kwargs, argument", [
-    (RandomBCD, dict(alpha=-0.5), "alpha"),
-    (RandomBCD, dict(seed="x"), "seed"),
-    (RandomBCD, dict(exact="yes"), "exact"),
-    (HalfAdam, dict(ratio=0.0), "ratio"),
-    (HalfAdam, dict(ratio=2.0), "ratio"),
-    (HalfAdam, dict(strategy="half"), "strategy"),
-    (HalfAdam, dict(freeze="grad"), "freeze"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, argument",
+    [
+        (RandomBCD, dict(alpha=-0.5), "alpha"),
+        (RandomBCD, dict(seed="x"), "seed"),
+        (RandomBCD, dict(exact="yes"), "exact"),
+        (HalfAdam, dict(ratio=0.0), "ratio"),
+        (HalfAdam, dict(ratio=2.0), "ratio"),
+        (HalfAdam, dict(strategy="half"), "strategy"),
+        (HalfAdam, dict(freeze="grad"), "freeze"),
+    ],
+)
 def test_other_argument_errors(cls, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         cls(make_params([(3,)]), **kwargs)
@@ -403,6 +435,7 @@ def test_nan_gradients_propagate_like_adamw():
 
 def test_toy_example_mofo_stays_near_pretrained_optimum():
     """MoFO paper §4: L_ft = (θ1−1)²(θ2−1)² from (0,0); Adam → (1,1), MoFO (1 of 2 coords) → (1,0)."""
+
     def run(make):
         theta = torch.zeros(2, requires_grad=True)
         opt = make([theta])
@@ -447,6 +480,8 @@ def test_long_row_selection_survives_an_unlucky_sample(monkeypatch):
     n = 100_000
     a = torch.arange(n, dtype=torch.float32)
     # A sample of only the largest values puts the bracket above the k-th value.
-    monkeypatch.setattr(selection, "_sample_positions", lambda length: torch.arange(length - 1000, length).numpy())
+    monkeypatch.setattr(
+        selection, "_sample_positions", lambda length: torch.arange(length - 1000, length).numpy()
+    )
     (idx,) = selection.topk_indices([a], 0.2)
     assert torch.equal(idx, torch.arange(n - 20_000, n))

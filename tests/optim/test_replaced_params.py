@@ -20,9 +20,15 @@ def _zero_style_flatten(opt):
 
 
 @pytest.mark.filterwarnings("ignore:HalfAdam got parameters without names")
-@pytest.mark.parametrize("make", [
-    lambda ps: MoFO(ps, alpha=0.1), lambda ps: RandomBCD(ps, alpha=0.1), lambda ps: HalfAdam(ps, freeze="mask"),
-], ids=["mofo", "random_bcd", "half_adam"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: MoFO(ps, alpha=0.1),
+        lambda ps: RandomBCD(ps, alpha=0.1),
+        lambda ps: HalfAdam(ps, freeze="mask"),
+    ],
+    ids=["mofo", "random_bcd", "half_adam"],
+)
 def test_flat_partitions_are_refused_before_anything_changes(make):
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
     opt = make(params)

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from _tiny_models import TokenData, tiny_llama
 
 from maskopt import HalfAdam, MoFO, RandomBCD, _hash, topk_count
 from maskopt import telemetry as tm
 from maskopt.telemetry import UpdateTelemetry, to_floats
-
-from _tiny_models import TokenData, tiny_llama
 
 SHAPES = [(17, 33), (64,), (5, 123), (1,), (3, 4, 5), (0,)]
 
@@ -73,7 +72,9 @@ def test_mofo_counts(filt, block_size):
         for i, p in enumerate(params):
             n = p.numel()
             b = n if block_size is None else min(block_size, n)
-            out[i] = 0 if n == 0 else (n // b) * topk_count(b, alpha) + (topk_count(n % b, alpha) if n % b else 0)
+            out[i] = (
+                0 if n == 0 else (n // b) * topk_count(b, alpha) + (topk_count(n % b, alpha) if n % b else 0)
+            )
         return out
 
     check_counts_match_changes(opt, params, expect=expected)
@@ -117,8 +118,13 @@ def test_random_counts_chunked(monkeypatch):
 def test_adamw_counts():
     params = make_params()
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    check_counts_match_changes(opt, params, steps=2, only=lambda p: p is not params[1],
-                               expect=lambda s: {i: 0 if i == 1 else p.numel() for i, p in enumerate(params)})
+    check_counts_match_changes(
+        opt,
+        params,
+        steps=2,
+        only=lambda p: p is not params[1],
+        expect=lambda s: {i: 0 if i == 1 else p.numel() for i, p in enumerate(params)},
+    )
 
 
 # -- HalfAdam on a real transformer's parameter names ----------------------------------------
@@ -170,6 +176,7 @@ class _NoHostRead:
     def __enter__(self):
         def boom(*a, **k):
             raise AssertionError("host read of a tensor value")
+
         for m in self.METHODS:
             self.mp.setattr(torch.Tensor, m, boom)
 
@@ -216,8 +223,12 @@ def test_device_key_path_matches_host_hash():
         assert int(key) & _hash.MASK32 == _hash.stream_key(seed, index, counter)
         host = _hash.stream_key(seed, index, counter)
         for n, start in [(1000, 0), (37, 5000), (10, (1 << 31) - 4), (10, (1 << 32) - 3)]:
-            torch.testing.assert_close(_hash._order_keys_torch(n, key, "cpu", start),
-                                       _hash.order_keys(n, host, "cpu", start), rtol=0, atol=0)
+            torch.testing.assert_close(
+                _hash._order_keys_torch(n, key, "cpu", start),
+                _hash.order_keys(n, host, "cpu", start),
+                rtol=0,
+                atol=0,
+            )
 
 
 def test_device_counters_give_the_same_counts():
@@ -260,7 +271,9 @@ def test_distance_matches_manual(reference_device, monkeypatch):
     theta0 = [p.detach().clone() for p in params]
     opt = MoFO(params, lr=1e-2, alpha=0.1)
     names = [f"t{i}" for i in range(len(params))]
-    with UpdateTelemetry(opt, zip(names, params), track_distance=True, reference_device=reference_device) as tel:
+    with UpdateTelemetry(
+        opt, zip(names, params), track_distance=True, reference_device=reference_device
+    ) as tel:
         d0 = to_floats(tel.distance())
         assert set(d0.values()) == {0.0}
         g = torch.Generator().manual_seed(0)
@@ -278,11 +291,15 @@ def test_distance_matches_manual(reference_device, monkeypatch):
         total = sum(p.numel() for p in params)
         s = tel.as_dict(per_tensor=True, prefix="x/")
         assert all(isinstance(v, float) for v in s.values())
-        assert math.isclose(s["x/distance"], math.sqrt(sum(float(d.square().sum()) for d in diffs)), rel_tol=1e-5)
+        assert math.isclose(
+            s["x/distance"], math.sqrt(sum(float(d.square().sum()) for d in diffs)), rel_tol=1e-5
+        )
         moved = sum(int((p.detach() != t).sum()) for p, t in zip(params, theta0))
         assert math.isclose(s["x/changed_fraction"], moved / total, rel_tol=1e-6)
         assert 0.1 < s["x/changed_fraction"] < 0.6  # 5 MoFO steps at alpha 0.1
-        assert math.isclose(s["x/updated_fraction_total"], sum(topk_count(p.numel(), 0.1) for p in params) / total)
+        assert math.isclose(
+            s["x/updated_fraction_total"], sum(topk_count(p.numel(), 0.1) for p in params) / total
+        )
         assert s["x/distance/t0"] == pytest.approx(float(diffs[0].norm()), rel=1e-5)
         tel.reset_reference()
         assert to_floats(tel.summary())["distance"] == 0.0
@@ -299,7 +316,9 @@ def test_remove_stops_recording():
     opt.step()
     tel.remove()
     opt.step()
-    assert tel.steps == 1 and tel.summary()["updated_entries"] == sum(topk_count(p.numel(), 0.1) for p in params)
+    assert tel.steps == 1 and tel.summary()["updated_entries"] == sum(
+        topk_count(p.numel(), 0.1) for p in params
+    )
     assert tel.summary()  # still readable; no distance keys without tracking
     assert "distance" not in tel.summary()
 
@@ -322,8 +341,10 @@ def test_import_does_not_need_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['transformers'] = None; import maskopt.telemetry as t; "
-            "assert hasattr(t, 'UpdateTelemetry')\ntry:\n    t.UpdateTelemetryCallback\nexcept ImportError:\n    print('ok')")
+    code = (
+        "import sys; sys.modules['transformers'] = None; import maskopt.telemetry as t; "
+        "assert hasattr(t, 'UpdateTelemetry')\ntry:\n    t.UpdateTelemetryCallback\nexcept ImportError:\n    print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
 
@@ -332,10 +353,18 @@ def _trainer(tmp_path, model, opt, callbacks=None):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
-    return transformers.Trainer(model=model, args=args, train_dataset=TokenData(vocab=64), optimizers=(opt, None),
-                                callbacks=callbacks)
+        output_dir=str(tmp_path),
+        max_steps=4,
+        logging_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=TokenData(vocab=64), optimizers=(opt, None), callbacks=callbacks
+    )
 
 
 def test_trainer_callback_logs(tmp_path):
@@ -360,8 +389,12 @@ def test_trainer_callback_logs(tmp_path):
     assert 0 < logs[0]["maskopt/distance"] < logs[1]["maskopt/distance"]
     final = trainer.state.log_history[-1]
     assert "train_loss" in final
-    manual = math.sqrt(sum(float((p.detach().double() - theta0[n].double()).square().sum())
-                           for n, p in model.named_parameters()))
+    manual = math.sqrt(
+        sum(
+            float((p.detach().double() - theta0[n].double()).square().sum())
+            for n, p in model.named_parameters()
+        )
+    )
     assert final["maskopt/distance"] == pytest.approx(manual, rel=1e-5)
     assert cb.telemetry.steps == 4 and cb.telemetry.removed  # unhooked at on_train_end
 
@@ -430,10 +463,16 @@ def test_cuda_counts_without_sync(fused, kind):
         counts = as_ints(tel.updated_counts())
         assert counts == {i: int((p != b).sum()) for i, (p, b) in enumerate(zip(params, before))}, step
         floats = to_floats(values)
-        manual = math.sqrt(sum(float((p.detach().double() - t.double()).square().sum()) for p, t in zip(params, theta0)))
+        manual = math.sqrt(
+            sum(float((p.detach().double() - t.double()).square().sum()) for p, t in zip(params, theta0))
+        )
         assert floats["distance"] == pytest.approx(manual, rel=1e-5)
     if fused and kind == "random":  # the fused path keeps step counters on the GPU
-        assert any(torch.is_tensor(r.counter) and r.counter.is_cuda for r in tel._records if isinstance(r, tm._HashMask))
+        assert any(
+            torch.is_tensor(r.counter) and r.counter.is_cuda
+            for r in tel._records
+            if isinstance(r, tm._HashMask)
+        )
     tel.remove()
 
 
