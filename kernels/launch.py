@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 import triton
@@ -49,10 +49,19 @@ from ._common import (
 from ._dense import dense_step_kernel
 from ._fallback import exact_select_kernel
 from ._local import local_step_kernel
-from ._plan import _PLANS, _WORKSPACES, _plan, _programs, _Sharding, _sharding, _tensor_table, _workspace
 from ._resolve import resolve_kernel
 from ._sharded import cand_level_kernel, data_level_kernel, level_select_kernel
 from ._window import moments_window_kernel, window_select_kernel
+from .plan import (
+    PLANS,
+    WORKSPACES,
+    Sharding,
+    plan_for,
+    programs_for,
+    sharding_of,
+    tensor_table,
+    workspace_for,
+)
 
 S_ZBASE_ROW = S_ZBASE.value
 SELECTIONS = ("all", "topk_momentum", "topk_gradient", "random", "random_exact")
@@ -104,8 +113,8 @@ def set_config(**changes) -> KernelConfig:
             f"{new.window_frac} and {new.window_bins_log2}"
         )
     _CONFIG = new
-    _PLANS.clear()
-    _WORKSPACES.clear()
+    PLANS.clear()
+    WORKSPACES.clear()
     return old
 
 
@@ -188,7 +197,7 @@ def _check(
     if selection in ("random", "random_exact") and len(tensor_indices) != n:
         raise ValueError(f"fused_adam_step_: len(tensor_indices)={len(tensor_indices)} != len(params)={n}")
     device = params[0].device
-    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True)):
         if p.dtype not in _PARAM_DTYPES:
             raise TypeError(
                 f"fused_adam_step_: param {i} has dtype {p.dtype}; the fused path supports "
@@ -305,9 +314,9 @@ def fused_adam_step_(
     across = selection in ("topk_momentum", "topk_gradient", "random_exact") and not (
         block_size is not None and selection.startswith("topk")
     )
-    sharding = _sharding(params, shards) if across else None
+    sharding = sharding_of(params, shards) if across else None
     by_dtype: dict[tuple, list[int]] = {}
-    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+    for i, (p, m) in enumerate(zip(params, exp_avgs, strict=True)):
         by_dtype.setdefault((p.dtype, m.dtype), []).append(i)
     # Triton launches on the current CUDA device: make it the tensors' device
     guard = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
@@ -443,9 +452,11 @@ def _step_group(
         hkeys = [_hash.tensor_key(seed, j) for j in tidx]
     else:
         hkeys = [0] * T
-    ttab = _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device)
-    plan, plan_key = _plan(numels, selection, alpha, block_size, device, cfg, sharding)
-    work = _workspace(plan_key, plan, params, steps, device, cfg, 1 if sharding is None else sharding.world)
+    ttab = tensor_table(params, grads, ms, vs, steps, hkeys, bases, device)
+    plan, plan_key = plan_for(numels, selection, alpha, block_size, device, cfg, sharding)
+    work = workspace_for(
+        plan_key, plan, params, steps, device, cfg, 1 if sharding is None else sharding.world
+    )
     ws = work.ws
 
     has_inf = found_inf is not None
@@ -548,7 +559,7 @@ def _step_group(
         return
 
     S, C = plan.n_seg, plan.n_chunks
-    programs = _programs(C, device, cfg)
+    programs = programs_for(C, device, cfg)
     per_program = triton.cdiv(C, programs)
     programs = triton.cdiv(C, per_program) if C else 0
     window = dict(FRAC=cfg.window_frac, NB_LOG2=cfg.window_bins_log2)
@@ -737,7 +748,7 @@ def _step_group(
     )
 
 
-def _all_reduce(tensor: torch.Tensor, sharding: _Sharding) -> None:
+def _all_reduce(tensor: torch.Tensor, sharding: Sharding) -> None:
     """Sum over the group, ordered on the current stream (no host synchronisation)."""
     import torch.distributed as dist
 

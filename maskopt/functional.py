@@ -2,18 +2,18 @@
 AdamW: lists of tensors in, updated in place, no optimizer object.
 
 :func:`masked_adamw` picks the path: the Triton kernels (``maskopt.kernels``, CUDA) or the
-PyTorch path (``maskopt._functional``, any device). The optimizer classes keep the state,
+PyTorch path (``maskopt.pytorch_path``, any device). The optimizer classes keep the state,
 check the arguments and plan the step, then call this.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ._functional import masked_adam_
 from .policy import SelectionPolicy
+from .pytorch_path import masked_adam_
 
 __all__ = ["masked_adamw", "fused_available", "use_fused"]
 
@@ -213,7 +213,8 @@ def masked_adamw(
         # whole-tensor sizes so that every rank makes the same calls; the limit bounds the
         # temporaries (score keys, gathered entries) to a few bytes per batch entry.
         runs = _batches(
-            [s.numel if s is not None else p.numel() for p, s in zip(params, shards)], _SHARDED_BATCH_ENTRIES
+            [s.numel if s is not None else p.numel() for p, s in zip(params, shards, strict=True)],
+            _SHARDED_BATCH_ENTRIES,
         )
     else:
         runs = _batches([p.numel() for p in params], _BATCH_ENTRIES)

@@ -24,8 +24,8 @@ which costs one device-to-host transfer per device.
 size again, on ``reference_device``) and gives, when asked, ‖θ − θ0‖₂ per tensor and over
 the whole model, and the fraction of entries with θ ≠ θ0.
 
-``UpdateTelemetryCallback`` (imported lazily: maskopt does not need transformers) adds these
-numbers to the Hugging Face Trainer's logs.
+``maskopt.hf_callback.UpdateTelemetryCallback`` adds these numbers to the Hugging Face
+Trainer's logs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from . import _hash
 from .optimizer import MaskedAdam
 from .selection import RANDOM
 
-# UpdateTelemetryCallback is built on first access (module __getattr__), as it needs transformers.
 __all__ = ["UpdateTelemetry", "to_floats", "unwrap_optimizer"]
 
 # Random counts and distances work through at most this many entries at a time (bounds the
@@ -146,7 +145,7 @@ def to_floats(values: Mapping[Any, Any]) -> dict[Any, float]:
             out[key] = float(v)
     for items in by_device.values():
         floats = torch.stack([v.detach().reshape(()).to(torch.float64) for _, v in items]).tolist()
-        out.update({key: f for (key, _), f in zip(items, floats)})
+        out.update({key: f for (key, _), f in zip(items, floats, strict=True)})
     return {key: out[key] for key in values}  # keep the caller's order
 
 
@@ -248,7 +247,7 @@ class UpdateTelemetry:
             names = list(range(len(params)))
         old = len(self._params)
         self._params, self.names = params, names
-        self.numel = {n: p.numel() for n, p in zip(names, params)}
+        self.numel = {n: p.numel() for n, p in zip(names, params, strict=True)}
         self._records = self._counts = None
         if self._reference is not None:
             self._reference += [self._snapshot(p) for p in params[old:]]
@@ -297,7 +296,8 @@ class UpdateTelemetry:
                     records.append(mask)
                 else:
                     warnings.warn(
-                        f"UpdateTelemetry: unknown selection kind {policy.kind!r}; counted as unknown"
+                        f"UpdateTelemetry: unknown selection kind {policy.kind!r}; counted as unknown",
+                        stacklevel=2,
                     )
                     records.append(None)
         # Device step counters (the fused path) move on in place each step: one stacked
@@ -337,7 +337,7 @@ class UpdateTelemetry:
         counts = self._last_counts()
         if counts is None:
             return {}
-        return {n: c for n, c in zip(self.names, counts) if c is not None}
+        return {n: c for n, c in zip(self.names, counts, strict=True) if c is not None}
 
     def updated_fraction(self) -> dict[Any, float | torch.Tensor]:
         """``updated_counts()`` divided by each tensor's size (empty tensors left out)."""
@@ -369,7 +369,7 @@ class UpdateTelemetry:
             raise RuntimeError("distance needs track_distance=True (or reset_reference()): θ0 was not kept")
         self._refresh()
         squares, changed = [], []
-        for p, ref in zip(self._params, self._reference):
+        for p, ref in zip(self._params, self._reference, strict=True):
             theta = p.detach()
             acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
             if type(theta) is not torch.Tensor or theta.numel() <= _CHUNK:  # a whole-tensor pass
@@ -397,14 +397,14 @@ class UpdateTelemetry:
     def distance(self) -> dict[Any, torch.Tensor]:
         """‖θ − θ0‖₂ per tensor (0-d device tensors; computed now, one pass over θ and θ0)."""
         squares, _ = self._distance_terms()
-        return {n: sq.sqrt() for n, sq in zip(self.names, squares)}
+        return {n: sq.sqrt() for n, sq in zip(self.names, squares, strict=True)}
 
     def changed_fraction(self) -> dict[Any, torch.Tensor]:
         """Share of each tensor's entries with θ ≠ θ0 (0-d device tensors; empty tensors left out).
 
         Equals "entries that ever moved" unless an entry came back to exactly its start."""
         _, changed = self._distance_terms()
-        return {n: c / self.numel[n] for n, c in zip(self.names, changed) if self.numel[n]}
+        return {n: c / self.numel[n] for n, c in zip(self.names, changed, strict=True) if self.numel[n]}
 
     # -- summaries ---------------------------------------------------------------------------
 
@@ -446,11 +446,11 @@ class UpdateTelemetry:
             if total_numel:
                 out["changed_fraction"] = _sum(changed) / total_numel
             if per_tensor:
-                out.update({f"distance/{n}": sq.sqrt() for n, sq in zip(self.names, squares)})
+                out.update({f"distance/{n}": sq.sqrt() for n, sq in zip(self.names, squares, strict=True)})
                 out.update(
                     {
                         f"changed_fraction/{n}": c / self.numel[n]
-                        for n, c in zip(self.names, changed)
+                        for n, c in zip(self.names, changed, strict=True)
                         if self.numel[n]
                     }
                 )
@@ -498,103 +498,3 @@ class UpdateTelemetry:
             f"UpdateTelemetry({type(self.optimizer).__name__}, tensors={len(self._params)}, "
             f"steps={self.steps}, track_distance={self._reference is not None})"
         )
-
-
-# -- Hugging Face Trainer ------------------------------------------------------------------
-
-
-def _make_callback_class():
-    from transformers import TrainerCallback
-
-    class UpdateTelemetryCallback(TrainerCallback):
-        """Adds :class:`UpdateTelemetry` numbers to the Trainer's training logs.
-
-        At every training log (every ``logging_steps``, and the final ``train_loss`` log) it
-        adds ``<prefix>updated_fraction_mean``, ``<prefix>updated_fraction_total`` and, with
-        ``track_distance=True``, ``<prefix>distance`` and ``<prefix>changed_fraction``;
-        ``per_tensor=True`` adds the per-tensor values. It finds the optimizer in the
-        callback arguments (unwrapping accelerate's wrapper) and attaches itself at
-        ``on_train_begin``, before the first step, so θ0 is the weights training starts from.
-        The telemetry is ``callback.telemetry``; it unhooks at ``on_train_end``.
-
-        The Trainer shows ``on_log`` callbacks the logs in callback order, so reporting
-        integrations added before this callback (``report_to``) do not see its keys; use
-        :meth:`add_to` to put it first. ``trainer.state.log_history`` gets them either way.
-        """
-
-        def __init__(
-            self,
-            *,
-            per_tensor: bool = False,
-            track_distance: bool = False,
-            reference_device: torch.device | str | None = None,
-            prefix: str = "maskopt/",
-        ) -> None:
-            self.per_tensor = per_tensor
-            self.track_distance = track_distance
-            self.reference_device = reference_device
-            self.prefix = prefix
-            self.telemetry: UpdateTelemetry | None = None
-
-        @classmethod
-        def add_to(cls, trainer, **kwargs) -> UpdateTelemetryCallback:
-            """A new callback, placed first in ``trainer``'s callbacks so that every reporting
-            integration logs its keys; returns it."""
-            callback = cls(**kwargs)
-            trainer.callback_handler.callbacks.insert(0, callback)
-            return callback
-
-        def _attach(self, kwargs: dict[str, Any]) -> None:
-            optimizer = kwargs.get("optimizer")
-            if optimizer is None:
-                return
-            inner = unwrap_optimizer(optimizer)
-            t = self.telemetry
-            if t is not None and not t.removed and t.optimizer is inner:
-                return
-            if t is not None:
-                t.remove()
-            model = kwargs.get("model")
-            named = model.named_parameters() if isinstance(model, torch.nn.Module) else None
-            self.telemetry = UpdateTelemetry(
-                inner, named, track_distance=self.track_distance, reference_device=self.reference_device
-            )
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._attach(kwargs)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._attach(kwargs)
-
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self._attach(kwargs)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or not ("loss" in logs or "train_loss" in logs):
-                return  # evaluation and other logs
-            self._attach(kwargs)
-            if self.telemetry is None:
-                return
-            values = self.telemetry.as_dict(sync=True, per_tensor=self.per_tensor, prefix=self.prefix)
-            if not values:
-                return
-            # Trainer.log appends a copy of `logs` to log_history before calling on_log.
-            history = state.log_history
-            if history and history[-1] is not logs and all(k in history[-1] for k in logs):
-                history[-1].update(values)
-            logs.update(values)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.telemetry is not None:
-                self.telemetry.remove()
-
-    UpdateTelemetryCallback.__module__ = __name__
-    return UpdateTelemetryCallback
-
-
-def __getattr__(name: str):
-    if name == "UpdateTelemetryCallback":
-        cls = _make_callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,7 +59,8 @@ Where each concept lives:
 * ``checks`` -- the allowed option values and one check per argument (shared with HalfAdam);
 * ``plan`` -- :class:`HalfPlan` and its counts, :func:`plan_half`, :func:`find_layer_stacks`;
 * ``report`` -- :meth:`HalfPlan.summary`'s text tables;
-* ``apply`` -- :meth:`HalfPlan.apply`, :func:`freeze_half`, :func:`unfreeze`, :func:`half_reset`.
+* ``hooks`` -- what :meth:`HalfPlan.apply` installs on a model, kept per model;
+* ``apply`` -- :func:`freeze_half`, :func:`unfreeze`, :func:`half_reset`.
 """
 
 from __future__ import annotations

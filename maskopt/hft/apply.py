@@ -2,95 +2,17 @@
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .categories import ClassifyHook
-from .checks import check_freeze
+from .hooks import remove_hooks
 from .plan import HalfPlan, plan_half
 
-__all__ = ["apply_plan", "freeze_half", "unfreeze", "half_reset"]
-
-# The hook handles of the plan applied to each model, so the next plan (or unfreeze) removes
-# them; weak keys, so a model that is deleted takes its entry with it.
-_APPLIED: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
-
-
-def _remove_hooks(model: nn.Module) -> None:
-    for h in _APPLIED.pop(model, []):
-        h.remove()
-
-
-def _zero_frozen_entries(mask: torch.Tensor):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask.to(grad.device)
-
-    return hook
-
-
-def apply_plan(
-    plan: HalfPlan,
-    model: nn.Module,
-    freeze: str = "requires_grad",
-    optimizer: torch.optim.Optimizer | None = None,
-) -> HalfPlan:
-    """Make ``model`` train only ``plan``'s selection; see :meth:`HalfPlan.apply`.
-
-    Args:
-        plan: the plan, made for this model's parameter names.
-        model: the model to change.
-        freeze: ``"requires_grad"`` (default: frozen tensors get ``requires_grad=False``) or
-            ``"mask"`` (``requires_grad`` left alone; the optimizer's step skips them).
-        optimizer: the optimizer to hook (required by ``"mask"``; with entry masks it also
-            restores the frozen entries after each step); default None.
-    """
-    check_freeze(freeze)
-    if freeze == "mask" and optimizer is None:
-        raise ValueError(
-            "freeze='mask' leaves requires_grad alone, so it needs optimizer= to skip the frozen tensors"
-        )
-    params = dict(model.named_parameters())
-    missing = [n for n in plan.names if n not in params]
-    if missing:
-        raise ValueError(
-            f"the plan names parameters the model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-        )
-    _remove_hooks(model)
-    handles: list[Any] = []
-    for name in plan.names:
-        p = params[name]
-        if freeze == "requires_grad":
-            p.requires_grad_(name not in plan.frozen)
-        if name in plan.frozen:
-            p.grad = None
-    if plan.entry_masked:
-        masks = {}
-        for name in plan.entry_masked:
-            p = params[name]
-            masks[name] = plan.entry_mask(name, p)
-            handles.append(p.register_hook(_zero_frozen_entries(masks[name])))
-        if optimizer is not None:
-            kept = {n: params[n].detach()[~m].clone() for n, m in masks.items()}
-
-            def restore(opt, args, kwargs, kept=kept, masks=masks):
-                with torch.no_grad():
-                    for n, values in kept.items():
-                        params[n][~masks[n]] = values.to(params[n].dtype)
-
-            handles.append(optimizer.register_step_post_hook(restore))
-    if freeze == "mask" and plan.frozen:
-        frozen_params = [params[n] for n in plan.names if n in plan.frozen]
-
-        def drop_frozen_grads(opt, args, kwargs, frozen_params=frozen_params):
-            for p in frozen_params:
-                p.grad = None
-
-        handles.append(optimizer.register_step_pre_hook(drop_frozen_grads))
-    _APPLIED[model] = handles
-    return plan
+__all__ = ["freeze_half", "unfreeze", "half_reset"]
 
 
 def freeze_half(
@@ -143,7 +65,7 @@ def unfreeze(model: nn.Module) -> None:
     Args:
         model: the model a plan was applied to.
     """
-    _remove_hooks(model)
+    remove_hooks(model)
     for p in model.parameters():
         p.requires_grad_(True)
 

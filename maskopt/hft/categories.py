@@ -9,13 +9,16 @@ model was given, the module types along that path (``MyAttention``, ``SwiGLU``).
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
 from .names import stack_of, unit_key
 
 __all__ = [
+    "CATEGORIES",
+    "KEEP",
+    "FREEZE",
     "ClassifyHook",
     "HFTClassificationError",
     "is_norm_token",
@@ -25,6 +28,10 @@ __all__ = [
     "as_classify_hook",
     "unknown_units_message",
 ]
+
+CATEGORIES = ("attention", "ffn", "norm", "router", "experts")
+KEEP = "keep"  # classify() result: always trainable
+FREEZE = "freeze"  # classify() result: always frozen
 
 ClassifyHook = Callable[[str, "nn.Module | None"], "str | None"]
 
@@ -136,7 +143,7 @@ def _attn_or_ffn(tok: str) -> str | None:
     return None
 
 
-def builtin_category(rel: str, has_experts: bool, modules: Sequence["nn.Module"]) -> str | None:
+def builtin_category(rel: str, has_experts: bool, modules: Sequence[nn.Module]) -> str | None:
     """Category of the unit at path ``rel`` inside its layer, or None if no rule applies.
 
     Args:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._checks import check_choice, check_int, check_range
-from .categories import ClassifyHook, as_classify_hook
+from .categories import CATEGORIES, FREEZE, KEEP, ClassifyHook, as_classify_hook
 from .strategies import STRATEGIES
 
 __all__ = [
@@ -33,11 +33,8 @@ __all__ = [
     "check_plan_options",
 ]
 
-CATEGORIES = ("attention", "ffn", "norm", "router", "experts")
 FREEZE_MODES = ("requires_grad", "mask")
 BALANCES = ("count", "numel")
-KEEP = "keep"  # classify() result: always trainable
-FREEZE = "freeze"  # classify() result: always frozen
 
 
 def check_ratio(ratio: Any) -> float:

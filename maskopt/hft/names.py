@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -93,7 +93,7 @@ def _split_prefix(name: str) -> list[tuple[str, int, str]]:
 
 
 def _detect_stacks(
-    unit_keys: Sequence[str], module_of: Callable[[str], "nn.Module | None"] | None
+    unit_keys: Sequence[str], module_of: Callable[[str], nn.Module | None] | None
 ) -> list[str]:
     """Prefixes of the outermost repeated-block containers whose every block has >= 2 units."""
     blocks: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))

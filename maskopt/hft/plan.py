@@ -3,7 +3,8 @@ and :func:`find_layer_stacks`, which shows the layer stacks a plan would use."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from .checks import (
     check_seed,
     check_strategy,
 )
+from .hooks import apply_selection
 from .names import collect, resolve_stacks, stack_of, unit_key
 from .strategies import STRATEGY_RULES, as_fraction, entry_mask
 from .units import Unit, layer_units, pseudo_layer_units
@@ -130,7 +132,7 @@ class HalfPlan:
             device=device,
         )
 
-    def without(self, names: Iterable[str]) -> "HalfPlan":
+    def without(self, names: Iterable[str]) -> HalfPlan:
         """This plan with ``names`` frozen (e.g. tensors frozen by hand, which a plan must
         never train); the draw for every other tensor is unchanged.
 
@@ -197,7 +199,7 @@ class HalfPlan:
 
     def apply(
         self, model: nn.Module, freeze: str = "requires_grad", optimizer: torch.optim.Optimizer | None = None
-    ) -> "HalfPlan":
+    ) -> HalfPlan:
         """Make ``model`` train only this plan's selection with any optimizer.
 
         ``freeze="requires_grad"``: trainable and entry-masked tensors get
@@ -219,10 +221,16 @@ class HalfPlan:
             freeze: ``"requires_grad"`` (default) or ``"mask"``, as above.
             optimizer: the optimizer to hook (required by ``"mask"``; default None).
         """
-        # apply.py builds plans too (freeze_half), so it imports this module, not the reverse
-        from .apply import apply_plan
-
-        return apply_plan(self, model, freeze=freeze, optimizer=optimizer)
+        apply_selection(
+            model,
+            names=self.names,
+            frozen=self.frozen,
+            entry_masked=self.entry_masked,
+            entry_mask=self.entry_mask,
+            freeze=freeze,
+            optimizer=optimizer,
+        )
+        return self
 
     # -- reporting -----------------------------------------------------------------------
 

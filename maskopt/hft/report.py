@@ -4,15 +4,32 @@ then the exact trainable fractions."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .checks import CATEGORIES, FREEZE, KEEP
+from .categories import CATEGORIES, FREEZE, KEEP
 
 if TYPE_CHECKING:
-    from .plan import HalfPlan
     from .units import Unit
 
-__all__ = ["summary"]
+__all__ = ["PlanView", "summary"]
+
+
+class PlanView(Protocol):
+    """What the report reads of a plan (:class:`~maskopt.hft.HalfPlan` has it all)."""
+
+    units: tuple[Unit, ...]
+    stacks: dict[str, int]
+    numel: dict[str, int]
+    trainable: frozenset[str]
+    entry_masked: frozenset[str]
+    options: dict[str, Any]
+    ratio: float
+    strategy: str
+    seed: int
+    round: int
+
+    def counts(self) -> dict[str, Any]: ...
 
 
 def _num(x: float | int) -> str:
@@ -30,7 +47,7 @@ def _common_prefix(paths: Sequence[str]) -> str:
         return head + "." if head else ""
     split = [p.split(".") for p in paths]
     out = []
-    for toks in zip(*split):
+    for toks in zip(*split, strict=False):  # up to the shortest path
         if all(t == toks[0] for t in toks):
             out.append(toks[0])
         else:
@@ -43,12 +60,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
 
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
 
 
-def _state(plan: HalfPlan, u: Unit) -> str:
+def _state(plan: PlanView, u: Unit) -> str:
     """``"yes"`` (trains whole), ``"entries"`` (entry-masked) or ``"no"``."""
     if all(n in plan.trainable for n in u.names):
         return "yes"
@@ -57,14 +74,14 @@ def _state(plan: HalfPlan, u: Unit) -> str:
     return "no"
 
 
-def _trained_share(plan: HalfPlan, u: Unit) -> float:
+def _trained_share(plan: PlanView, u: Unit) -> float:
     return sum(
         plan.numel[n] if n in plan.trainable else plan.ratio * plan.numel[n] if n in plan.entry_masked else 0
         for n in u.names
     )
 
 
-def _layer_table(plan: HalfPlan) -> list[str]:
+def _layer_table(plan: PlanView) -> list[str]:
     """One row per layer: the trained units of each category, and the layer's trained share."""
     layer_units: dict[tuple[str, int], list[Unit]] = defaultdict(list)
     for u in plan.units:
@@ -94,7 +111,7 @@ def _layer_table(plan: HalfPlan) -> list[str]:
     return [*_table(["layer", *cats, "trainable"], rows), ""] if rows else []
 
 
-def _totals_table(plan: HalfPlan) -> list[str]:
+def _totals_table(plan: PlanView) -> list[str]:
     """Per category, the layers, outside the layers and overall: units and parameters trained."""
     c = plan.counts()
     approx = "~" if plan.entry_masked else ""
@@ -125,7 +142,7 @@ def _totals_table(plan: HalfPlan) -> list[str]:
     return lines
 
 
-def summary(plan: HalfPlan) -> str:
+def summary(plan: PlanView) -> str:
     """A text table: per layer and category what trains, then exact trainable fractions.
 
     Args:

@@ -8,7 +8,8 @@ version (``random.Random``'s seeding and ``sample`` algorithms are not part of i
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["CounterRng"]
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .categories import (
+    FREEZE,
+    KEEP,
     ClassifyHook,
     HFTClassificationError,
     as_classify_hook,
@@ -16,7 +18,6 @@ from .categories import (
     expert_id,
     unknown_units_message,
 )
-from .checks import FREEZE, KEEP
 from .names import stack_of, unit_key
 
 __all__ = ["Unit", "layer_units", "pseudo_layer_units"]

@@ -36,7 +36,7 @@ def _worker(rank, world, port, scenario, errors_dir):
         warnings.filterwarnings("ignore")
         for name in scenario.split(","):  # several scenarios share one spawn (startup is the cost)
             globals()[name](rank, world)
-    except BaseException:  # noqa: BLE001 - reported to the parent through a file
+    except BaseException:
         write_traceback(errors_dir, rank)
         raise
     finally:
@@ -87,12 +87,12 @@ def _compare_direct(rank, world, make, steps=4, block_size=None, grads=None, equ
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
     opt_plain, opt_sharded = make(plain), make(sharded)
     for step in range(steps):
-        for p, q, g in zip(plain, sharded, (grads or _grads)(step)):
+        for p, q, g in zip(plain, sharded, (grads or _grads)(step), strict=True):
             p.grad = g.clone()
             q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
         opt_plain.step()
         opt_sharded.step()
-        for i, (p, q) in enumerate(zip(plain, sharded)):
+        for i, (p, q) in enumerate(zip(plain, sharded, strict=True)):
             got = q.detach().full_tensor()
             assert equal(got, p.detach()), (
                 f"step {step}, tensor {i} {tuple(p.shape)}: {(got != p).sum().item()} entries differ"
@@ -142,7 +142,7 @@ def fused_mofo(rank, world):
             _compare_direct(rank, world, make, steps=3 if i == 0 else 2)  # the first takes every mode
         from maskopt.kernels import launch
 
-        sharded_plans = [key for key in launch._PLANS if key[-1] is not None]  # (cleared on leaving)
+        sharded_plans = [key for key in launch.PLANS if key[-1] is not None]  # (cleared on leaving)
         assert sharded_plans and all(key[-1][0] == world for key in sharded_plans)
 
 
@@ -212,10 +212,10 @@ def mofo_nan(rank, world):
     )
     plain = [torch.nn.Parameter(t.clone()) for t in before]
     opt = MoFO(plain, lr=1e-2, alpha=0.5)
-    for p, g in zip(plain, grads(0)):
+    for p, g in zip(plain, grads(0), strict=True):
         p.grad = g
     opt.step()
-    for p, p0 in zip(plain, before):
+    for p, p0 in zip(plain, before, strict=True):
         moved = (p.detach() != p0) | p.detach().isnan()
         assert int(moved.sum()) == topk_count(p.numel(), 0.5)
 
@@ -310,11 +310,11 @@ def _fsdp_vs_single(rank, world, make, steps=3, round_at=None, telemetry=False):
         opt_single.zero_grad()
         opt_sharded.zero_grad()
         if step == 0:  # the entries that moved: the same set in both runs
-            for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters()):
+            for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters(), strict=True):
                 moved_single = p.detach() != start[name]
                 moved_sharded = q.detach().full_tensor() != start[name]
                 assert torch.equal(moved_single, moved_sharded), f"{name}: different entries moved"
-    for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters()):
+    for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters(), strict=True):
         torch.testing.assert_close(q.detach().full_tensor(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
     if telemetry:  # whole-tensor counts and distances, on every rank
         want, got = tel_single.as_dict(per_tensor=True), tel_sharded.as_dict(per_tensor=True)
@@ -344,7 +344,7 @@ def fsdp_half_adam_rounds(rank, world):
         _fsdp_vs_single(
             rank,
             world,
-            lambda m: HalfAdam(m.named_parameters(), lr=1e-2, freeze=freeze, seed=1),
+            lambda m, freeze=freeze: HalfAdam(m.named_parameters(), lr=1e-2, freeze=freeze, seed=1),
             steps=4,
             round_at=2,
         )
@@ -388,13 +388,13 @@ def fsdp_dcp_resume(rank, world):
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)  # creates the state (an lr=0 step)
     assert all(
         torch.equal(p.full_tensor(), q.full_tensor())
-        for p, q in zip(fresh.parameters(), build()[0].parameters())
+        for p, q in zip(fresh.parameters(), build()[0].parameters(), strict=True)
     ), "the state-creating step moved a parameter"
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(fresh, fresh_opt, range(2, 4))
-    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p.full_tensor(), q.full_tensor()), name
 
 

@@ -21,16 +21,16 @@ if not _CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel import
 _TEST_ENV = os.environ.get("TRITON_INTERPRET")
 
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-from maskopt import _hash  # noqa: E402
-from maskopt._functional import masked_adam_  # noqa: E402
-from maskopt.kernels import fused_adam_step_, is_available  # noqa: E402
-from maskopt.policy import SelectionPolicy  # noqa: E402
-from maskopt.reference import reference_step  # noqa: E402
-from maskopt.selection import topk_count  # noqa: E402
+from maskopt import _hash
+from maskopt.kernels import fused_adam_step_, is_available
+from maskopt.policy import SelectionPolicy
+from maskopt.pytorch_path import masked_adam_
+from maskopt.reference import reference_step
+from maskopt.selection import topk_count
 
 DEVICE = torch.device("cuda" if _CUDA else "cpu")
 
@@ -50,7 +50,7 @@ def _load_launch():
             "_apply",
             "_resolve",
             "_sharded",
-            "_plan",
+            "plan",
             "launch",
         ):
             importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
@@ -97,7 +97,7 @@ def layout(request):
 def _tensors(shapes, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
-    ps = [torch.randn(s, generator=gen).to(dt).to(DEVICE) for s, dt in zip(shapes, dtypes)]
+    ps = [torch.randn(s, generator=gen).to(dt).to(DEVICE) for s, dt in zip(shapes, dtypes, strict=True)]
     ms = [torch.zeros(s, device=DEVICE) for s in shapes]
     vs = [torch.zeros(s, device=DEVICE) for s in shapes]
     steps = [torch.zeros((), device=DEVICE) for _ in shapes]
@@ -235,11 +235,11 @@ def test_all_equals_torch_adamw(n_steps):
     with launch.config(**SMALL):
         for it in range(n_steps):
             grads = _grads(ps, it)
-            for r, g in zip(ref, grads):
+            for r, g in zip(ref, grads, strict=True):
                 r.grad = g.clone()
             opt.step()
             _run("all", ps, ms, vs, steps, grads)
-    for p, r, m, v in zip(ps, ref, ms, vs):
+    for p, r, m, v in zip(ps, ref, ms, vs, strict=True):
         st = opt.state[r]
         if p.numel():
             rel = float((p.double() - r.detach().double()).norm() / r.detach().double().norm())
@@ -283,7 +283,7 @@ def test_all_ties_zero_gradient(layout):
     ps, ms, vs, steps = _tensors([(2600,), (300,)])
     before = [p.clone() for p in ps]
     _run("topk_momentum", ps, ms, vs, steps, [torch.zeros_like(p) for p in ps], alpha=0.25)
-    for p, b in zip(ps, before):
+    for p, b in zip(ps, before, strict=True):
         k = topk_count(p.numel(), 0.25)
         changed = p != b
         assert bool(changed[:k].all()) and not bool(changed[k:].any())
@@ -403,7 +403,7 @@ def test_many_param_groups_keep_their_windows():
     launch._debug_capture = seen = []
     try:
         with launch.config(**MULTI):
-            for step in range(2):  # |m| ~ 0.1: outside the first step's default window
+            for _ in range(2):  # |m| ~ 0.1: outside the first step's default window
                 seen.clear()
                 for ps, ms, vs, steps in groups:
                     _run("topk_momentum", ps, ms, vs, steps, [torch.randn(300, generator=gen).to(DEVICE)])
@@ -413,15 +413,15 @@ def test_many_param_groups_keep_their_windows():
 
 
 def test_a_workspace_goes_with_its_step_counters():
-    from maskopt.kernels import _plan
+    from maskopt.kernels import plan as kernel_plan
 
     ps, ms, vs, steps = _tensors([(3000,)])
     with launch.config(**MULTI):
         _run("topk_momentum", ps, ms, vs, steps, _grads(ps, 0))
         anchor = id(steps[0])
-        assert anchor in _plan._WORKSPACES
+        assert anchor in kernel_plan.WORKSPACES
         del steps
-        assert anchor not in _plan._WORKSPACES
+        assert anchor not in kernel_plan.WORKSPACES
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -443,7 +443,7 @@ def test_mixed_dtypes_in_one_call():
         _run("topk_momentum", ps, ms, vs, steps, grads, hp=dict(HP, lr=0.05))
         for i in range(len(ps)):  # one tensor at a time: same result
             _run("topk_momentum", [ref[i]], [rm[i]], [rv[i]], [rs[i]], [grads[i]], hp=dict(HP, lr=0.05))
-    for a, b in zip(ps + ms + vs + steps, ref + rm + rv + rs):
+    for a, b in zip(ps + ms + vs + steps, ref + rm + rv + rs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -462,12 +462,12 @@ def test_matches_pytorch_path(selection):
             before_b = [p.clone() for p in b[0]]
             _run(selection, *a, grads, alpha=0.2, hash_counter=None)
             _run(selection, *b, grads, alpha=0.2, fn=masked_adam_)
-            for pa, pb, a0, b0 in zip(a[0], b[0], before_a, before_b):
+            for pa, pb, a0, b0 in zip(a[0], b[0], before_a, before_b, strict=True):
                 assert torch.equal(pa != a0, pb != b0), "masks differ between the fused and PyTorch paths"
                 torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
-    for x, y in zip(a[1], b[1]):
+    for x, y in zip(a[1], b[1], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
-    for x, y in zip(a[2] + a[3], b[2] + b[3]):
+    for x, y in zip(a[2] + a[3], b[2] + b[3], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
 
 
@@ -487,12 +487,12 @@ def test_bf16_moments_match_the_pytorch_path(selection, pdtype):
             before_a, before_b = [p.clone() for p in a[0]], [p.clone() for p in b[0]]
             _run(selection, *a, grads, alpha=0.2, hp=hp)
             _run(selection, *b, grads, alpha=0.2, hp=hp, fn=masked_adam_)
-            for pa, pb, a0, b0 in zip(a[0], b[0], before_a, before_b):
+            for pa, pb, a0, b0 in zip(a[0], b[0], before_a, before_b, strict=True):
                 if pdtype == torch.float32:  # (a 16-bit entry may round back to itself)
                     assert torch.equal(pa != a0, pb != b0), "the two paths moved different entries"
                 tol = 2e-6 if pdtype == torch.float32 else 1.6e-2
                 torch.testing.assert_close(pa, pb, rtol=tol, atol=tol)
-    for x, y in zip(a[1] + a[2], b[1] + b[2]):
+    for x, y in zip(a[1] + a[2], b[1] + b[2], strict=True):
         assert x.dtype == torch.bfloat16
         # rarely and by about one bf16 ulp: the fp32 moments may differ in their last bit
         # (multiply-add here, lerp there: docs/semantics.md), which can flip a rounding; the
@@ -535,7 +535,7 @@ def test_grad_scaler_protocol(layout):
         grad_scale=torch.tensor([1024.0], device=DEVICE),
         found_inf=torch.tensor([1.0], device=DEVICE),
     )
-    for x, y in zip(sum(a, []), sum(snap, [])):
+    for x, y in zip(sum(a, []), sum(snap, []), strict=True):
         assert torch.equal(x, y)
     # a power-of-two scale divides out exactly: same bits as the unscaled step
     b = [[x.clone() for x in lst] for lst in a]
@@ -548,7 +548,7 @@ def test_grad_scaler_protocol(layout):
             found_inf=torch.tensor([0.0], device=DEVICE),
         )
         _run(sel, *b, grads)
-    for x, y in zip(sum(a, []), sum(b, [])):
+    for x, y in zip(sum(a, []), sum(b, []), strict=True):
         assert torch.equal(x, y)
 
 
@@ -557,7 +557,7 @@ def test_lr0_zero_grad_changes_no_parameter():
     before = [p.clone() for p in ps]
     with launch.config(**SMALL):
         _run("topk_momentum", ps, ms, vs, steps, [torch.zeros_like(p) for p in ps], hp=dict(HP, lr=0.0))
-    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))
     assert [s.item() for s in steps] == [1.0, 1.0]
 
 
@@ -661,7 +661,7 @@ def test_nan_ranks_largest_and_exactly_k_move(selection, knobs):
         before = [p.detach().cpu().clone() for p in a[0]]
         _run(selection, *a, grads, alpha=0.25)
         _run(selection, *b, grads, alpha=0.25, fn=masked_adam_)
-    for i, (pa, pb, p0) in enumerate(zip(a[0], b[0], before)):
+    for i, (pa, pb, p0) in enumerate(zip(a[0], b[0], before, strict=True)):
         moved_a = (pa.cpu() != p0) | pa.cpu().isnan()
         moved_b = (pb.cpu() != p0) | pb.cpu().isnan()
         assert torch.equal(moved_a, moved_b), f"tensor {i}: the two paths moved different entries"
@@ -700,17 +700,17 @@ def test_optimizer_fused_equals_pytorch_path(name, kwargs):
     models = [_model(), _model()]
     opts = [
         cls(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, **kwargs)
-        for m, f in zip(models, (True, False))
+        for m, f in zip(models, (True, False), strict=True)
     ]
     x = torch.randn(16, 70, device=DEVICE)
     with launch.config(**MULTI):
         for _ in range(2):
             before = [[p.detach().clone() for p in m.parameters()] for m in models]
-            for m, o in zip(models, opts):
+            for m, o in zip(models, opts, strict=True):
                 o.zero_grad()
                 m(x).square().mean().backward()
                 o.step()
-            for pa, pb, a0, b0 in zip(models[0].parameters(), models[1].parameters(), *before):
+            for pa, pb, a0, b0 in zip(models[0].parameters(), models[1].parameters(), *before, strict=True):
                 assert torch.equal(pa != a0, pb != b0), "masks differ between fused=True and fused=False"
                 torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
 
@@ -724,15 +724,15 @@ def test_halfadam_fused_equals_pytorch_path():
         warnings.simplefilter("ignore")
         opts = [
             maskopt.HalfAdam(m.parameters(), lr=1e-2, weight_decay=0.1, fused=f, strategy=s, seed=2)
-            for m, f, s in zip(models, (True, False), ("parameter", "parameter"))
+            for m, f, s in zip(models, (True, False), ("parameter", "parameter"), strict=True)
         ]
     x = torch.randn(16, 70, device=DEVICE)
     for _ in range(2):
-        for m, o in zip(models, opts):
+        for m, o in zip(models, opts, strict=True):
             o.zero_grad()
             m(x).square().mean().backward()
             o.step()
-    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+    for pa, pb in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
 
 
@@ -763,8 +763,8 @@ def test_a_captured_step_replays_like_the_eager_step(name, kwargs):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: plans, workspaces and compiled kernels
         for step in range(2):
-            for ps, opt in zip(params, opts):
-                for p, g in zip(ps, grads[step]):
+            for ps, opt in zip(params, opts, strict=True):
+                for p, g in zip(ps, grads[step], strict=True):
                     p.grad.copy_(g)
                 opt.step()
     torch.cuda.current_stream().wait_stream(side)
@@ -772,12 +772,12 @@ def test_a_captured_step_replays_like_the_eager_step(name, kwargs):
     with torch.cuda.graph(graph):
         opts[1].step()
     for step in range(2, 6):
-        for p, g in zip(params[0], grads[step]):
+        for p, g in zip(params[0], grads[step], strict=True):
             p.grad.copy_(g)
         opts[0].step()
-        for p, g in zip(params[1], grads[step]):
+        for p, g in zip(params[1], grads[step], strict=True):
             p.grad.copy_(g)
         graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(*params):
+    for a, b in zip(*params, strict=True):
         assert torch.equal(a, b)

@@ -38,7 +38,7 @@ def as_ints(counts):
 
 def check_counts_match_changes(opt, params, names=None, steps=4, only=None, expect=None):
     """Per step: counts recorded by the telemetry == entries whose value changed."""
-    tel = UpdateTelemetry(opt, None if names is None else zip(names, params))
+    tel = UpdateTelemetry(opt, None if names is None else zip(names, params, strict=True))
     keys = list(range(len(params))) if names is None else names
     g = torch.Generator().manual_seed(1)
     seen = []
@@ -46,7 +46,7 @@ def check_counts_match_changes(opt, params, names=None, steps=4, only=None, expe
         positive_grads(params, g, only)
         before = [p.detach().clone() for p in params]
         opt.step()
-        changed = {k: int((p.detach() != b).sum()) for k, p, b in zip(keys, params, before)}
+        changed = {k: int((p.detach() != b).sum()) for k, p, b in zip(keys, params, before, strict=True)}
         counts = tel.updated_counts()
         for v in counts.values():
             assert isinstance(v, (int, torch.Tensor))
@@ -133,11 +133,11 @@ def test_adamw_counts():
 @pytest.mark.parametrize("freeze", ["requires_grad", "mask"])
 def test_half_adam_counts(freeze):
     model = tiny_llama(2, vocab=64)
-    names, params = zip(*model.named_parameters())
+    names, params = zip(*model.named_parameters(), strict=True)
     opt = HalfAdam(model.named_parameters(), lr=1e-2, freeze=freeze)
     # autograd gives gradients to requires_grad tensors only
     seen = check_counts_match_changes(opt, list(params), list(names), steps=2, only=lambda p: p.requires_grad)
-    for name, p in zip(names, params):
+    for name, p in zip(names, params, strict=True):
         expected = p.numel() if name in opt.plan.trainable else 0
         assert seen[0][name] == expected, name
     assert 0 < sum(seen[0].values()) < sum(p.numel() for p in params)
@@ -145,11 +145,11 @@ def test_half_adam_counts(freeze):
 
 def test_half_adam_parameter_strategy_counts():
     model = tiny_llama(2, vocab=64)
-    names, params = zip(*model.named_parameters())
+    names, params = zip(*model.named_parameters(), strict=True)
     opt = HalfAdam(model.named_parameters(), lr=1e-2, strategy="parameter", freeze="mask")
     seen = check_counts_match_changes(opt, list(params), list(names), steps=2)
     layer = next(n for n in names if n.startswith("model.layers.") and n.endswith("q_proj.weight"))
-    assert 0 < seen[0][layer] < dict(zip(names, params))[layer].numel()
+    assert 0 < seen[0][layer] < dict(zip(names, params, strict=True))[layer].numel()
     assert seen[0][layer] == seen[1][layer]  # the same mask all round
 
 
@@ -256,7 +256,7 @@ def test_skipped_step_counts_zero():
     opt.found_inf = torch.ones(())  # what GradScaler passes to a step that can skip itself
     opt.step()
     del opt.found_inf
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert set(as_ints(tel.updated_counts()).values()) == {0}
 
 
@@ -272,7 +272,7 @@ def test_distance_matches_manual(reference_device, monkeypatch):
     opt = MoFO(params, lr=1e-2, alpha=0.1)
     names = [f"t{i}" for i in range(len(params))]
     with UpdateTelemetry(
-        opt, zip(names, params), track_distance=True, reference_device=reference_device
+        opt, zip(names, params, strict=True), track_distance=True, reference_device=reference_device
     ) as tel:
         d0 = to_floats(tel.distance())
         assert set(d0.values()) == {0.0}
@@ -283,8 +283,8 @@ def test_distance_matches_manual(reference_device, monkeypatch):
         dist = tel.distance()
         frac = tel.changed_fraction()
         assert all(torch.is_tensor(v) for v in dist.values())
-        diffs = [(p.detach().double() - t.double()) for p, t in zip(params, theta0)]
-        for n, d, p, t in zip(names, diffs, params, theta0):
+        diffs = [(p.detach().double() - t.double()) for p, t in zip(params, theta0, strict=True)]
+        for n, d, p, t in zip(names, diffs, params, theta0, strict=True):
             assert math.isclose(float(dist[n]), float(d.norm()), rel_tol=1e-5, abs_tol=1e-12), n
             if p.numel():
                 assert math.isclose(float(frac[n]), float((p.detach() != t).double().mean()), rel_tol=1e-6), n
@@ -294,7 +294,7 @@ def test_distance_matches_manual(reference_device, monkeypatch):
         assert math.isclose(
             s["x/distance"], math.sqrt(sum(float(d.square().sum()) for d in diffs)), rel_tol=1e-5
         )
-        moved = sum(int((p.detach() != t).sum()) for p, t in zip(params, theta0))
+        moved = sum(int((p.detach() != t).sum()) for p, t in zip(params, theta0, strict=True))
         assert math.isclose(s["x/changed_fraction"], moved / total, rel_tol=1e-6)
         assert 0.1 < s["x/changed_fraction"] < 0.6  # 5 MoFO steps at alpha 0.1
         assert math.isclose(
@@ -342,8 +342,8 @@ def test_import_does_not_need_transformers():
     import sys
 
     code = (
-        "import sys; sys.modules['transformers'] = None; import maskopt.telemetry as t; "
-        "assert hasattr(t, 'UpdateTelemetry')\ntry:\n    t.UpdateTelemetryCallback\nexcept ImportError:\n    print('ok')"
+        "import sys; sys.modules['transformers'] = None; import maskopt, maskopt.telemetry as t; "
+        "assert hasattr(t, 'UpdateTelemetry')\ntry:\n    import maskopt.hf_callback\nexcept ImportError:\n    print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
@@ -369,7 +369,7 @@ def _trainer(tmp_path, model, opt, callbacks=None):
 
 def test_trainer_callback_logs(tmp_path):
     model = tiny_llama(2, vocab=64)
-    from maskopt.telemetry import UpdateTelemetryCallback
+    from maskopt.hf_callback import UpdateTelemetryCallback
 
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _trainer(tmp_path, model, MoFO(model.parameters(), lr=1e-2, alpha=0.2))
@@ -401,7 +401,7 @@ def test_trainer_callback_logs(tmp_path):
 
 def test_trainer_callback_in_callbacks_list_with_half_adam(tmp_path):
     model = tiny_llama(2, vocab=64)
-    from maskopt.telemetry import UpdateTelemetryCallback
+    from maskopt.hf_callback import UpdateTelemetryCallback
 
     opt = HalfAdam(model.named_parameters(), lr=1e-2)
     cb = UpdateTelemetryCallback(prefix="t/")
@@ -461,10 +461,15 @@ def test_cuda_counts_without_sync(fused, kind):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         counts = as_ints(tel.updated_counts())
-        assert counts == {i: int((p != b).sum()) for i, (p, b) in enumerate(zip(params, before))}, step
+        assert counts == {
+            i: int((p != b).sum()) for i, (p, b) in enumerate(zip(params, before, strict=True))
+        }, step
         floats = to_floats(values)
         manual = math.sqrt(
-            sum(float((p.detach().double() - t.double()).square().sum()) for p, t in zip(params, theta0))
+            sum(
+                float((p.detach().double() - t.double()).square().sum())
+                for p, t in zip(params, theta0, strict=True)
+            )
         )
         assert floats["distance"] == pytest.approx(manual, rel=1e-5)
     if fused and kind == "random":  # the fused path keeps step counters on the GPU

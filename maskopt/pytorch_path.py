@@ -6,7 +6,7 @@ Same arguments as the Triton launcher ``maskopt.kernels.fused_adam_step_``, so
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ def _select(
     if policy.is_random:
         keys = [
             _hash.stream_key(policy.seed, index, policy.hash_counter(t))
-            for index, t in zip(tensor_indices, step_values)
+            for index, t in zip(tensor_indices, step_values, strict=True)
         ]
         exact = policy.kind == RANDOM_EXACT
         if sharded:
@@ -104,7 +104,7 @@ def masked_adam_(
     if low:
         exp_avgs = [m.float() if m.dtype == torch.bfloat16 else m for m in exp_avgs]
         exp_avg_sqs = [v.float() if v.dtype == torch.bfloat16 else v for v in exp_avg_sqs]
-    grads32 = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    grads32 = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs, strict=True)]
     if grad_scale is not None:
         grads32 = torch._foreach_div(grads32, grad_scale.item())
 
@@ -129,7 +129,9 @@ def masked_adam_(
 
     # Whole fp32 tensors: in place, op for op as AdamW's foreach path (alpha=1 == AdamW).
     dense = [
-        i for i, (p, idx) in enumerate(zip(params, selected)) if idx is None and p.dtype == torch.float32
+        i
+        for i, (p, idx) in enumerate(zip(params, selected, strict=True))
+        if idx is None and p.dtype == torch.float32
     ]
     if dense:
         dense_params = [params[i] for i in dense]
@@ -145,7 +147,7 @@ def masked_adam_(
     # The rest: gather the selected entries, update them in fp32 with the same ops, scatter
     # them back. Unselected entries are never written, so they keep their exact bits.
     dense_set = set(dense)
-    for i, (p, idx) in enumerate(zip(params, selected)):
+    for i, (p, idx) in enumerate(zip(params, selected, strict=True)):
         if i in dense_set:
             continue
         if weight_decay and not mask_weight_decay:

@@ -39,7 +39,7 @@ def _next_pow2(n: int) -> int:
 
 
 @dataclass
-class _Local:
+class Local:
     ltab: torch.Tensor  # int64 [N_LROWS, SL]
     n_seg: int
     bb: int
@@ -47,7 +47,7 @@ class _Local:
 
 
 @dataclass
-class _Plan:
+class Plan:
     ctab: torch.Tensor | None  # int64 [N_CROWS, C] streaming chunks
     n_chunks: int
     stab: torch.Tensor | None  # int64 [N_GROWS, S]: see G_* in _common
@@ -77,14 +77,14 @@ def _chunk_table(seg_tensor, seg_start, seg_len, chunk, seg_origin=None):
     return torch.stack([seg_tensor[seg], start, length, seg, seg_origin[seg]]), total, first, nch
 
 
-def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None) -> _Plan:
+def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None) -> Plan:
     if sharding is not None:
         return _build_sharded_plan(numels, selection, alpha, cfg, device, sharding)
     huge = any(n > (1 << 32) for n in numels)
     if selection in ("all", "random"):
         ts = [i for i, n in enumerate(numels) if n > 0]
         ctab, total, _, _ = _chunk_table(ts, [0] * len(ts), [numels[i] for i in ts], cfg.chunk)
-        return _Plan(ctab.to(device), total, None, 0, 0, [], True, huge)
+        return Plan(ctab.to(device), total, None, 0, 0, [], True, huge)
 
     use_blocks = block_size is not None and selection != "random_exact"
     seg_t, seg_s, seg_n = [], [], []
@@ -110,7 +110,7 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
     idx_limit = (1 << 31) if selection == "random_exact" else (1 << 32)
     loc: dict[int, list] = {}
     g_t, g_s, g_n, g_k = [], [], [], []
-    for t, s, n in zip(seg_t, seg_s, seg_n):
+    for t, s, n in zip(seg_t, seg_s, seg_n, strict=True):
         if n <= cfg.local_max:
             bb = max(16, _next_pow2(n))
             loc.setdefault(bb, []).append((t, s, n, kof(n)))
@@ -134,7 +134,7 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
         bb = max(widths)
         rows = [row for w in widths for row in loc[w]]
         ltab = torch.tensor(rows, dtype=torch.int64).T.contiguous()
-        locals_.append(_Local(ltab.to(device), len(rows), bb, max(1, min(_MAX_ROWS, cfg.local_tile // bb))))
+        locals_.append(Local(ltab.to(device), len(rows), bb, max(1, min(_MAX_ROWS, cfg.local_tile // bb))))
     n_seg = len(g_t)
     ctab = stab = None
     total = n_cand = 0
@@ -150,10 +150,10 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
             [g_k, caps, coff, g_t, g_s, g_n, first.tolist(), nch.tolist()], dtype=torch.int64
         ).to(device)
     aligned = all(s % 16 == 0 for s in g_s)
-    return _Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
+    return Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
 
 
-def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Plan:
+def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> Plan:
     """Every local shard is one segment of the two-pass path, its keys on global indices,
     its k and candidate capacity from the whole tensor (the same on every rank, so that
     every rank takes the same decisions)."""
@@ -169,7 +169,7 @@ def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Pla
             )
     n_seg = len(g_t)
     if not n_seg:
-        return _Plan(None, 0, None, 0, 0, [], True, huge)
+        return Plan(None, 0, None, 0, 0, [], True, huge)
     g_n = [numels[i] for i in g_t]
     g_k = [_topk_count(sharding.numels[i], alpha) for i in g_t]
     origin = [-sharding.offsets[i] for i in g_t]
@@ -182,11 +182,11 @@ def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> _Pla
     for i in range(1, n_seg):
         coff[i] = coff[i - 1] + caps[i - 1]
     stab = torch.tensor([g_k, caps, coff, g_t, origin, g_n, first.tolist(), nch.tolist()], dtype=torch.int64)
-    return _Plan(ctab.to(device), total, stab.to(device), n_seg, coff[-1] + caps[-1], [], True, huge)
+    return Plan(ctab.to(device), total, stab.to(device), n_seg, coff[-1] + caps[-1], [], True, huge)
 
 
 @dataclass(frozen=True)
-class _Sharding:
+class Sharding:
     """The tensors of one call are shards over one process group (FSDP2)."""
 
     group: object
@@ -199,7 +199,7 @@ class _Sharding:
 _CHECKED_ORDER: set = set()
 
 
-def _sharding(params, shards) -> _Sharding | None:
+def sharding_of(params, shards) -> Sharding | None:
     """The sharding of a call (None: no shard), checked: one process group, and shards laid
     out in rank order (as FSDP2's ``Shard(0)``), which the zero ranking relies on."""
     import torch.distributed as dist
@@ -227,16 +227,16 @@ def _sharding(params, shards) -> _Sharding | None:
                 "use fused=False for this layout"
             )
         _CHECKED_ORDER.add(key)
-    return _Sharding(group, rank, world, numels, offsets)
+    return Sharding(group, rank, world, numels, offsets)
 
 
 _SHORT_ROW = 256
 _MAX_ROWS = 8  # rows per program of the single-pass kernel: more spill registers on sm_90
-_PLANS: OrderedDict = OrderedDict()
+PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 64
 
 
-def _plan(numels, selection, alpha, block_size, device, cfg, sharding=None):
+def plan_for(numels, selection, alpha, block_size, device, cfg, sharding=None):
     """The plan of these shapes and its cache key."""
     kind = selection if selection not in ("all", "random") else "dense"
     if kind == "dense":
@@ -249,14 +249,14 @@ def _plan(numels, selection, alpha, block_size, device, cfg, sharding=None):
         block_size if kind.startswith("topk") else None,
         None if sharding is None else (sharding.world, sharding.numels, sharding.offsets),
     )
-    plan = _PLANS.get(key)
+    plan = PLANS.get(key)
     if plan is None:
         plan = _build_plan(numels, selection, alpha, block_size, cfg, device, sharding)
-        _PLANS[key] = plan
-        if len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
+        PLANS[key] = plan
+        if len(PLANS) > _MAX_PLANS:
+            PLANS.popitem(last=False)
     else:
-        _PLANS.move_to_end(key)
+        PLANS.move_to_end(key)
     return plan, key
 
 
@@ -270,7 +270,7 @@ def _plan(numels, selection, alpha, block_size, device, cfg, sharding=None):
 
 
 @dataclass
-class _Workspace:
+class Workspace:
     key: tuple  # the plan key and the parameters' addresses it was built for
     ws: torch.Tensor  # fp32 [N_WSROWS, T]: bias corrections and step, written by the prologue
     sst: torch.Tensor | None = None  # int64 [N_SROWS, S]: see S_* in _common
@@ -283,7 +283,7 @@ class _Workspace:
 
 # id(step counter) -> (a weak reference to it, its workspace). Not a WeakKeyDictionary: that
 # compares keys with ==, which for tensors compares values.
-_WORKSPACES: dict[int, tuple[weakref.ref, _Workspace]] = {}
+WORKSPACES: dict[int, tuple[weakref.ref, Workspace]] = {}
 
 
 def _initial_center(frac: int) -> int:
@@ -291,14 +291,14 @@ def _initial_center(frac: int) -> int:
     return struct.unpack("<I", struct.pack("<f", 1e-4))[0] >> (23 - frac)
 
 
-def _workspace(plan_key, plan: _Plan, params, steps, device, cfg, world: int = 1) -> _Workspace:
+def workspace_for(plan_key, plan: Plan, params, steps, device, cfg, world: int = 1) -> Workspace:
     key = (plan_key, tuple(p.data_ptr() for p in params))
     anchor = steps[0]
-    entry = _WORKSPACES.get(id(anchor))
+    entry = WORKSPACES.get(id(anchor))
     known = entry is not None and entry[0]() is anchor
     if known and entry[1].key == key:
         return entry[1]
-    work = _Workspace(key, torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
+    work = Workspace(key, torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
     if plan.n_seg:
         work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
         work.sst[S_CENTER_ROW] = _initial_center(cfg.window_frac)
@@ -309,17 +309,17 @@ def _workspace(plan_key, plan: _Plan, params, steps, device, cfg, world: int = 1
         if world > 1 or plan_key[-1] is not None:
             work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
     if not known:
-        weakref.finalize(anchor, _WORKSPACES.pop, id(anchor), None)
-    _WORKSPACES[id(anchor)] = (weakref.ref(anchor), work)
+        weakref.finalize(anchor, WORKSPACES.pop, id(anchor), None)
+    WORKSPACES[id(anchor)] = (weakref.ref(anchor), work)
     return work
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs(n_chunks: int, device: torch.device, cfg) -> int:
+def programs_for(n_chunks: int, device: torch.device, cfg) -> int:
     """Persistent programs for the streaming kernels."""
     want = cfg.programs
     if not want:
@@ -337,7 +337,7 @@ _TTABS: OrderedDict = OrderedDict()
 _MAX_TTABS = 16
 
 
-def _tensor_table(params, grads, ms, vs, steps, hkeys, bases, device) -> torch.Tensor:
+def tensor_table(params, grads, ms, vs, steps, hkeys, bases, device) -> torch.Tensor:
     rows = (
         tuple(p.data_ptr() for p in params),
         tuple(g.data_ptr() for g in grads),
