@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import platform
@@ -166,8 +167,9 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Measured device copy bandwidth in GB/s (read + write counted) of an ``nbytes`` buffer."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), device, cpu_reps=5)
-    del src, dst
+    copy = functools.partial(dst.copy_, src)
+    ms = bench(copy, device, cpu_reps=5)
+    del copy, src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -200,7 +202,7 @@ def _git(*args) -> str:
         return subprocess.run(
             ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return ""
 
 
@@ -211,7 +213,7 @@ def metadata(device: torch.device) -> dict:
         import triton
 
         triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         triton_version = "none"
     # A copy of the tree without .git (a lent GPU machine) passes the commit in MASKOPT_COMMIT.
     commit = os.environ.get("MASKOPT_COMMIT") or _git("rev-parse", "--short", "HEAD") or "no-commit"

@@ -8,6 +8,8 @@ half-width of their 95 % t interval. A verdict is only given where that interval
 from __future__ import annotations
 
 import csv
+import functools
+import itertools
 from pathlib import Path
 
 import _forgetting_stats as st
@@ -16,16 +18,20 @@ SPREAD_NOTE = "mean ± std over seeds"
 DIFF_NOTE = "paired by seed, mean ± 95 % t-interval half-width"
 
 
+def _summary_of(rows: list[dict], key: str) -> st.Summary:
+    """The summary over rows (one per seed) of one column."""
+    return st.summarize([r[key] for r in rows])
+
+
 def fmt_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: (
-        "| "
-        + " | ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-            for i, (c, w) in enumerate(zip(cells, widths))
+
+    def line(cells: list[str]) -> str:
+        padded = (
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
-        + " |"
-    )
+        return "| " + " | ".join(padded) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), sep] + [line(r) for r in rows])
 
@@ -65,7 +71,7 @@ def fixed_lr_table(ref: dict, rows: list[dict], lr: float) -> str:
     ]
     for name in _names(at):
         mine = [r for r in at if r["optimizer"] == name]
-        s = lambda k: st.summarize([r[k] for r in mine])  # noqa: E731
+        s = functools.partial(_summary_of, mine)
         moved = st.summarize([100 * r["moved"] for r in mine])
         body.append(
             [
@@ -121,7 +127,7 @@ def equal_learning_table(el: st.EqualLearning, rows: list[dict]) -> str:
         cells = [st.summarize(by_level[x]).fmt(signed=True) for x in el.levels]
         d = el.distance[name][mid]
         if ref:
-            ratio = st.summarize([a / b for a, b in zip(d, ref)])
+            ratio = st.summarize([a / b for a, b in zip(d, ref, strict=True)])
             cells.append(ratio.fmt(2))
         else:
             cells.append(st.summarize(d).fmt(2))
@@ -181,7 +187,7 @@ def continual_table(rows: list[dict]) -> str:
     body = []
     for name in _names(rows):
         mine = [r for r in rows if r["optimizer"] == name]
-        s = lambda k: st.summarize([r[k] for r in mine])  # noqa: E731
+        s = functools.partial(_summary_of, mine)
         body.append(
             [
                 _label(rows, name),
@@ -584,7 +590,7 @@ def plot_pretraining(path: Path, recipes: list[dict], title: str) -> None:
             lw=1.2,
             label=f"{r['size']} ({r['parameters'] / 1e6:.2f} M): {r['held_out_code_loss']:.3f}",
         )
-        drops = [c[0] for a, c in zip(r["curve"], r["curve"][1:]) if c[1] < a[1]]
+        drops = [c[0] for a, c in itertools.pairwise(r["curve"]) if c[1] < a[1]]
         for d in drops:
             ax.axvline(d, color=f"C{i}", lw=0.6, ls=":")
     ax.set_xlabel("pre-training step (batch 16 x 128 bytes)")

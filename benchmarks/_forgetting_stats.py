@@ -9,6 +9,7 @@ batches in the same order, so their difference has less noise than either value.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 
@@ -103,7 +104,7 @@ def paired_differences(
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Piecewise-linear value at ``x`` of points sorted by their first coordinate; None outside."""
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     if len(points) == 1 and points[0][0] == x:
@@ -122,7 +123,9 @@ class EqualLearning:
 
     def gap(self, name: str, level: float, baseline: str = "adamw") -> list[float]:
         """Per-seed forgetting of ``name`` minus ``baseline``'s at one English loss."""
-        return [a - b for a, b in zip(self.forgetting[name][level], self.forgetting[baseline][level])]
+        return [
+            a - b for a, b in zip(self.forgetting[name][level], self.forgetting[baseline][level], strict=True)
+        ]
 
 
 def _sweeps(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
@@ -197,7 +200,7 @@ def equal_learning(rows: list[dict], fractions=(0.25, 0.5, 0.75)) -> EqualLearni
 
 def _first_reach(curve: list[dict], level: float) -> float | None:
     """Forgetting when the validation English loss first falls to ``level`` (linear between evaluations)."""
-    for a, b in zip(curve, curve[1:]):
+    for a, b in itertools.pairwise(curve):
         if b["english_val"] <= level:
             if a["english_val"] == b["english_val"]:
                 return b["forgetting"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import _forgetting_data as data
 import torch
@@ -54,7 +54,7 @@ def restore(model, state: list[torch.Tensor]) -> None:
     """Put the weights back and make every parameter trainable again: HalfAdam freezes half of
     them through ``requires_grad``, and the next run must not inherit that."""
     with torch.no_grad():
-        for p, s in zip(model.parameters(), state):
+        for p, s in zip(model.parameters(), state, strict=True):
             p.copy_(s)
             p.requires_grad_(True)
             p.grad = None
@@ -63,14 +63,17 @@ def restore(model, state: list[torch.Tensor]) -> None:
 def distance(model, theta0: list[torch.Tensor]) -> float:
     with torch.no_grad():
         return math.sqrt(
-            sum(float((p.float() - q.float()).pow(2).sum()) for p, q in zip(model.parameters(), theta0))
+            sum(
+                float((p.float() - q.float()).pow(2).sum())
+                for p, q in zip(model.parameters(), theta0, strict=True)
+            )
         )
 
 
 def fraction_moved(model, theta0: list[torch.Tensor]) -> float:
     """The fraction of entries that differ from theta0."""
     with torch.no_grad():
-        moved = sum(int(p.ne(q).sum()) for p, q in zip(model.parameters(), theta0))
+        moved = sum(int(p.ne(q).sum()) for p, q in zip(model.parameters(), theta0, strict=True))
     return moved / sum(q.numel() for q in theta0)
 
 
@@ -89,7 +92,7 @@ class TrainStats:
 
 
 def _set_lr(opt, base_lrs: list[float], multiplier: float) -> None:
-    for group, lr in zip(opt.param_groups, base_lrs):
+    for group, lr in zip(opt.param_groups, base_lrs, strict=True):
         group["lr"] = lr * multiplier
 
 

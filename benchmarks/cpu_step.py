@@ -44,7 +44,7 @@ def build(make, shapes):
     gen = torch.Generator().manual_seed(0)
     named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)) for n, s in shapes]
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for _, p in named]
-    for (_, p), g in zip(named, grads):
+    for (_, p), g in zip(named, grads, strict=True):
         p.grad = g
     return make(named)
 

@@ -68,7 +68,7 @@ class FixedGradients(torch.nn.Module):
             setattr(self, f"w{i}", torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02))
 
     def forward(self, *grads):
-        return sum((p * g).sum() for p, g in zip(self.parameters(), grads))
+        return sum((p * g).sum() for p, g in zip(self.parameters(), grads, strict=True))
 
 
 def optimizers(alpha: float):
@@ -192,7 +192,9 @@ def worker(rank, args, port):
         results = {name: ([], [], [], [], []) for name in makes}
         for _ in range(args.repeats):
             for name, make in makes.items():
-                for acc, got in zip(results[name], run_one(stage, make, shapes, grads, args, counter)):
+                for acc, got in zip(
+                    results[name], run_one(stage, make, shapes, grads, args, counter), strict=True
+                ):
                     acc.extend(got)
         base = statistics.median(results["AdamW"][0])
         for name, (times, inner, calls, nbytes, waits) in results.items():

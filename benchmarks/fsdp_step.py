@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 
 def main(argv=None) -> dict:
@@ -54,11 +54,11 @@ def main(argv=None) -> dict:
         for name in ("unsharded", "sharded"):
             if name == "unsharded":
                 params = [torch.nn.Parameter(t.clone()) for t in full]
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p.grad = g.clone()
             else:
                 params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
             opt = MoFO(params, lr=1e-5, alpha=args.alpha, fused=True)
             opt.step()  # state, plans, compiled kernels

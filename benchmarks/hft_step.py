@@ -252,7 +252,7 @@ def main() -> None:
             t3, w3 = time.process_time(), time.perf_counter()
             if i >= args.warmup:
                 rec = phases[name]
-                for k, v in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, w3 - w0)):
+                for k, v in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, w3 - w0), strict=True):
                     rec[k].append(v)
 
     med = {name: {k: statistics.median(v) for k, v in rec.items()} for name, rec in phases.items()}

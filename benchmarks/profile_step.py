@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _bench_common as bc  # noqa: E402
-from step_bench import make_optimizer  # noqa: E402
+import _bench_common as bc
+from step_bench import make_optimizer
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 ALL_METHODS = [
     "AdamW(fused=True)",
@@ -81,7 +81,7 @@ def make_optimizer(method: str, named, alpha: float):
     if method.startswith("HalfAdam"):
         try:
             return HalfAdam(list(named), fused=fused, **HP)
-        except Exception:  # noqa: BLE001 - names the planner cannot place: random half of tensors
+        except Exception:
             return HalfAdam(params, fused=fused, **HP)
     raise ValueError(f"unknown method {method!r}")
 
@@ -104,7 +104,7 @@ def run_case(case, shapes, alpha, methods, device, dtype, args, copy_bw, meta, r
             continue
         if method == "AdamW(fused=True)" and device.type == "cpu" and dtype != torch.float32:
             continue
-        for (_, p), g in zip(named, grads):
+        for (_, p), g in zip(named, grads, strict=True):
             p.requires_grad_(True)
             p.grad = g
         try:

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _bench_common as bc  # noqa: E402
+import _bench_common as bc
 
 DEFAULT_GRID = ";".join(
     [
@@ -55,13 +55,13 @@ def main(argv=None):
     start = [p.detach().clone() for p in params]
     print("| config | MoFO fused ms | x AdamW fused | same selection as PyTorch path | max rel diff |")
     print("|---|---:|---:|---|---:|")
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = g
     adamw = torch.optim.AdamW(params, lr=1e-5, fused=True)
     adamw.step()
     base = bc.bench(adamw.step, device, warmup_ms=25, rep_ms=200)
     del adamw
-    for p, s in zip(params, start):
+    for p, s in zip(params, start, strict=True):
         p.data.copy_(s)
     torch.cuda.empty_cache()
     for spec in args.grid.split(";"):
@@ -70,21 +70,24 @@ def main(argv=None):
             # correctness: two steps from the same start on both paths
             results = []
             for fused in (True, False):
-                for p, s in zip(params, start):
+                for p, s in zip(params, start, strict=True):
                     p.data.copy_(s)
                 opt = MoFO(params, lr=1e-3, alpha=0.1, filter=args.filter, fused=fused)
                 opt.step()
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p.grad = g.roll(1)  # a second, different gradient
                 opt.step()
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p.grad = g
                 results.append([p.detach().clone() for p in params])
                 del opt
-            same = all(torch.equal(a != s, b != s) for a, b, s in zip(*results, start))
-            rel = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(*results))
+            same = all(torch.equal(a != s, b != s) for a, b, s in zip(*results, start, strict=True))
+            rel = max(
+                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                for a, b in zip(*results, strict=True)
+            )
             del results
-            for p, s in zip(params, start):
+            for p, s in zip(params, start, strict=True):
                 p.data.copy_(s)
             opt = MoFO(params, lr=1e-5, alpha=0.1, filter=args.filter, fused=True)
             opt.step()

@@ -23,8 +23,8 @@ strided set, which this exact selection does not handle: a clear error says so.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -283,7 +283,9 @@ def topk_indices_sharded(
     if block_size is not None:
         unsharded = list(range(len(scores)))  # blocks inside one shard (checked in step()) are local
     if unsharded:
-        for i, idx in zip(unsharded, topk_indices([scores[i] for i in unsharded], alpha, block_size)):
+        for i, idx in zip(
+            unsharded, topk_indices([scores[i] for i in unsharded], alpha, block_size), strict=True
+        ):
             out[i] = idx
     if block_size is None:
         for members in _by_group(shards).values():
@@ -292,7 +294,7 @@ def topk_indices_sharded(
                 same = [i for i in members if keyed[i][1] == bits]
                 ks = [topk_count(shards[i].numel, alpha) for i in same]
                 found = _global_topk([keyed[i][0] for i in same], [shards[i] for i in same], ks, bits)
-                for i, idx in zip(same, found):
+                for i, idx in zip(same, found, strict=True):
                     out[i] = idx
     return out  # type: ignore[return-value]
 
@@ -336,11 +338,11 @@ def random_indices_sharded(
         found = random_indices(
             [shapes[i] for i in unsharded], [keys[i] for i in unsharded], alpha, exact=True, device=device
         )
-        for i, idx in zip(unsharded, found):
+        for i, idx in zip(unsharded, found, strict=True):
             out[i] = idx
     for members in _by_group(shards).values():
         keys64 = [_hash.hash_keys(local_numels[i], keys[i], device, start=starts[i]) for i in members]
         ks = [topk_count(shards[i].numel, alpha) for i in members]
-        for i, idx in zip(members, _global_topk(keys64, [shards[i] for i in members], ks, 32)):
+        for i, idx in zip(members, _global_topk(keys64, [shards[i] for i in members], ks, 32), strict=True):
             out[i] = idx
     return out  # type: ignore[return-value]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -248,17 +249,17 @@ class HalfAdam(MaskedAdam):
         if all("param_names" in g for g in self.param_groups):
             names = [n for g in self.param_groups for n in g["param_names"]]
             plan = hft.plan_half(
-                list(zip(names, params)),
+                list(zip(names, params, strict=True)),
                 ratio=ratio,
                 strategy=strategy,
                 seed=seed,
                 round=rnd,
                 **self._plan_options,
             )
-            kept = {n for n, p in zip(names, params) if p in self._kept_frozen}
+            kept = {n for n, p in zip(names, params, strict=True) if p in self._kept_frozen}
             if kept:
                 plan = plan.without(kept)
-            for name, p in zip(names, params):
+            for name, p in zip(names, params, strict=True):
                 if name in plan.trainable:
                     mode[p] = _WHOLE
                 elif name in plan.entry_masked:

@@ -68,7 +68,7 @@ class MoFO(MaskedAdam):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         alpha: float = 0.1,
-        filter: str = "momentum",
+        filter: str = "momentum",  # noqa: A002 - the MoFO paper's and its official code's name
         mask_weight_decay: bool = True,
         block_size: int | None = None,
         foreach: bool | None = None,

@@ -15,15 +15,16 @@ It owns argument checks, optimizer state and planning a step; the math runs in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from . import distributed, zero
-from ._checks import as_float as _as_float  # noqa: F401 (re-exported)
-from ._checks import check_choice, check_gradient, check_int, check_range
+from ._checks import as_float as _as_float
+from ._checks import check_choice, check_gradient, check_range
 from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw, use_fused
 from .policy import SelectionPolicy
 
@@ -191,7 +192,7 @@ class MaskedAdam(Optimizer):
         super().__setstate__(state)
         if built is None or len(built) != len(self.param_groups):
             built = [list(g["params"]) for g in self.param_groups]
-        self._built_groups = list(zip(self.param_groups, built))
+        self._built_groups = list(zip(self.param_groups, built, strict=True))
         self._tensor_index = None
         # A state dict from torch.optim.AdamW lacks our keys: fill them from our defaults.
         for group in self.param_groups:
@@ -274,7 +275,7 @@ class MaskedAdam(Optimizer):
         self._check_groups([self._with_defaults(g) for g in groups])
         params = [p for group in self.param_groups for p in group["params"]]
         ids = [pid for group in groups for pid in group["params"]]
-        for pid, param in zip(ids, params):
+        for pid, param in zip(ids, params, strict=True):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(value):
                     shapes = {tuple(param.shape), tuple(distributed.local(param).shape)}
@@ -304,7 +305,7 @@ class MaskedAdam(Optimizer):
         }
         super().load_state_dict(state_dict)
         params = [(p, group) for group in self.param_groups for p in group["params"]]
-        for pid, (param, group) in zip(ids, params):
+        for pid, (param, group) in zip(ids, params, strict=True):
             for key, value in saved[pid].items():
                 if key == "step":
                     self.state[param][key] = value.clone()
@@ -402,7 +403,7 @@ class MaskedAdam(Optimizer):
             )
         if bucket.fused:
             # the fused path keeps the step counters on the device
-            for s, p in zip(states, params):
+            for s, p in zip(states, params, strict=True):
                 if s["step"].device != p.device:
                     s["step"] = s["step"].to(p.device)
         masked_adamw(

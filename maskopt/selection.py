@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -252,19 +252,20 @@ def topk_indices(
                 for t, slot, start, rows in members
                 for r, row in enumerate(rows)
             ]
-            found = _map_rows(lambda job: _top_k_long(job[3], k) + job[2], jobs)
-            for (t, slot, _, _), idx in zip(jobs, found):
+            found = _map_rows(lambda job, k=k: _top_k_long(job[3], k) + job[2], jobs)
+            for (t, slot, _, _), idx in zip(jobs, found, strict=True):
                 pieces[t][slot] = idx if pieces[t][slot] is None else torch.cat([pieces[t][slot], idx])
             continue
         stacked = torch.cat([m[3] for m in members]) if len(members) > 1 else members[0][3]
         keep = _kth_largest_rows(stacked, k)
-        for (t, slot, start, rows), chunk in zip(members, keep.split([m[3].shape[0] for m in members])):
+        chunks = keep.split([m[3].shape[0] for m in members])
+        for (t, slot, start, _), chunk in zip(members, chunks, strict=True):
             pieces[t][slot] = nonzero_flat(chunk.reshape(-1)) + start
 
     empty = torch.zeros(0, dtype=torch.long)
     return [
         (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else empty.to(s.device)
-        for s, parts in zip(scores, pieces)
+        for s, parts in zip(scores, pieces, strict=True)
     ]
 
 
@@ -279,7 +280,7 @@ def indices_to_masks(indices: Sequence[torch.Tensor], like: Sequence[torch.Tenso
         Per tensor, a new bool tensor of ``like``'s shape and device.
     """
     masks = []
-    for idx, t in zip(indices, like):
+    for idx, t in zip(indices, like, strict=True):
         mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
         mask[idx] = True
         masks.append(mask.view(t.shape))
@@ -335,7 +336,7 @@ def random_indices(
     starts = starts if starts is not None else [0] * len(shapes)
     keyed = [
         _hash.order_keys(math.prod(shape), key, device, start=start)
-        for shape, key, start in zip(shapes, keys, starts)
+        for shape, key, start in zip(shapes, keys, starts, strict=True)
     ]
     if exact:
         return topk_indices(keyed, alpha)

@@ -36,8 +36,9 @@ corrections and RandomBCD's hash counter derive from that counter, as everywhere
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -209,6 +210,7 @@ class ZeroStep:
                 for out, whole in zip(
                     (params, grads, exp_avgs, exp_avg_sqs),
                     (flat, flat.grad, state["exp_avg"], state["exp_avg_sq"]),
+                    strict=True,
                 ):
                     out.append(whole.narrow(0, frag.start, frag.numel))
                 # One counter per partition: each fragment advances a copy of it, and the
@@ -229,7 +231,7 @@ class ZeroStep:
                 fused=bucket.fused,
                 **self.options,
             )
-            for (flat, _), step in zip(bucket.entries, steps):
+            for (flat, _), step in zip(bucket.entries, steps, strict=True):
                 stepped[flat] = step
         for flat, step in stepped.items():
             states[flat]["step"].copy_(step)

@@ -12,9 +12,9 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import _forgetting_models as models  # noqa: E402
-import _forgetting_stats as st  # noqa: E402
-import _forgetting_train as training  # noqa: E402
+import _forgetting_models as models
+import _forgetting_stats as st
+import _forgetting_train as training
 
 
 def test_summary_and_t_interval():
@@ -134,7 +134,7 @@ def test_plateau_stops_after_patience_and_keeps_the_best_weights():
     assert result.stopped_by == "plateau"
     assert result.steps == 25  # step 10's reference, then 15, 20, 25 without a 0.01 improvement
     assert result.best_step == 20 and result.best_loss == 1.999  # a small gain still counts as best
-    for p, q in zip(model.parameters(), script.weights[20]):
+    for p, q in zip(model.parameters(), script.weights[20], strict=True):
         assert torch.equal(p, q)
     assert [c["step"] for c in result.curve] == [0, 5, 10, 15, 20, 25]
     assert opt.param_groups[0]["lr"] == 1e-3  # the caller's lr is put back

@@ -110,7 +110,7 @@ def _scenario_elementwise(name, rank):
             STEPS,
             r,
             0,
-            after_step=lambda s: first.update(snapshot(model)) if s == 0 else None,
+            after_step=lambda s, first=first, model=model: first.update(snapshot(model)) if s == 0 else None,
         )
         out[f"{tag}_step1"] = first
         out[f"{tag}_final"] = snapshot(model)
@@ -229,7 +229,7 @@ def ddp_results(tmp_path_factory):
         if p.is_alive():
             p.kill()
     status = (
-        "hung: terminated after %.0f s" % DEADLINE_S if hung else f"exit codes {[p.exitcode for p in procs]}"
+        f"hung: terminated after {DEADLINE_S:.0f} s" if hung else f"exit codes {[p.exitcode for p in procs]}"
     )
 
     def get(name):
@@ -259,7 +259,7 @@ def assert_bitwise_equal(a, b, what):
 def assert_close(a, b, what):
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {n}: {m}")
+        torch.testing.assert_close(a[n], b[n], rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{what}: {n}: {m}")
 
 
 def changed(before, after):

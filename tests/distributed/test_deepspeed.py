@@ -58,7 +58,7 @@ def _worker(rank, world, port, scenarios, shared_dir):
         _start_deepspeed(rank, world, port)
         for name in scenarios:
             globals()[name](rank, world, shared_dir)
-    except BaseException:  # noqa: BLE001 - reported to the parent through a file
+    except BaseException:
         write_traceback(shared_dir, rank)
         raise
     finally:
@@ -86,7 +86,7 @@ class Targets(torch.nn.Module):
             setattr(self, f"w{i}", torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)))
 
     def forward(self, *targets):
-        return sum((p * t).sum() for p, t in zip(self.parameters(), targets))
+        return sum((p * t).sum() for p, t in zip(self.parameters(), targets, strict=True))
 
 
 def _targets(step, shapes=SHAPES, dtype=torch.float32):
@@ -155,7 +155,7 @@ def _train_step(engine, step, shapes=SHAPES, bf16=False):
 
 
 def _assert_equal(got, want, what):
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         a = a.reshape(b.shape)
         assert torch.equal(a, b), (
             f"{what}, tensor {i} {tuple(b.shape)}: {(a != b).sum().item()} entries differ"
@@ -169,7 +169,8 @@ def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, n
     # the frozen tensors' values do not matter: no gradient depends on them
     start = iter(_full(trained))
     plain = [
-        torch.nn.Parameter(next(start) if p.requires_grad else torch.zeros(s)) for p, s in zip(params, shapes)
+        torch.nn.Parameter(next(start) if p.requires_grad else torch.zeros(s))
+        for p, s in zip(params, shapes, strict=True)
     ]
     reference = make(plain)
     in_zero = [i for i, p in enumerate(params) if any(p is t for t in trained)]
@@ -178,7 +179,7 @@ def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, n
             opt.new_round()
             reference.new_round()
         grads = _train_step(engine, step, shapes, bf16)
-        for q, g in zip(plain, grads):
+        for q, g in zip(plain, grads, strict=True):
             q.grad = g
         reference.step()
         _assert_equal(
@@ -313,7 +314,7 @@ def checkpoint_resume(rank, world, shared):
         for step in range(2, 4):
             _train_step(engine, step)
         got = [_full(params), _full(params, "exp_avg"), _full(params, "exp_avg_sq")]
-        for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), got, want):
+        for what, a, b in zip(("weights", "exp_avg", "exp_avg_sq"), got, want, strict=True):
             _assert_equal(a, b, f"stage {stage} resume: {what}")
         engine.destroy()
 
@@ -373,7 +374,7 @@ def resume_universal_on_three_ranks(rank, world, shared):
         plain = [torch.nn.Parameter(t) for t in _full(params)]  # the initial weights, as the two ranks had
         reference = _mofo()(plain)
         for step in range(2):  # two ranks averaged identical targets: the gradients were the targets
-            for q, t in zip(plain, _targets(step)):
+            for q, t in zip(plain, _targets(step), strict=True):
                 q.grad = t
             reference.step()
         engine.load_checkpoint(folder, tag="t_universal")
@@ -382,7 +383,7 @@ def resume_universal_on_three_ranks(rank, world, shared):
         _assert_equal(_full(params), weights, f"stage {stage}: loaded weights")
         _assert_equal(_full(params, "exp_avg"), exp_avg, f"stage {stage}: loaded exp_avg")
         for step in range(2, 4):
-            for q, g in zip(plain, _train_step(engine, step)):
+            for q, g in zip(plain, _train_step(engine, step), strict=True):
                 q.grad = g
             reference.step()
             _assert_equal(
@@ -473,7 +474,7 @@ def rank_without_a_tensor(rank, world, shared):
         held = []
         real_fragments = zero.fragments
 
-        def spy(flat, built):
+        def spy(flat, built, real_fragments=real_fragments, held=held):
             found = real_fragments(flat, built)
             held.extend(f.numel for f in found)
             return found

@@ -62,8 +62,8 @@ def test_category_half_freezes_exactly_half_of_each_layer_category_and_keeps_emb
         ]
         assert sum(attn) == 2 and sum(norms) == 1
     ffn = [
-        sum(getattr(l.mlp, n).weight.requires_grad for n in ("gate_proj", "up_proj", "down_proj"))
-        for l in model.model.layers
+        sum(getattr(layer.mlp, n).weight.requires_grad for n in ("gate_proj", "up_proj", "down_proj"))
+        for layer in model.model.layers
     ]
     assert sorted(ffn) == [1, 1, 2, 2]  # 2 in a random half of the layers, 1 in the rest
     assert opt.plan is not None
@@ -123,7 +123,7 @@ def test_resume_reproduces_the_round_and_the_trajectory():
     assert opt2.round == 1
     assert [p.requires_grad for p in resumed.parameters()] == [p.requires_grad for p in model.parameters()]
     train_step(resumed, opt2, 2)
-    for a, b in zip(model.parameters(), resumed.parameters()):
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -273,7 +273,7 @@ def test_resume_reproduces_selection_and_trajectory():
     params2 = dict(model2.named_parameters())
     assert all(params2[n].requires_grad == (n in opt2.plan.trainable) for n in opt2.plan.names)
     train_causal_lm(model2, opt2, 3)
-    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 

@@ -123,12 +123,12 @@ def test_accelerate_save_state_load_state_round_trip(tmp_path):
         for key, value in state.items():
             assert torch.equal(loaded["state"][i][key], value), (i, key)
             assert loaded["state"][i][key].dtype == torch.float32
-    for p, q in zip(model.parameters(), model2.parameters()):
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)
 
     # one more epoch on both: identical trajectories, so the loaded state is the live one
     accelerate_loop(accelerator, model, opt, loader)
     accelerate_loop(accelerator2, model2, opt2, loader2)
-    for p, q in zip(model.parameters(), model2.parameters()):
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert all(float(s["step"]) == 2 * MICRO_BATCHES // ACCUM for s in opt2.optimizer.state.values())

@@ -291,6 +291,6 @@ def test_lightning_checkpoint_resume_restores_mofo_state(tmp_path):
     for name, p in resumed.named_parameters():
         torch.testing.assert_close(p.detach(), full_params[name].detach(), rtol=0, atol=1e-6, msg=name)
     full_opt = full.trainer.optimizers[0]
-    for p_full, p_res in zip(full.parameters(), resumed.parameters()):
+    for p_full, p_res in zip(full.parameters(), resumed.parameters(), strict=True):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[p_res][key], full_opt.state[p_full][key], rtol=0, atol=1e-6)

@@ -29,7 +29,7 @@ def _variants(full=True):
 
     from maskopt.kernels import _apply, _common, _dense, _fallback, _local, _resolve, _sharded, _window
 
-    P64, I = "*i64", "i64"
+    P64, I64 = "*i64", "i64"
     out = []
     dtypes = (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16))
     window = dict(FRAC=5, NB_LOG2=9)
@@ -50,7 +50,7 @@ def _variants(full=True):
                     eps="fp32",
                     decay="fp32",
                     hash_counter="i32",
-                    threshold=I,
+                    threshold=I64,
                 )
                 cx = dict(
                     PDT=pdt,
@@ -294,7 +294,7 @@ def compile_all(capabilities=(90,), only=None, verbose=False, full=True):
                 results[f"{name}@sm{cap}"] = None
                 if verbose:
                     print(f"{name}@sm{cap}: ok {info}", flush=True)
-            except Exception as e:  # noqa: BLE001 - report every failure
+            except Exception as e:
                 results[f"{name}@sm{cap}"] = f"{type(e).__name__}: {e}"[:2000]
                 if verbose:
                     print(f"{name}@sm{cap}: FAILED {results[f'{name}@sm{cap}'][:500]}", flush=True)
@@ -419,7 +419,7 @@ def test_masked_full_tiles_use_vector_accesses_without_spills():
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton  # noqa: F811
+    import triton
 
     caps = tuple(int(a) for a in sys.argv[1:] if a.isdigit()) or (90,)
     only = next((a for a in sys.argv[1:] if not a.isdigit()), None)

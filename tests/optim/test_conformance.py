@@ -149,7 +149,7 @@ def _assert_equal_state_dicts(a, b):
 
 
 def _params_equal(m1, m2):
-    return all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    return all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters(), strict=True))
 
 
 @pytest.fixture(params=list(CONFIGS))
@@ -264,7 +264,9 @@ def test_per_group_lr_and_weight_decay(config):
     assert opt.param_groups[1]["lr"] == 0.0 and opt.param_groups[0]["lr"] == defaults["lr"]
     for n, p in named[half:]:
         assert torch.equal(p, frozen_group[n]), n
-    assert any(not torch.equal(p, q) for (_, p), q in zip(named[:half], toy_llama().parameters()))
+    assert any(
+        not torch.equal(p, q) for (_, p), q in zip(named[:half], toy_llama().parameters(), strict=True)
+    )
 
 
 def test_hooks_and_repr(config):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("filter", ["momentum", "gradient"])
 @pytest.mark.parametrize("foreach", [None, False])
-def test_nan_gradients_still_move_exactly_k(filter, foreach):
+def test_nan_gradients_still_move_exactly_k(filter, foreach):  # noqa: A002 - MoFO's keyword
     p = torch.nn.Parameter(torch.zeros(16))
     opt = MoFO([p], lr=0.1, alpha=0.25, filter=filter, foreach=foreach)
     g = torch.randn(16, generator=torch.Generator().manual_seed(0))
@@ -175,7 +175,7 @@ def test_half_adam_never_unfreezes_what_the_user_froze(ratio, named):
             )
         train_toy(model, opt, 1, start=r)
         opt.new_round()
-    for p, p0 in zip(frozen_by_user, before):
+    for p, p0 in zip(frozen_by_user, before, strict=True):
         assert torch.equal(p, p0)
         assert p not in opt.state
 
@@ -241,4 +241,4 @@ def test_half_adam_copy_steps_and_starts_new_rounds():
     assert twin_opt.plan.trainable == opt.plan.trainable
     train_toy(model, opt, 1, start=1)
     train_toy(twin, twin_opt, 1, start=1)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))

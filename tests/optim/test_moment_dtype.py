@@ -42,10 +42,10 @@ def test_bf16_moments_are_stored_in_bf16_and_track_the_reference(name, kwargs):
     for step in range(3):
         grads = _grads(params, step)
         before = [p.detach().clone() for p in params]
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         opt.step()
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             mask = reference_step(
                 ref_p[i],
                 g,
@@ -66,7 +66,7 @@ def test_bf16_moments_are_stored_in_bf16_and_track_the_reference(name, kwargs):
                 assert int(moved.sum()) == topk_count(p.numel(), kwargs["alpha"])
             # the reference rounds float64 moments: a tie may fall differently, so compare values
             assert (moved != mask).float().mean() < 0.01
-    for p, r, st, rs in zip(params, ref_p, (opt.state[p] for p in params), ref_state):
+    for p, r, st, rs in zip(params, ref_p, (opt.state[p] for p in params), ref_state, strict=True):
         assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16
         torch.testing.assert_close(st["exp_avg"].double(), rs["exp_avg"], rtol=1.6e-2, atol=1e-6)
         torch.testing.assert_close(st["exp_avg_sq"].double(), rs["exp_avg_sq"], rtol=1.6e-2, atol=1e-6)
@@ -81,11 +81,11 @@ def test_float32_and_none_are_the_default():
         maskopt.MoFO(b, fused=False, moment_dtype=torch.float32, **HP),
     ]
     for step in range(2):
-        for ps, opt in zip((a, b), opts):
-            for p, g in zip(ps, _grads(ps, step)):
+        for ps, opt in zip((a, b), opts, strict=True):
+            for p, g in zip(ps, _grads(ps, step), strict=True):
                 p.grad = g
             opt.step()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
         assert opts[0].state[x]["exp_avg"].dtype == torch.float32
 
@@ -99,7 +99,7 @@ def test_other_moment_dtypes_are_refused(bad):
 def test_adamw_state_dicts_load_both_ways():
     params = _params()
     adamw = torch.optim.AdamW(params, **HP)
-    for p, g in zip(params, _grads(params, 0)):
+    for p, g in zip(params, _grads(params, 0), strict=True):
         p.grad = g
     adamw.step()
     mofo = maskopt.MoFO(params, moment_dtype=torch.bfloat16, fused=False, **HP)
@@ -122,7 +122,7 @@ def test_bf16_params_with_bf16_moments():
     params = _params(torch.bfloat16)
     opt = maskopt.MoFO(params, moment_dtype=torch.bfloat16, fused=False, **HP)
     for step in range(2):
-        for p, g in zip(params, _grads(params, step)):
+        for p, g in zip(params, _grads(params, step), strict=True):
             p.grad = g
         opt.step()
     assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in params)

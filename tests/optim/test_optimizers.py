@@ -28,7 +28,7 @@ def make_params(shapes, dtype=torch.float32, seed=0):
 def set_grads(params, seed):
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
     return grads
 
@@ -68,7 +68,7 @@ def test_only_selected_entries_move_and_exactly_k(case, dtype):
         grads = set_grads(params, seed=step)
         before = [p.detach().clone() for p in params]
         opt.step()
-        for i, (p, g, old) in enumerate(zip(params, grads, before)):
+        for i, (p, g, old) in enumerate(zip(params, grads, before, strict=True)):
             mask = expected_selection(kind, opt, p, g, i, kw)
             changed = p.detach() != old
             assert torch.equal(
@@ -126,7 +126,7 @@ def test_matches_float64_reference(case, dtype):
     for step in range(5):
         grads = set_grads(params, seed=100 + step)
         opt.step()
-        for i, (r, g) in enumerate(zip(ref_params, grads)):
+        for i, (r, g) in enumerate(zip(ref_params, grads, strict=True)):
             reference_step(
                 r,
                 g,
@@ -139,7 +139,7 @@ def test_matches_float64_reference(case, dtype):
                 seed=kw.get("seed", 0),
                 tensor_index=i,
             )
-    for p, r, s in zip(params, ref_params, ref_states):
+    for p, r, s in zip(params, ref_params, ref_states, strict=True):
         assert opt.state[p]["exp_avg"].dtype == dtype
         torch.testing.assert_close(p.detach(), r, rtol=tol[0], atol=tol[1])
         torch.testing.assert_close(opt.state[p]["exp_avg"], s["exp_avg"].to(dtype), rtol=tol[0], atol=tol[2])
@@ -177,11 +177,11 @@ def test_alpha_one_is_adamw(make):
     ours, adamw = make(params), torch.optim.AdamW(twins, lr=3e-3, weight_decay=0.1)
     for step in range(100):
         grads = set_grads(params, seed=step)
-        for t, g in zip(twins, grads):
+        for t, g in zip(twins, grads, strict=True):
             t.grad = g.clone()
         ours.step()
         adamw.step()
-    for p, t in zip(params, twins):
+    for p, t in zip(params, twins, strict=True):
         torch.testing.assert_close(p.detach(), t.detach(), rtol=1e-6, atol=0)
 
 
@@ -220,7 +220,7 @@ def test_resume_equals_uninterrupted(name):
     for step in range(3, 7):
         set_grads(resumed, step)
         opt2.step()
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a.detach(), b.detach())
 
 
@@ -233,7 +233,7 @@ def test_foreach_and_single_tensor_paths_agree():
             set_grads(b, step)
             oa.step()
             ob.step()
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert torch.equal(x, y)
 
 
@@ -354,7 +354,7 @@ def test_lr_zero_and_zero_grads_change_nothing():
         for group in opt.param_groups:
             group["lr"] = 0.0
         opt.step()
-        for p, b in zip(params, before):
+        for p, b in zip(params, before, strict=True):
             assert torch.equal(p.detach(), b)
 
 
