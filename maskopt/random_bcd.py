@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .optimizer import MaskedAdam, check_choice, check_int, check_range
+from ._checks import check_choice, check_int, check_range
+from .optimizer import MaskedAdam
 from .policy import SelectionPolicy, cached_policy
 from .selection import ALL, RANDOM, RANDOM_EXACT
 
