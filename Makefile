@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench-cpu clean
+.PHONY: demo test test-all lint format bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,lint]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +24,16 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(ARGS)
+
+# ruff (lint, then the format check) and mypy; see [tool.ruff] and [tool.mypy] in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/cpu_step.py $(ARGS)

@@ -28,4 +28,4 @@ __all__ = [
     "topk_count",
     "topk_masks",
 ]
-__version__ = "0.1.0"
+__version__ = "0.6.0"
