@@ -1,6 +1,12 @@
-"""`benchmarks/forgetting.py --quick --seeds 2` end to end on the shipped checkpoint, and its refusals."""
+"""`benchmarks/forgetting.py --quick --seeds 2` end to end on a shipped checkpoint, and its refusals.
 
+The runs use the smallest size (micro, 0.04 M parameters): they test the pipeline, not the
+numbers, and the cpu size the demo loads would make them twenty times slower.
+"""
+
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -10,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -18,6 +25,7 @@ pytest.importorskip("maskopt")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "forgetting.py"
+SIZE = "micro"
 CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 FINETUNE = ["adamw", "halfadam", "mofo5", "mofo15", "mofo15-grad", "rbcd15"]
 LABELS = ["AdamW", "HalfAdam (HFT)", "MoFO a=5%", "MoFO a=15%", "MoFO-grad a=15%", "RandomBCD a=15%"]
@@ -38,9 +46,32 @@ def _run(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
+def bench():
+    """The script as a module: the report-only modes (--merge, --size-axis) and the refusals
+    run in this process (a subprocess would spend most of its time importing torch)."""
+    return _load_module()
+
+
+def _run_here(bench, *args):
+    """``main(args)`` in this process: (exit code, stdout, stderr), as a subprocess reports them."""
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = bench.main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    proc = _run("--quick", "--seeds", "2", "--quiet", "--threads", "2", "--out", str(out))
+    proc = _run("--quick", "--size", SIZE, "--seeds", "2", "--quiet", "--threads", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -52,7 +83,7 @@ def _rows(path):
 
 def test_loads_the_shipped_checkpoint(quick):
     _, proc = quick
-    recipe = json.loads((CHECKPOINTS / "cpu.json").read_text())
+    recipe = json.loads((CHECKPOINTS / f"{SIZE}.json").read_text())
     assert f"sha256 {recipe['sha256'][:12]}" in proc.stdout
     assert f"pre-trained {recipe['steps_run']} steps" in proc.stdout
 
@@ -136,6 +167,8 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     proc = _run(
         "--quick",
+        "--size",
+        SIZE,
         "--seeds",
         "2",
         "--lr",
@@ -154,12 +187,12 @@ def sweep(tmp_path_factory):
     return out, proc
 
 
-def test_size_axis_report_from_a_sweep(sweep, tmp_path):
+def test_size_axis_report_from_a_sweep(sweep, bench, tmp_path):
     out, proc = sweep
     assert "At equal learning, against AdamW" in proc.stdout
-    axis = _run("--size-axis", str(out), "--out", str(tmp_path / "axis"))
+    axis = _run_here(bench, "--size-axis", str(out), "--out", str(tmp_path / "axis"))
     assert axis.returncode == 0, axis.stdout[-3000:] + axis.stderr[-3000:]
-    assert "| cpu " in axis.stdout and "MoFO a=15%" in axis.stdout
+    assert f"| {SIZE} " in axis.stdout and "MoFO a=15%" in axis.stdout
     assert (tmp_path / "axis" / "size_axis.png").stat().st_size > 1000
 
 
@@ -191,32 +224,32 @@ def _tables(stdout):
     return stdout[stdout.index("Fine-tuning on English") : stdout.index("wrote ")].strip()
 
 
-def test_merge_of_runs_split_by_seed_gives_the_tables_of_the_whole_run(sweep, tmp_path):
+def test_merge_of_runs_split_by_seed_gives_the_tables_of_the_whole_run(sweep, bench, tmp_path):
     out, proc = sweep
     dirs = _split_by_seed(out, tmp_path)
-    merged = _run("--merge", ",".join(map(str, dirs)), "--out", str(tmp_path / "merged"))
+    merged = _run_here(bench, "--merge", ",".join(map(str, dirs)), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stdout[-3000:] + merged.stderr[-3000:]
     assert "seeds 0, 1" in merged.stdout
     # The CSV keeps 6 significant digits, so compare with the whole run read back from its CSV.
-    whole = _run("--merge", str(out), "--out", str(tmp_path / "whole"))
+    whole = _run_here(bench, "--merge", str(out), "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert _tables(merged.stdout) == _tables(whole.stdout)
     assert "At equal learning, against AdamW" in merged.stdout
     assert _sorted_rows(tmp_path / "merged" / "finetune.csv") == _sorted_rows(out / "finetune.csv")
     assert (tmp_path / "merged" / "forgetting.png").stat().st_size > 1000
     # A run present in both directories is kept once when it agrees...
-    again = _run("--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "again"))
+    again = _run_here(bench, "--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert _sorted_rows(tmp_path / "again" / "finetune.csv") == _sorted_rows(out / "finetune.csv")
 
 
-def test_merge_refuses_runs_that_disagree_or_come_from_another_checkpoint(sweep, tmp_path):
+def test_merge_refuses_runs_that_disagree_or_come_from_another_checkpoint(sweep, bench, tmp_path):
     out, _ = sweep
     dirs = _split_by_seed(out, tmp_path)
     rows = _rows(dirs[0] / "finetune.csv")
     rows[1]["forgetting"] = str(float(rows[1]["forgetting"]) + 0.1)
     _write_rows(dirs[0] / "finetune.csv", rows)
-    proc = _run("--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "bad"))
+    proc = _run_here(bench, "--merge", f"{out},{dirs[0]}", "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "differs between" in proc.stderr
     assert not (tmp_path / "bad" / "finetune.csv").exists()
 
@@ -224,9 +257,9 @@ def test_merge_refuses_runs_that_disagree_or_come_from_another_checkpoint(sweep,
     for r in rows:
         r["size"] = "tiny"
     _write_rows(dirs[1] / "finetune.csv", rows)
-    proc = _run("--merge", f"{out},{dirs[1]}", "--out", str(tmp_path / "bad"))
+    proc = _run_here(bench, "--merge", f"{out},{dirs[1]}", "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "different checkpoints" in proc.stderr
-    proc = _run("--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
+    proc = _run_here(bench, "--merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
 
@@ -247,7 +280,9 @@ def checkpoint_copy(tmp_path):
         ("delete the .json", "is missing"),
     ],
 )
-def test_damaged_checkpoint_is_refused_with_the_rebuild_command(checkpoint_copy, tmp_path, damage, message):
+def test_damaged_checkpoint_is_refused_with_the_rebuild_command(
+    bench, checkpoint_copy, tmp_path, damage, message
+):
     pt, meta = checkpoint_copy / "cpu.pt", checkpoint_copy / "cpu.json"
     if damage == "flip a byte":
         blob = bytearray(pt.read_bytes())
@@ -257,7 +292,9 @@ def test_damaged_checkpoint_is_refused_with_the_rebuild_command(checkpoint_copy,
         pt.unlink()
     else:
         meta.unlink()
-    proc = _run("--quick", "--quiet", "--checkpoints", str(checkpoint_copy), "--out", str(tmp_path / "o"))
+    proc = _run_here(
+        bench, "--quick", "--quiet", "--checkpoints", str(checkpoint_copy), "--out", str(tmp_path / "o")
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "python benchmarks/forgetting.py --pretrain --size cpu" in proc.stderr
@@ -295,9 +332,8 @@ def _load_module():
         (["--device", "cuda:99"], "--device"),
     ],
 )
-def test_bad_cli_values(args, message, capsys):
-    mod = _load_module()
+def test_bad_cli_values(bench, args, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        mod.parse_args(args)
+        bench.parse_args(args)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
