@@ -29,7 +29,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	$(PY) .ci/typecheck.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

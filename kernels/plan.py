@@ -87,7 +87,9 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
         return Plan(ctab.to(device), total, None, 0, 0, [], True, huge)
 
     use_blocks = block_size is not None and selection != "random_exact"
-    seg_t, seg_s, seg_n = [], [], []
+    seg_t: list[int] = []
+    seg_s: list[int] = []
+    seg_n: list[int] = []
     for i, n in enumerate(numels):
         if n == 0:
             continue
@@ -295,8 +297,9 @@ def workspace_for(plan_key, plan: Plan, params, steps, device, cfg, world: int =
     key = (plan_key, tuple(p.data_ptr() for p in params))
     anchor = steps[0]
     entry = WORKSPACES.get(id(anchor))
-    known = entry is not None and entry[0]() is anchor
-    if known and entry[1].key == key:
+    if entry is not None and entry[0]() is not anchor:
+        entry = None  # another tensor's, whose id this one now has
+    if entry is not None and entry[1].key == key:
         return entry[1]
     work = Workspace(key, torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
     if plan.n_seg:
@@ -308,7 +311,7 @@ def workspace_for(plan_key, plan: Plan, params, steps, device, cfg, world: int =
         work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
         if world > 1 or plan_key[-1] is not None:
             work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
-    if not known:
+    if entry is None:
         weakref.finalize(anchor, WORKSPACES.pop, id(anchor), None)
     WORKSPACES[id(anchor)] = (weakref.ref(anchor), work)
     return work

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -71,6 +71,13 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     return value
 
 
+# the overloads tell mypy that only allow_none=True can give None
+@overload
+def check_int(
+    name: str, value: Any, *, low: int | None = None, allow_none: Literal[False] = False
+) -> int: ...
+@overload
+def check_int(name: str, value: Any, *, low: int | None = None, allow_none: bool) -> int | None: ...
 def check_int(name: str, value: Any, *, low: int | None = None, allow_none: bool = False) -> int | None:
     """``value`` as a Python int if it is an integer (Python or NumPy, not a bool) ``>= low``
     (or None when ``allow_none``), else a ValueError naming ``name``.

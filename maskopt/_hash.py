@@ -193,13 +193,13 @@ def _order_keys_torch(
 ) -> torch.Tensor:
     """:func:`order_keys` in torch ops. ``key``: a Python int in [0, 2**32), or its 32 bits as
     a 0-d int32 tensor (a key computed on the device from a device step counter)."""
-    on_device = torch.is_tensor(key)
     if start + numel <= (1 << 31):
         idx = torch.arange(start, start + numel, dtype=torch.int32, device=device)
-        u = mix32(idx.mul_(_signed32(GOLDEN32)).add_(key if on_device else _signed32(key)))
+        key32 = key if torch.is_tensor(key) else _signed32(key)
+        u = mix32(idx.mul_(_signed32(GOLDEN32)).add_(key32))
     else:  # beyond int32 indexing: the same function computed in int64
         idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-        key64 = key.to(torch.int64).bitwise_and_(MASK32) if on_device else key
+        key64 = key.to(torch.int64).bitwise_and_(MASK32) if torch.is_tensor(key) else key
         lo = ((idx & MASK32) * GOLDEN32 + key64) & MASK32
         u = mix32(int32_bits(lo))
         u.bitwise_xor_(mix32((idx >> 32).to(torch.int32)))

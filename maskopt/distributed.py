@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,13 @@ from .selection import magnitude_keys, random_indices, topk_count, topk_indices
 _PASS_BITS = 8
 _BINS = 1 << _PASS_BITS
 
-try:  # DTensor is public from torch 2.5 on
+if TYPE_CHECKING:  # the class, for the annotations; at run time torch may lack it (then None)
     from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch without distributed support
-    DTensor = None
+else:
+    try:  # DTensor is public from torch 2.5 on
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed support
+        DTensor = None
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,10 @@ class Shard:
 
     numel: int  # entries of the whole tensor
     offset: int  # global flat index of the first local entry
-    group: object  # process group over which the tensor is sharded
+    group: dist.ProcessGroup  # process group over which the tensor is sharded
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False where torch has none).
 
     Args:

@@ -9,6 +9,7 @@ check the arguments and plan the step, then call this.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -181,8 +182,8 @@ def masked_adamw(
     sharded = shards is not None and any(s is not None for s in shards)
     fused = use_fused(fused, params, policy, sharded, shard_kernels=True)
     if maximize:
-        grads = torch._foreach_neg(grads)
-    hyper = dict(
+        grads = list(torch._foreach_neg(grads))
+    hyper: dict[str, Any] = dict(
         policy=policy,
         lr=lr,
         beta1=beta1,
@@ -208,6 +209,7 @@ def masked_adamw(
     if foreach is False:
         runs = [[i] for i in range(len(params))]
     elif sharded and not policy.moves_all:
+        assert shards is not None  # sharded: some tensor has a Shard
         # Few, large batches: each batch's sharded selection makes its own collectives, which
         # cost far more than the cache misses that small batches save. They are cut by
         # whole-tensor sizes so that every rank makes the same calls; the limit bounds the

@@ -37,7 +37,8 @@ def mofo_param_groups(
         weight_decay: the matrices' weight decay (default 0.0); biases and norms get none.
         alpha: the matrices' ``alpha`` (default None: the optimizer's own).
     """
-    filtered, plain = [], []
+    filtered: list[tuple[str, torch.Tensor]] = []
+    plain: list[tuple[str, torch.Tensor]] = []
     for name, param in named_parameters:
         if not param.requires_grad:
             continue

@@ -7,12 +7,16 @@ Same arguments as the Triton launcher ``maskopt.kernels.fused_adam_step_``, so
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import _hash
 from .policy import SelectionPolicy
 from .selection import RANDOM_EXACT, TOPK_MOMENTUM, magnitude_keys, random_indices, topk_indices
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 
 def _select(
@@ -22,21 +26,22 @@ def _select(
     step_values: list[float],
     *,
     tensor_indices: Sequence[int],
-    shards: Sequence | None = None,
-) -> list[torch.Tensor | None]:
+    shards: Sequence[Shard | None] | None = None,
+) -> Sequence[torch.Tensor | None]:
     """Sorted flat indices of the entries that move this step; None means the whole tensor.
 
     ``shards`` (maskopt.distributed.Shard or None per tensor) marks local shards of sharded
     tensors: their selection is computed over the whole tensor."""
     if policy.moves_all:
         return [None] * len(exp_avgs)
-    sharded = shards is not None and any(s is not None for s in shards)
+    # the shards when some tensor is one, else None
+    sharded = shards if shards is not None and any(s is not None for s in shards) else None
     if policy.is_topk:
         scores = magnitude_keys(torch._foreach_abs(exp_avgs if policy.kind == TOPK_MOMENTUM else grads32))
-        if sharded:
+        if sharded is not None:
             from .distributed import topk_indices_sharded
 
-            return topk_indices_sharded(scores, shards, policy.alpha, policy.block_size)
+            return topk_indices_sharded(scores, sharded, policy.alpha, policy.block_size)
         return topk_indices(scores, policy.alpha, policy.block_size)
     if policy.is_random:
         keys = [
@@ -44,12 +49,12 @@ def _select(
             for index, t in zip(tensor_indices, step_values, strict=True)
         ]
         exact = policy.kind == RANDOM_EXACT
-        if sharded:
+        if sharded is not None:
             from .distributed import random_indices_sharded
 
             return random_indices_sharded(
                 [m.numel() for m in exp_avgs],
-                shards,
+                sharded,
                 keys,
                 policy.alpha,
                 exact=exact,
@@ -78,7 +83,7 @@ def masked_adam_(
     tensor_indices: Sequence[int],
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
-    shards: Sequence | None = None,
+    shards: Sequence[Shard | None] | None = None,
 ) -> None:
     """One masked-AdamW step (docs/semantics.md) on the tensors of one param group, in place.
 
@@ -106,7 +111,7 @@ def masked_adam_(
         exp_avg_sqs = [v.float() if v.dtype == torch.bfloat16 else v for v in exp_avg_sqs]
     grads32 = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs, strict=True)]
     if grad_scale is not None:
-        grads32 = torch._foreach_div(grads32, grad_scale.item())
+        grads32 = list(torch._foreach_div(grads32, grad_scale.item()))
 
     for step in state_steps:
         step.add_(1)
@@ -153,14 +158,14 @@ def masked_adam_(
         if weight_decay and not mask_weight_decay:
             p.mul_(decay)  # the official MoFO code decays every entry
         flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
-        work = exp_avgs[i].dtype
+        work_dtype = exp_avgs[i].dtype
         if idx is None:
-            m, v, theta = exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat.to(work)
+            m, v, theta = exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat.to(work_dtype)
         else:
             m, v, theta = (
                 x.index_select(0, idx) for x in (exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), flat)
             )
-            theta = theta.to(work)
+            theta = theta.to(work_dtype)
         denom = v.sqrt().div_(bias_correction2_sqrt[i]).add_(eps)
         if weight_decay and mask_weight_decay:
             theta = theta * decay

@@ -101,8 +101,8 @@ def select(
         u = hash_u32(n, seed, tensor_index, counter)
         return torch.from_numpy(u < _U64(_hash.threshold(alpha))) if n else torch.zeros(0, dtype=torch.bool)
     if selection == RANDOM_EXACT:
-        u = torch.from_numpy(hash_u32(n, seed, tensor_index, counter).astype(np.int64))
-        return _top_k_by_sort(u, min(n, max(1, math.floor(alpha * n + 0.5)))) if n else u.bool()
+        keys = torch.from_numpy(hash_u32(n, seed, tensor_index, counter).astype(np.int64))
+        return _top_k_by_sort(keys, min(n, max(1, math.floor(alpha * n + 0.5)))) if n else keys.bool()
     if selection == TOPK_MOMENTUM:
         score = m.reshape(-1).abs()
     elif selection == TOPK_GRADIENT:

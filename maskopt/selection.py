@@ -254,7 +254,8 @@ def topk_indices(
             ]
             found = _map_rows(lambda job, k=k: _top_k_long(job[3], k) + job[2], jobs)
             for (t, slot, _, _), idx in zip(jobs, found, strict=True):
-                pieces[t][slot] = idx if pieces[t][slot] is None else torch.cat([pieces[t][slot], idx])
+                before = pieces[t][slot]
+                pieces[t][slot] = idx if before is None else torch.cat([before, idx])
             continue
         stacked = torch.cat([m[3] for m in members]) if len(members) > 1 else members[0][3]
         keep = _kth_largest_rows(stacked, k)
@@ -263,10 +264,14 @@ def topk_indices(
             pieces[t][slot] = nonzero_flat(chunk.reshape(-1)) + start
 
     empty = torch.zeros(0, dtype=torch.long)
-    return [
-        (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else empty.to(s.device)
-        for s, parts in zip(scores, pieces, strict=True)
-    ]
+    indices = []
+    for s, parts in zip(scores, pieces, strict=True):
+        filled = [p for p in parts if p is not None]
+        assert len(filled) == len(parts)  # every slot was given its indices above
+        indices.append(
+            (torch.cat(filled) if len(filled) > 1 else filled[0]) if filled else empty.to(s.device)
+        )
+    return indices
 
 
 def indices_to_masks(indices: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -302,7 +307,7 @@ def topk_masks(
 
 
 def random_indices(
-    shapes: Sequence[torch.Size],
+    shapes: Sequence[Sequence[int]],
     keys: Sequence[int],
     alpha: float,
     *,

@@ -89,6 +89,7 @@ class _HashMask:
             return 0
         if limit >= 1 << 31:  # alpha == 1: every entry
             return self.numel
+        key: torch.Tensor | int
         if torch.is_tensor(self.counter):
             key = _hash.stream_key_tensor(self.seed, self.index, self.counter)
         else:
@@ -102,6 +103,7 @@ class _HashMask:
                 keys = _hash.order_keys(length, key, self.device, start)
             part = torch.count_nonzero(keys < limit)
             total = part if total is None else total + part
+        assert total is not None  # numel > 0: the loop ran
         return total
 
 
@@ -387,7 +389,7 @@ class UpdateTelemetry:
                 part_moved = torch.count_nonzero(a != b)
                 sq = part_sq if sq is None else sq + part_sq
                 moved = part_moved if moved is None else moved + part_moved
-            if sq is None:  # an empty tensor
+            if sq is None or moved is None:  # an empty tensor (no pairs: both None)
                 sq = torch.zeros((), dtype=acc, device=theta.device)
                 moved = torch.zeros((), dtype=torch.int64, device=theta.device)
             squares.append(sq)

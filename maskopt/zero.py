@@ -91,9 +91,10 @@ def _zero12_fragments(flat: torch.Tensor, built: Sequence[torch.Tensor]) -> list
     for p in built:
         if not _in_partition(p, None):
             continue
-        mapping = p._hp_mapping
+        # attributes DeepSpeed gives the tensors it partitions, which torch's stubs cannot know
+        mapping, dp_group = p._hp_mapping, p._dp_group  # type: ignore[attr-defined]  # DeepSpeed's
         if mapping is None:  # this rank holds none of p
-            out.append(Fragment(p, 0, 0, distributed.Shard(p.numel(), 0, p._dp_group)))
+            out.append(Fragment(p, 0, 0, distributed.Shard(p.numel(), 0, dp_group)))
             continue
         hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
         if (
@@ -104,9 +105,7 @@ def _zero12_fragments(flat: torch.Tensor, built: Sequence[torch.Tensor]) -> list
         ):
             return None
         out.append(
-            Fragment(
-                p, int(hp.start), int(hp.numel), distributed.Shard(p.numel(), int(lp.start), p._dp_group)
-            )
+            Fragment(p, int(hp.start), int(hp.numel), distributed.Shard(p.numel(), int(lp.start), dp_group))
         )
     return out
 
@@ -122,11 +121,13 @@ def _zero3_fragments(flat: torch.Tensor, built: Sequence[torch.Tensor], z3) -> l
         group_id, offset, slot = z3.grad_position[z3.get_param_id(p)]
         if group_id != sub_group:
             continue  # stepped with its own sub-group
-        start = z3._get_param_partition_rank(p) * p.ds_tensor.ds_numel
-        numel = max(0, min(p.ds_numel - start, slot))  # the rest of the slot is padding
+        # attributes DeepSpeed gives the tensors it partitions, which torch's stubs cannot know
+        whole_numel, partition_numel = p.ds_numel, p.ds_tensor.ds_numel  # type: ignore[attr-defined]  # DeepSpeed's
+        start = z3._get_param_partition_rank(p) * partition_numel
+        numel = max(0, min(whole_numel - start, slot))  # the rest of the slot is padding
         if offset + numel > flat.numel():
             return None
-        shard = distributed.Shard(p.ds_numel, start, z3._get_param_partition_group(p))
+        shard = distributed.Shard(whole_numel, start, z3._get_param_partition_group(p))
         out.append(Fragment(p, int(offset), int(numel), shard))
     return out
 
@@ -204,7 +205,11 @@ class ZeroStep:
                 _relink_state(flat, states[flat], built)
         stepped: dict[torch.Tensor, torch.Tensor] = {}
         for bucket in self.buckets.values():
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            steps: list[torch.Tensor] = []
             for flat, frag in bucket.entries:
                 state = states[flat]
                 for out, whole in zip(
@@ -245,8 +250,9 @@ def _relink_state(flat: torch.Tensor, state: dict, built: Sequence[torch.Tensor]
     new_round clears it) would leave them on the old tensors."""
     for p in built:
         mapping = getattr(p, "_hp_mapping", None)
-        linked = mapping is not None and getattr(mapping, "optim_fragment", None) is not None
-        if linked and _same_storage(mapping.hp_fragment, flat):
+        if mapping is None or getattr(mapping, "optim_fragment", None) is None:
+            continue  # not linked
+        if _same_storage(mapping.hp_fragment, flat):
             mapping.set_optim_state_fragment(flat, state)
 
 
@@ -290,6 +296,7 @@ def plan_partitions(optimizer, group: dict[str, Any], options: dict[str, Any]) -
             who, "a DeepSpeed ZeRO partition", flat, flat.grad, optimizer.state.get(flat, {}).get("exp_avg")
         )
         step.flats.append((flat, built))
+        assert frags is not None  # returned above otherwise
         for frag in frags:
             # As in one process, where a tensor without a gradient is not stepped.
             policy = optimizer._policy(group, frag.param) if frag.param.requires_grad else None

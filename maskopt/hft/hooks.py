@@ -94,6 +94,7 @@ def apply_selection(
 
             handles.append(optimizer.register_step_post_hook(restore))
     if freeze == "mask" and frozen:
+        assert optimizer is not None  # checked above: freeze="mask" needs it
         frozen_params = [params[n] for n in names if n in frozen]
 
         def drop_frozen_grads(opt, args, kwargs, frozen_params=frozen_params):

@@ -163,8 +163,8 @@ class HalfPlan:
             return 0
 
         cats: dict[str, list] = {}
-        lay = [0, 0]
-        out = [0, 0]
+        lay: list[float] = [0, 0]
+        out: list[float] = [0, 0]
         for u in self.units:
             t = sum(share(n) for n in u.names)
             if u.stack is None:
@@ -173,6 +173,7 @@ class HalfPlan:
                 continue
             lay[0] += t
             lay[1] += u.numel
+            assert u.category is not None, u.key  # a unit in a stack has its category
             c = cats.setdefault(u.category, [0, 0])
             c[0] += t
             c[1] += u.numel
@@ -321,7 +322,8 @@ def plan_half(
     pool = [u for u in units if u.stack is not None and u.category not in (KEEP, FREEZE)]
     picked = rule.select(pool, as_fraction(p_float), seed=seed, round=round, balance=balance)
 
-    trainable, entry_masked = set(), set()
+    trainable: set[str] = set()
+    entry_masked: set[str] = set()
     for u in units:
         if u.category == FREEZE:
             continue

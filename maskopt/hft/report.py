@@ -86,9 +86,11 @@ def _layer_table(plan: PlanView) -> list[str]:
     layer_units: dict[tuple[str, int], list[Unit]] = defaultdict(list)
     for u in plan.units:
         if u.stack is not None:
+            assert u.layer is not None, u.key  # a unit in a stack has its layer
             layer_units[(u.stack, u.layer)].append(u)
     cats = [c for c in (*CATEGORIES, KEEP, FREEZE) if any(u.category == c for u in plan.units)]
-    cats += sorted({u.category for u in plan.units if u.stack is not None and u.category not in cats})
+    in_stacks = {u.category for u in plan.units if u.stack is not None}
+    cats += sorted(c for c in in_stacks if c is not None and c not in cats)  # (never None in a stack)
     rows = []
     for (stack, layer), units in sorted(layer_units.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         cells = [f"{stack}.{layer}" if len(plan.stacks) > 1 else str(layer)]

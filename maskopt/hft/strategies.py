@@ -100,7 +100,7 @@ def _select_category(units: Sequence[Unit], p: Fraction, rng: CounterRng, balanc
 
     def draw(_: int) -> set[str]:
         ceil_groups = set(rng.sample(eligible, extras))
-        out = set()
+        out: set[str] = set()
         for g in gkeys:
             k = base[g] + (1 if g in ceil_groups else 0)
             out.update(u.key for u in rng.sample(groups[g], k))
@@ -124,6 +124,7 @@ def by_category(pool: Sequence[Unit], p: Fraction, *, seed: int, round: int, bal
     """
     by_cat: dict[tuple[str, str], list[Unit]] = defaultdict(list)
     for u in pool:
+        assert u.stack is not None and u.category is not None, u.key  # a layer unit has both
         by_cat[(u.stack, u.category)].append(u)
     chosen: set[str] = set()
     for (stack, cat), units in sorted(by_cat.items()):
@@ -158,10 +159,13 @@ def by_layer(pool: Sequence[Unit], p: Fraction, *, seed: int, round: int, balanc
         seed, round: keys of the draw.
         balance: unused (every layer trains whole).
     """
+    layers: dict[str, set[int]] = defaultdict(set)
+    for u in pool:
+        assert u.stack is not None and u.layer is not None, u.key  # a layer unit has both
+        layers[u.stack].add(u.layer)
     chosen: set[str] = set()
-    for stack in sorted({u.stack for u in pool}):
-        layer_ids = sorted({u.layer for u in pool if u.stack == stack})
-        on = _spread(layer_ids, p, CounterRng(seed, round, "layer", unwrapped(stack)))
+    for stack in sorted(layers):
+        on = _spread(sorted(layers[stack]), p, CounterRng(seed, round, "layer", unwrapped(stack)))
         chosen |= {u.key for u in pool if u.stack == stack and u.layer in on}
     return Selection(whole=frozenset(chosen))
 
