@@ -7,8 +7,9 @@ engine, the same optimizer in one process on whole tensors, fed the gradients De
 reduced (``safe_get_full_grad``). The fp32 master weights and the moments must be equal bit
 for bit after every step.
 
-One spawn of two processes runs the scenarios of the three stages (starting DeepSpeed is the
-cost); one of three processes covers ranks that hold none of a tensor.
+One spawn of two processes runs the scenarios of the three stages and saves universal
+checkpoints (starting DeepSpeed is the cost); one of three processes resumes them and covers
+ranks that hold none of a tensor.
 """
 
 from __future__ import annotations
@@ -502,9 +503,11 @@ def rank_without_a_tensor(rank, world, shared):
 # ------------------------------------------------------------------------------ tests
 
 
-def test_zero_stages_equal_one_process_two_ranks():
-    """Stages 1, 2, 3; MoFO (both filters), RandomBCD (both modes), HalfAdam (both freeze
-    modes, a new round); fp32 and bf16; block_size; checkpoint resume."""
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One spawn of two ranks (starting DeepSpeed is the cost) runs every two-rank scenario and
+    leaves the universal checkpoints that the three-rank spawn resumes from; returns their folder."""
+    shared = tempfile.mkdtemp(prefix="maskopt-deepspeed-")
     _spawn(
         [
             "every_optimizer_each_stage",
@@ -512,24 +515,30 @@ def test_zero_stages_equal_one_process_two_ranks():
             "half_adam_requires_grad",
             "block_size_fits_or_is_refused",
             "checkpoint_resume",
+            "save_universal_checkpoints",
         ],
         world=2,
+        shared=shared,
     )
+    return shared
 
 
-def test_zero_ranks_holding_none_of_a_tensor_three_ranks():
-    _spawn(["rank_without_a_tensor"], world=3)
+def test_zero_stages_equal_one_process_two_ranks(two_ranks):
+    """Stages 1, 2, 3; MoFO (both filters), RandomBCD (both modes), HalfAdam (both freeze
+    modes, a new round); fp32 and bf16; block_size; checkpoint resume: every rank checked its
+    scenarios in the ``two_ranks`` spawn, which fails this test if any of them failed."""
+    assert os.path.isdir(two_ranks)
+
+
+def test_zero_universal_checkpoint_on_three_ranks_and_ranks_holding_none_of_a_tensor(two_ranks):
+    """The two ranks' universal checkpoints resume on three; then three ranks where one holds
+    none of a tensor (one spawn for both)."""
+    _spawn(["resume_universal_on_three_ranks", "rank_without_a_tensor"], world=3, shared=two_ranks)
 
 
 def test_hf_trainer_with_a_deepspeed_config():
     pytest.importorskip("transformers")
     _spawn(["hf_trainer_one_rank"], world=1)
-
-
-def test_zero_universal_checkpoint_resumes_on_another_world_size():
-    shared = tempfile.mkdtemp(prefix="maskopt-deepspeed-universal-")
-    _spawn(["save_universal_checkpoints"], world=2, shared=shared)
-    _spawn(["resume_universal_on_three_ranks"], world=3, shared=shared)
 
 
 def test_benchmark_script_runs():
