@@ -39,6 +39,7 @@ from ._common import (
     WS_STEP_SIZE,
     abs_key,
     adam_update,
+    as_param,
     chunk_range,
     composite,
     load_key,
@@ -167,7 +168,7 @@ def _apply_body(
     new = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
     if DECAY == 2:
         new = tl.where(is_cand, p, new)
-    tl.store(p_ptr + offs, new.to(PDT), mask=pmask)
+    tl.store(p_ptr + offs, as_param(new, PDT), mask=pmask)
 
 
 @triton.jit

@@ -160,19 +160,23 @@ def skip_step(found_inf_ptr, HAS_INF: tl.constexpr):
 def load_grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        g = g / tl.load(grad_scale_ptr)
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
     return g
 
 
 @triton.jit
 def adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY: tl.constexpr):
-    """New fp32 parameter values: decoupled decay then the Adam step on ``sel``."""
+    """New fp32 parameter values: decoupled decay then the Adam step on ``sel``.
+
+    IEEE division and square root (``/`` and ``tl.sqrt`` compile to approximations that flush
+    subnormals), and every launch disables contraction (``launch.LAUNCH_OPTIONS``): each
+    operation is rounded once, to nearest even, as under the interpreter (docs/kernels.md)."""
     if DECAY == 2:
         p = p * decay
     elif DECAY == 1:
         p = tl.where(sel, p * decay, p)
-    denom = tl.sqrt(v) / bc2_sqrt + eps
-    return tl.where(sel, p - step_size * (m / denom), p)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    return tl.where(sel, p - step_size * tl.div_rn(m, denom), p)
 
 
 @triton.jit
@@ -200,9 +204,21 @@ def as_moment(x, MDT: tl.constexpr):
 
 
 @triton.jit
+def as_param(x, PDT: tl.constexpr):
+    """fp32 ``x`` in the parameter dtype for a store, rounded to nearest even: a bf16 cast is
+    done on the bits because the interpreter truncates it where the GPU rounds (fp16 casts
+    round to nearest even on both)."""
+    if PDT == tl.bfloat16:
+        return as_moment(rounded_to(x, tl.bfloat16), tl.bfloat16)
+    else:
+        return x.to(PDT)
+
+
+@triton.jit
 def adam_moments(g, m, v, beta1, omb1, beta2, omb2, MDT: tl.constexpr):
-    """Adam's moment update in fp32 (multiply-add, as torch's fused AdamW), rounded to the
-    moments' dtype: the selection and the update read what is stored."""
+    """Adam's moment update in fp32, rounded to the moments' dtype: the selection and the
+    update read what is stored. Each product and the sum are rounded separately (the launches
+    disable contraction into a fused multiply-add), on the GPU as under the interpreter."""
     return rounded_to(beta1 * m + omb1 * g, MDT), rounded_to(beta2 * v + omb2 * g * g, MDT)
 
 

@@ -20,6 +20,7 @@ from ._common import (
     WS_BC2_SQRT,
     WS_STEP_SIZE,
     adam_update,
+    as_param,
     hash_key_of,
     skip_step,
     step_moments,
@@ -89,7 +90,7 @@ def _dense_body(
     bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
     p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
     p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
-    tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
+    tl.store(p_ptr + offs, as_param(p, PDT), mask=pmask)
 
 
 @triton.jit

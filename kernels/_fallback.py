@@ -63,7 +63,7 @@ def exact_select_kernel(
     shift = tl.zeros([], tl.int64) + 56
     done = tl.zeros([], tl.int32)
     while done == 0:
-        acc = tl.zeros([256], tl.int32)
+        acc = tl.zeros([256], tl.int64)  # a digit may hold all of a segment's 2**32 entries
         for j in range(0, n, CHUNK):
             acc += key_digit_histogram(
                 ttab,

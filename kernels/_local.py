@@ -25,6 +25,7 @@ from ._common import (
     WS_STEP_SIZE,
     abs_key,
     adam_update,
+    as_param,
     hash_key_of,
     skip_step,
     step_moments,
@@ -123,4 +124,4 @@ def local_step_kernel(
         pmask = sel
     p = tl.load(p_ptr[:, None] + offs, mask=pmask, other=0.0).to(tl.float32)
     p = adam_update(p, m, v, step_size[:, None], bc2_sqrt[:, None], eps, decay, sel, DECAY)
-    tl.store(p_ptr[:, None] + offs, p.to(PDT), mask=pmask)
+    tl.store(p_ptr[:, None] + offs, as_param(p, PDT), mask=pmask)

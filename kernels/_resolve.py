@@ -32,6 +32,7 @@ from ._common import (
     WS_BC2_SQRT,
     WS_STEP_SIZE,
     adam_update,
+    as_param,
     candidate_histogram,
     radix_digit,
     skip_step,
@@ -73,22 +74,22 @@ def resolve_kernel(
         count = tl.load(sst + S_CCOUNT * S + s)
         region = cand + tl.load(stab + G_COFF * S + s)
         lane = tl.arange(0, TILE)
-        r = tl.load(sst + S_R * S + s)
-        prefix = tl.load(sst + S_PREFIX * S + s)  # the bits the window bin fixes (window select)
-        shift = tl.zeros([], tl.int64) + TOP_SHIFT
-        done = tl.zeros([], tl.int32)
-        thr = tl.zeros([], tl.int64)
         if THR_KNOWN:  # sharded: found level by level across the ranks (_sharded)
-            done += 1
             thr = tl.load(sst + S_THR * S + s)
-        while done == 0:
-            r, prefix, found, key = radix_digit(
-                candidate_histogram(region, count, prefix, shift, TILE), r, prefix, shift
-            )
-            done = found.to(tl.int32)
-            thr = tl.where(found, key, thr)
-            shift = tl.where(found, shift, shift - 8)
-        tl.store(sst + S_THR * S + s, thr)
+        else:
+            r = tl.load(sst + S_R * S + s)
+            prefix = tl.load(sst + S_PREFIX * S + s)  # the bits the window bin fixes (window select)
+            shift = tl.zeros([], tl.int64) + TOP_SHIFT
+            done = tl.zeros([], tl.int32)
+            thr = tl.zeros([], tl.int64)
+            while done == 0:
+                r, prefix, found, key = radix_digit(
+                    candidate_histogram(region, count, prefix, shift, TILE), r, prefix, shift
+                )
+                done = found.to(tl.int32)
+                thr = tl.where(found, key, thr)
+                shift = tl.where(found, shift, shift - 8)
+            tl.store(sst + S_THR * S + s, thr)
 
         t = tl.load(stab + G_TENSOR * S + s)
         seg_start = tl.load(stab + G_START * S + s)
@@ -108,7 +109,7 @@ def resolve_kernel(
             v = tl.load(v_ptr + offs, mask=sel, other=0.0).to(tl.float32)
             p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
             p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
-            tl.store(p_ptr + offs, p.to(PDT), mask=pmask)
+            tl.store(p_ptr + offs, as_param(p, PDT), mask=pmask)
     if FLOAT_KEY:
         # the fine key of the threshold, for the next step's window
         center = tl.load(sst + S_CENTER * S + s)

@@ -76,7 +76,7 @@ def data_level_kernel(
     if skip_step(found_inf_ptr, HAS_INF):
         return
     c0, c1 = chunk_range(per_program, C)
-    acc = tl.zeros([256], tl.int32)
+    acc = tl.zeros([256], tl.int64)  # one program may walk a whole segment of up to 2**32 entries
     cur = tl.zeros([], tl.int64) - 1
     for c in range(c0, c1):
         seg = tl.load(ctab + C_SEG * C + c)
@@ -136,7 +136,7 @@ def cand_level_kernel(
         shift,
         TILE,
     )
-    tl.store(hist + s * 256 + tl.arange(0, 256), acc)
+    tl.store(hist + s * 256 + tl.arange(0, 256), acc.to(tl.int64))
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def level_select_kernel(hist, sst, S, found_inf_ptr, shift, MODE: tl.constexpr, 
     s = tl.program_id(0)
     row = hist + s * 256 + tl.arange(0, 256)
     h = tl.load(row)
-    tl.store(row, tl.zeros([256], tl.int32))
+    tl.store(row, tl.zeros([256], tl.int64))
     if (tl.load(sst + S_MODE * S + s) == MODE) & (tl.load(sst + S_DONE * S + s) == 0):
         r, prefix, found, thr = radix_digit(
             h, tl.load(sst + S_R * S + s), tl.load(sst + S_PREFIX * S + s), shift

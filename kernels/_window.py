@@ -13,7 +13,9 @@ key and decides how pass 2 selects (``MODE_*`` in ``_common``): the bin is taken
 resolved among its compacted candidates, completed by the first zeros in index order (the
 chunk zero counts become exclusive prefix sums here), or left to the exact fallback when the
 bin is a clamp bin (the threshold moved out of the window, or there is no previous one) or
-holds more entries than the segment's candidate capacity.
+holds more entries than the segment's candidate capacity (for a shard, more on one rank than
+that rank's capacity). Counts are int64: a segment holds up to 2**32 entries, and one bin
+may hold all of them.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def moments_window_kernel(
     NB: tl.constexpr = 1 << NB_LOG2
     bins = tl.arange(0, NB)
     c0, c1 = chunk_range(per_program, C)
-    acc = tl.zeros([NB], tl.int32)
+    acc = tl.zeros([NB], tl.int64)  # one program may walk a whole segment of up to 2**32 entries
     cur = tl.zeros([], tl.int64) - 1
     for c in range(c0, c1):
         seg = tl.load(ctab + C_SEG * C + c)
@@ -210,6 +212,7 @@ def moments_window_kernel(
 @triton.jit
 def window_select_kernel(
     hist,
+    hist_max,
     sst,
     S,
     stab,
@@ -225,8 +228,14 @@ def window_select_kernel(
     IDXB: tl.constexpr,
     TOP_SHIFT: tl.constexpr,
     SCAN: tl.constexpr,
+    SHARDED: tl.constexpr,
 ):
     """One program per segment: the boundary bin, the mode, and the histogram row reset.
+
+    ``hist`` holds the counts over every rank; for sharded segments ``hist_max`` holds the
+    largest count of each bin on any one rank. Each rank compacts its own entries of the
+    boundary bin into its candidate region, so that largest count, not the sum, is what the
+    per-rank capacity must hold.
 
     For the level-by-level selects of sharded segments it also sets the digits the window
     bin fixes (``S_PREFIX``, above ``TOP_SHIFT + 8``) and, in ``MODE_ZERO``, this rank's count
@@ -238,8 +247,12 @@ def window_select_kernel(
     NB: tl.constexpr = 1 << NB_LOG2
     bins = tl.arange(0, NB)
     row = hist + s * NB + bins
-    h = tl.load(row).to(tl.int64)
-    tl.store(row, tl.zeros([NB], tl.int32))
+    h = tl.load(row)
+    if SHARDED:
+        h_rank = tl.load(hist_max + s * NB + bins)
+    else:
+        h_rank = h
+    tl.store(row, tl.zeros([NB], tl.int64))
     k = tl.load(stab + G_K * S + s)
     b, r, h_b = pick_bin(h, bins, k)
     whole = r == h_b
@@ -249,7 +262,7 @@ def window_select_kernel(
     else:
         zero = b < 0
         miss = b < 0
-    over = h_b > tl.load(stab + G_CAP * S + s)
+    over = tl.sum(tl.where(bins == b, h_rank, 0), axis=0) > tl.load(stab + G_CAP * S + s)
     mode = tl.where(
         whole, MODE_DIGIT, tl.where(zero, MODE_ZERO, tl.where(miss | over, MODE_EXACT, MODE_WINDOW))
     )

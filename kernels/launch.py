@@ -32,6 +32,7 @@ import torch
 import triton
 
 from maskopt import _hash
+from maskopt._graphs import stream_capturing
 
 from ._apply import apply_compact_kernel
 from ._common import (
@@ -53,11 +54,14 @@ from ._resolve import resolve_kernel
 from ._sharded import cand_level_kernel, data_level_kernel, level_select_kernel
 from ._window import moments_window_kernel, window_select_kernel
 from .plan import (
+    CAPTURE_REFUSAL,
     PLANS,
-    WORKSPACES,
     Sharding,
+    find_workspace,
+    plan_cache_key,
     plan_for,
     programs_for,
+    reset_accumulators,
     sharding_of,
     tensor_table,
     workspace_for,
@@ -68,6 +72,10 @@ SELECTIONS = ("all", "topk_momentum", "topk_gradient", "random", "random_exact")
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _PARAM_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _KEY_MODE = {"topk_momentum": KEY_MOMENTUM, "topk_gradient": KEY_GRADIENT, "random_exact": KEY_HASH}
+# Compile options of every launch. No contraction into fused multiply-adds: each float
+# operation is rounded on its own, as under the interpreter, so the interpreter's bits are the
+# GPU's (the kernels also use IEEE division and square root; docs/kernels.md).
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,10 @@ class KernelConfig:
     cand_frac: float = 1 / 32  # candidate capacity per segment, as a share of its entries...
     cand_min: int = 256  # ...but at least this many (a fuller boundary bin takes the fallback)
     programs: int = 0  # persistent programs of the streaming kernels; 0: 4 per SM (8 on CPU)
-    num_warps: int = 8  # streaming kernels (chunk 4096: 16 entries per thread)
-    local_num_warps: int = 16  # local kernel (tile 4096: no spills on sm_90)
+    # streaming kernels: chunk 4096 is 8 entries per thread, where pass 2 fits in 128 registers,
+    # 16 warps per SM (at 8 warps, 16 entries per thread, it needs about 250: 8 warps per SM)
+    num_warps: int = 16
+    local_num_warps: int = 16  # local kernel (tile 4096: 8 entries per thread, 128 registers)
     select_num_warps: int = 4
     resolve_tile: int = 1024  # candidates per iteration of the resolve (2048 spills on sm_90)
 
@@ -113,8 +123,9 @@ def set_config(**changes) -> KernelConfig:
             f"{new.window_frac} and {new.window_bins_log2}"
         )
     _CONFIG = new
+    # Plans are keyed by shapes only; workspaces by their config too, so they stay with
+    # their optimizer state (a captured step points into them).
     PLANS.clear()
-    WORKSPACES.clear()
     return old
 
 
@@ -452,11 +463,26 @@ def _step_group(
         hkeys = [_hash.tensor_key(seed, j) for j in tidx]
     else:
         hkeys = [0] * T
-    ttab = tensor_table(params, grads, ms, vs, steps, hkeys, bases, device)
-    plan, plan_key = plan_for(numels, selection, alpha, block_size, device, cfg, sharding)
-    work = workspace_for(
-        plan_key, plan, params, steps, device, cfg, 1 if sharding is None else sharding.world
-    )
+    # Everything a launch points to is the workspace's (plan, tables, buffers), built before
+    # the first launch; under CUDA graph capture nothing may be built or copied from the host.
+    capturing = stream_capturing()
+    plan_key = plan_cache_key(numels, selection, alpha, block_size, device, sharding)
+    work = find_workspace(plan_key, params, steps, cfg)
+    if work is None:
+        if capturing:
+            raise RuntimeError(
+                CAPTURE_REFUSAL.format(
+                    what="these tensors have no workspace yet (their first fused step, or new "
+                    "shapes, parameters or kernel config)"
+                )
+            )
+        plan, _ = plan_for(numels, selection, alpha, block_size, device, cfg, sharding)
+        work = workspace_for(
+            plan_key, plan, params, steps, device, cfg, 1 if sharding is None else sharding.world
+        )
+    plan = work.plan
+    assert plan is not None  # workspace_for sets it
+    ttab = tensor_table(work, params, grads, ms, vs, steps, hkeys, bases, capturing)
     ws = work.ws
 
     has_inf = found_inf is not None
@@ -495,6 +521,7 @@ def _step_group(
         HAS_INF=has_inf,
         BLOCK=1024,
         num_warps=4,
+        **LAUNCH_OPTIONS,
     )
 
     common = dict(PDT=pdt, MDT=mdt, HAS_INF=has_inf, HAS_SCALE=has_scale, USE_HCOUNTER=use_hc, HUGE=plan.huge)
@@ -524,6 +551,7 @@ def _step_group(
                 SEC=sec,
                 CHUNK=cfg.chunk,
                 num_warps=nw,
+                **LAUNCH_OPTIONS,
                 **common,
             )
         return
@@ -553,6 +581,7 @@ def _step_group(
             ROWS=loc.rows,
             BB=loc.bb,
             num_warps=cfg.local_num_warps,
+            **LAUNCH_OPTIONS,
             **common,
         )
     if not plan.n_seg:
@@ -567,6 +596,9 @@ def _step_group(
     open_bits = idxb + (23 - cfg.window_frac if float_key else 32 - cfg.window_bins_log2)
     top_shift = ((open_bits - 1) // 8) * 8
     rank = 0 if sharding is None else sharding.rank
+    if work.dirty:  # an earlier step stopped between pass 1 and the resolve
+        reset_accumulators(work)
+    work.dirty = True  # until the resolve returns
     if programs:
         moments_window_kernel[(programs,)](
             ttab,
@@ -590,13 +622,19 @@ def _step_group(
             ALIGNED=aligned,
             CHUNK=cfg.chunk,
             num_warps=nw,
+            **LAUNCH_OPTIONS,
             **window,
             **common,
         )
     if sharding is not None:
+        # each rank compacts its own boundary-bin entries: the capacity test needs the largest
+        # count on one rank, the selection the sum
+        work.hist_max.copy_(work.hist)
+        _all_reduce(work.hist_max, sharding, op="max")
         _all_reduce(work.hist, sharding)
     window_select_kernel[(S,)](
         work.hist,
+        work.hist if sharding is None else work.hist_max,
         work.sst,
         S,
         plan.stab,
@@ -610,7 +648,9 @@ def _step_group(
         IDXB=idxb,
         TOP_SHIFT=top_shift,
         SCAN=1024,
+        SHARDED=sharding is not None,
         num_warps=cfg.select_num_warps,
+        **LAUNCH_OPTIONS,
         **window,
     )
     if sharding is None:
@@ -628,6 +668,7 @@ def _step_group(
             IDXB=idxb,
             CHUNK=cfg.chunk,
             num_warps=nw,
+            **LAUNCH_OPTIONS,
             **common,
         )
     else:
@@ -655,6 +696,7 @@ def _step_group(
                     IDXB=idxb,
                     CHUNK=cfg.chunk,
                     num_warps=nw,
+                    **LAUNCH_OPTIONS,
                     **common,
                 )
             _all_reduce(work.levels, sharding)
@@ -667,6 +709,7 @@ def _step_group(
                 MODE=MODE_EXACT.value,
                 HAS_INF=has_inf,
                 num_warps=cfg.select_num_warps,
+                **LAUNCH_OPTIONS,
             )
     if programs:
         apply_compact_kernel[(programs,)](
@@ -693,6 +736,7 @@ def _step_group(
             SEC=sec,
             CHUNK=cfg.chunk,
             num_warps=nw,
+            **LAUNCH_OPTIONS,
             **window,
             **common,
         )
@@ -709,6 +753,7 @@ def _step_group(
                 HAS_INF=has_inf,
                 TILE=cfg.resolve_tile,
                 num_warps=cfg.select_num_warps,
+                **LAUNCH_OPTIONS,
             )
             _all_reduce(work.levels, sharding)
             level_select_kernel[(S,)](
@@ -720,6 +765,7 @@ def _step_group(
                 MODE=MODE_WINDOW.value,
                 HAS_INF=has_inf,
                 num_warps=cfg.select_num_warps,
+                **LAUNCH_OPTIONS,
             )
     if _debug_capture is not None:  # tests: the mode each segment took
         _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
@@ -744,12 +790,16 @@ def _step_group(
         TILE=cfg.resolve_tile,
         THR_KNOWN=sharding is not None,
         num_warps=cfg.select_num_warps,
+        **LAUNCH_OPTIONS,
         **window,
     )
+    work.dirty = False
 
 
-def _all_reduce(tensor: torch.Tensor, sharding: Sharding) -> None:
-    """Sum over the group, ordered on the current stream (no host synchronisation)."""
+def _all_reduce(tensor: torch.Tensor, sharding: Sharding, op: str = "sum") -> None:
+    """Sum (or, ``op="max"``, maximum) over the group, ordered on the current stream (no host
+    synchronisation)."""
     import torch.distributed as dist
 
-    dist.all_reduce(tensor, group=sharding.group)
+    reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    dist.all_reduce(tensor, op=reduce_op, group=sharding.group)

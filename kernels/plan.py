@@ -5,8 +5,9 @@ shards' offsets): the chunk table that maps programs to (tensor, offset, length,
 the segment table of the two-pass path, and the short segments of the single-pass kernel. A
 *workspace* belongs to a plan and a set of parameters and persists between steps: the
 histogram rows, the segment state (the window centres among it), the zero counts and the
-candidate buffer. The *tensor table* holds the addresses and is rebuilt when one changes.
-Layouts: ``_common``.
+candidate buffer. The *tensor table* holds the addresses; each workspace owns one, rewritten
+in place when an address changes. A workspace holds its plan and table, so that nothing a step
+points to lives only in a cache. Layouts: ``_common``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import N_SROWS, N_WSROWS, S_CENTER
+from ._common import N_SROWS, N_TROWS, N_WSROWS, S_CENTER
 
 S_CENTER_ROW = S_CENTER.value
 
@@ -238,12 +239,12 @@ PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 64
 
 
-def plan_for(numels, selection, alpha, block_size, device, cfg, sharding=None):
-    """The plan of these shapes and its cache key."""
+def plan_cache_key(numels, selection, alpha, block_size, device, sharding=None) -> tuple:
+    """What a plan depends on (besides the kernel config): the key of :data:`PLANS`."""
     kind = selection if selection not in ("all", "random") else "dense"
     if kind == "dense":
         sharding = None  # entry by entry: global indices come from the tensor table
-    key = (
+    return (
         str(device),
         tuple(numels),
         kind,
@@ -251,8 +252,15 @@ def plan_for(numels, selection, alpha, block_size, device, cfg, sharding=None):
         block_size if kind.startswith("topk") else None,
         None if sharding is None else (sharding.world, sharding.numels, sharding.offsets),
     )
+
+
+def plan_for(numels, selection, alpha, block_size, device, cfg, sharding=None):
+    """The plan of these shapes and its cache key."""
+    key = plan_cache_key(numels, selection, alpha, block_size, device, sharding)
     plan = PLANS.get(key)
     if plan is None:
+        if key[2] == "dense":
+            sharding = None
         plan = _build_plan(numels, selection, alpha, block_size, cfg, device, sharding)
         PLANS[key] = plan
         if len(PLANS) > _MAX_PLANS:
@@ -269,6 +277,8 @@ def plan_for(numels, selection, alpha, block_size, device, cfg, sharding=None):
 # long as the step counter of the call's first tensor, i.e. as long as the optimizer state
 # it serves: no cache size can make an optimizer with many param groups lose its windows
 # (each loss costs a fallback step), and a dropped optimizer takes its workspaces along.
+# It holds everything its kernels point to (its plan, its tensor table), so that a CUDA
+# graph that captured a step never points into memory a cache has freed.
 
 
 @dataclass
@@ -276,11 +286,20 @@ class Workspace:
     key: tuple  # the plan key and the parameters' addresses it was built for
     ws: torch.Tensor  # fp32 [N_WSROWS, T]: bias corrections and step, written by the prologue
     sst: torch.Tensor | None = None  # int64 [N_SROWS, S]: see S_* in _common
-    hist: torch.Tensor | None = None  # int32 [S, NB]
+    # int64 [S, NB]: pass 1's window histogram (int64: one bin may hold all of a segment's
+    # 2**32 entries); for shards, summed over the ranks
+    hist: torch.Tensor | None = None
+    hist_max: torch.Tensor | None = None  # int64 [S, NB], shards only: each bin's largest count on a rank
     zcount: torch.Tensor | None = None  # int64 [C]: zeros per chunk, then zeros before it
     cand: torch.Tensor | None = None  # int64 candidate composites
     ztotal: torch.Tensor | None = None  # int64 [world, S]: zeros per rank (MODE_ZERO)
-    levels: torch.Tensor | None = None  # int32 [S, 256]: the sharded level-by-level histograms
+    levels: torch.Tensor | None = None  # int64 [S, 256]: the sharded level-by-level histograms
+    plan: Plan | None = None  # the plan its launches read (held here, not only in PLANS)
+    table: torch.Tensor | None = None  # int64 [N_TROWS, T]: the tensor table, rewritten in place
+    table_rows: tuple | None = None  # the addresses and keys ``table`` holds (None: not written)
+    # Set from pass 1 until the resolve returns: an exception in between (a compile failure,
+    # Ctrl-C, a failed all-reduce) leaves counts in the histograms that the next step clears.
+    dirty: bool = False
 
 
 # id(step counter) -> (a weak reference to it, its workspace). Not a WeakKeyDictionary: that
@@ -293,24 +312,43 @@ def _initial_center(frac: int) -> int:
     return struct.unpack("<I", struct.pack("<f", 1e-4))[0] >> (23 - frac)
 
 
+def _workspace_key(plan_key, params, cfg) -> tuple:
+    return (plan_key, cfg, tuple(p.data_ptr() for p in params))
+
+
+def find_workspace(plan_key, params, steps, cfg) -> Workspace | None:
+    """The workspace built for these tensors, plan and kernel config, or None."""
+    entry = WORKSPACES.get(id(steps[0]))
+    if entry is None or entry[0]() is not steps[0]:
+        return None  # none, or another tensor's, whose id this one now has
+    work = entry[1]
+    return work if work.key == _workspace_key(plan_key, params, cfg) else None
+
+
 def workspace_for(plan_key, plan: Plan, params, steps, device, cfg, world: int = 1) -> Workspace:
-    key = (plan_key, tuple(p.data_ptr() for p in params))
+    found = find_workspace(plan_key, params, steps, cfg)
+    if found is not None:
+        return found
     anchor = steps[0]
     entry = WORKSPACES.get(id(anchor))
     if entry is not None and entry[0]() is not anchor:
         entry = None  # another tensor's, whose id this one now has
-    if entry is not None and entry[1].key == key:
-        return entry[1]
-    work = Workspace(key, torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device))
+    work = Workspace(
+        _workspace_key(plan_key, params, cfg),
+        torch.empty((N_WSROWS, len(params)), dtype=torch.float32, device=device),
+        plan=plan,
+        table=torch.empty((N_TROWS, len(params)), dtype=torch.int64, device=device),
+    )
     if plan.n_seg:
         work.sst = torch.zeros((N_SROWS, plan.n_seg), dtype=torch.int64, device=device)
         work.sst[S_CENTER_ROW] = _initial_center(cfg.window_frac)
-        work.hist = torch.zeros((plan.n_seg, 1 << cfg.window_bins_log2), dtype=torch.int32, device=device)
+        work.hist = torch.zeros((plan.n_seg, 1 << cfg.window_bins_log2), dtype=torch.int64, device=device)
         work.zcount = torch.zeros(max(1, plan.n_chunks), dtype=torch.int64, device=device)
         work.cand = torch.empty(max(1, plan.n_cand), dtype=torch.int64, device=device)
         work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
         if world > 1 or plan_key[-1] is not None:
-            work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int32, device=device)
+            work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int64, device=device)
+            work.hist_max = torch.zeros_like(work.hist)
     if entry is None:
         weakref.finalize(anchor, WORKSPACES.pop, id(anchor), None)
     WORKSPACES[id(anchor)] = (weakref.ref(anchor), work)
@@ -334,13 +372,38 @@ def programs_for(n_chunks: int, device: torch.device, cfg) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# tensor tables (addresses change whenever grads are reallocated: rebuilt, small LRU)
+# tensor tables: one per workspace, rewritten in place when an address changes
 
-_TTABS: OrderedDict = OrderedDict()
-_MAX_TTABS = 16
+CAPTURE_REFUSAL = (
+    "a fused step cannot write its device address table while a CUDA graph is being captured: "
+    "{what}. Keep the gradients at fixed addresses (zero_grad(set_to_none=False), or copy new "
+    "gradients into .grad) and run one eager step with the same tensors before capturing"
+)
 
 
-def tensor_table(params, grads, ms, vs, steps, hkeys, bases, device) -> torch.Tensor:
+def reset_accumulators(work: Workspace) -> None:
+    """Zero the histograms that pass 1 and the level passes add into (in place: a captured
+    step keeps pointing at them). The kernels that consume them reset them on every step
+    that completes, so this is needed only after a step stopped between the two."""
+    for counts in (work.hist, work.levels):
+        if counts is not None:
+            counts.zero_()
+    work.dirty = False
+
+
+def tensor_table(
+    work: Workspace, params, grads, ms, vs, steps, hkeys, bases, capturing: bool
+) -> torch.Tensor:
+    """``work``'s tensor table holding these tensors' addresses, numels and hash keys.
+
+    The table is rewritten in place (same device buffer) when an entry changed, from a pinned
+    host buffer with a non-blocking copy: no host synchronisation, and a CUDA graph that
+    captured a step keeps a valid table (it reads the addresses of the last step written).
+    The caching host allocator keeps the pinned buffer until the copy has run.
+
+    Raises:
+        RuntimeError: an entry changed while ``capturing`` (a CUDA graph capture).
+    """
     rows = (
         tuple(p.data_ptr() for p in params),
         tuple(g.data_ptr() for g in grads),
@@ -351,13 +414,14 @@ def tensor_table(params, grads, ms, vs, steps, hkeys, bases, device) -> torch.Te
         tuple(hkeys),
         tuple(bases),
     )
-    key = (str(device), rows)
-    tab = _TTABS.get(key)
-    if tab is None:
-        tab = torch.tensor(rows, dtype=torch.int64).to(device)
-        _TTABS[key] = tab
-        if len(_TTABS) > _MAX_TTABS:
-            _TTABS.popitem(last=False)
-    else:
-        _TTABS.move_to_end(key)
-    return tab
+    table = work.table
+    assert table is not None  # workspace_for allocates it
+    if rows != work.table_rows:
+        if capturing:
+            raise RuntimeError(
+                CAPTURE_REFUSAL.format(what="a gradient, parameter or state tensor is at a new address")
+            )
+        host = torch.tensor(rows, dtype=torch.int64, pin_memory=table.is_cuda)
+        table.copy_(host, non_blocking=True)
+        work.table_rows = rows
+    return table

@@ -25,7 +25,15 @@ from torch.optim import Optimizer
 from . import distributed, zero
 from ._checks import as_float as _as_float
 from ._checks import check_choice, check_gradient, check_range
-from .functional import FUSED_HINT, fused_available, fused_by_default, masked_adamw, use_fused
+from ._graphs import stream_capturing
+from .functional import (
+    CAPTURE_HINT,
+    FUSED_HINT,
+    fused_available,
+    fused_by_default,
+    masked_adamw,
+    takes_fused,
+)
 from .policy import SelectionPolicy
 
 # DeepSpeed ZeRO (stages 1-3) puts flat fp32 partitions of many tensors into the client
@@ -340,8 +348,14 @@ class MaskedAdam(Optimizer):
         return loss
 
     def _plan_step(self) -> list:
-        """Group the tensors to step by (group, policy), checking everything that could fail."""
+        """Group the tensors to step by (group, policy, path), checking everything that could
+        fail, in every group, before the first tensor changes: gradients, placements, and per
+        tensor whether the Triton kernels can take it (device, dtype and layout of the
+        parameter, its gradient and its state). ``fused=None`` sends a tensor they cannot take
+        to the PyTorch path, the rest of its group keeping the Triton path; ``fused=True``
+        refuses it."""
         name = type(self).__name__
+        capturing = stream_capturing()
         buckets: list = []
         blocked: dict[int, list] = {}  # (local tensor, shard) selected per block, by block_size
         for group in self.param_groups:
@@ -351,39 +365,54 @@ class MaskedAdam(Optimizer):
                     raise RuntimeError(_REPLACED_PARAMS.format(name=name))
                 buckets.append(zero_step)
                 continue
-            by_policy: dict[SelectionPolicy, _Bucket] = {}
+            by_path: dict[tuple[SelectionPolicy, bool], _Bucket] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 policy = self._policy(group, p)
                 if policy is None:
                     continue
-                state = self.state.get(p)
-                check_gradient(
-                    name,
-                    f"parameter {self.tensor_index(p)}",
-                    p,
-                    p.grad,
-                    state.get("exp_avg") if state else None,
-                )
+                index = self.tensor_index(p)
+                state = self.state.get(p) or {}
+                check_gradient(name, f"parameter {index}", p, p.grad, state.get("exp_avg"))
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
                 if shard is not None and policy.block_size and policy.is_topk:
                     blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
-                fused = use_fused(
-                    group.get("fused"),
-                    [distributed.local(p)],
-                    policy,
-                    shard is not None,
-                    name,
-                    shard_kernels=True,
+                local = distributed.local(p)
+                exp_avg, exp_avg_sq = (
+                    distributed.local(state[key]) if torch.is_tensor(state.get(key)) else None
+                    for key in ("exp_avg", "exp_avg_sq")
                 )
-                bucket = by_policy.setdefault(policy, _Bucket(group, policy))
-                bucket.fused = bucket.fused and fused  # the Triton path only if every tensor can take it
+                fused = takes_fused(
+                    group.get("fused"),
+                    local,
+                    distributed.local(p.grad),
+                    exp_avg,
+                    exp_avg_sq,
+                    policy=policy,
+                    sharded=shard is not None,
+                    who=name,
+                    what=f"parameter {index}",
+                    moment_dtype=moment_dtype(p, group),  # _state_for converts the moments to it
+                )
+                step = state.get("step")
+                if (
+                    fused
+                    and capturing
+                    and not (
+                        torch.is_tensor(step) and step.device == local.device and step.dtype == torch.float32
+                    )
+                ):
+                    raise RuntimeError(
+                        f"{name}: a CUDA graph is being captured and parameter {index} has no "
+                        f"optimizer state on its device yet (its first fused step); {CAPTURE_HINT}"
+                    )
+                bucket = by_path.setdefault((policy, fused), _Bucket(group, policy, fused=fused))
                 bucket.params.append(p)
                 bucket.grads.append(p.grad)
-                bucket.indices.append(self.tensor_index(p))
+                bucket.indices.append(index)
                 bucket.shards.append(shard)
-            buckets += by_policy.values()
+            buckets += by_path.values()
         for block_size, sharded in sorted(blocked.items()):
             distributed.check_block_alignment(sharded, block_size, name)
         return buckets
@@ -402,10 +431,10 @@ class MaskedAdam(Optimizer):
                 [distributed.local(x) for x in xs] for xs in (params, grads, exp_avgs, exp_avg_sqs)
             )
         if bucket.fused:
-            # the fused path keeps the step counters on the device
+            # the kernels keep the step counters on the device, in float32
             for s, p in zip(states, params, strict=True):
-                if s["step"].device != p.device:
-                    s["step"] = s["step"].to(p.device)
+                if s["step"].device != p.device or s["step"].dtype != torch.float32:
+                    s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
         masked_adamw(
             params,
             grads,

@@ -601,30 +601,59 @@ def test_launches_per_step_do_not_grow_with_tensors(selection, count_launches):
     assert len(count_launches) == (8 if selection.endswith(("momentum", "exact")) else 2), count_launches
 
 
+def _refuse_blocking_transfers(monkeypatch):
+    """Make every host synchronisation raise: reading a device value back, and copying a host
+    tensor to the device without ``non_blocking=True`` (from pageable memory that waits for
+    the stream). On CPU every tensor is a host tensor, so any such copy counts."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fused step synchronised with the host")
+
+    for name in ("item", "cpu", "cuda", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    real_to, real_copy = torch.Tensor.to, torch.Tensor.copy_
+    real_tensor, real_as_tensor = torch.tensor, torch.as_tensor
+
+    def to(self, *args, **kwargs):
+        moves = "device" in kwargs or any(not isinstance(a, torch.dtype) for a in args)
+        if moves and self.device.type == "cpu" and not kwargs.get("non_blocking", False):
+            raise AssertionError(f"a fused step copied a host tensor to a device, blocking: .to{args}")
+        return real_to(self, *args, **kwargs)
+
+    def copy_(self, src, non_blocking=False):
+        if src.device.type == "cpu" and not non_blocking:
+            raise AssertionError("a fused step copied a host tensor to a device, blocking: copy_")
+        return real_copy(self, src, non_blocking)
+
+    def make(real):
+        def created_on_a_device(data, *args, **kwargs):
+            if kwargs.get("device") is not None:
+                raise AssertionError("a fused step built a device tensor from host data")
+            return real(data, *args, **kwargs)
+
+        return created_on_a_device
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch, "tensor", make(real_tensor))
+    monkeypatch.setattr(torch, "as_tensor", make(real_as_tensor))
+
+
 def test_a_fused_step_never_synchronises_with_the_host(monkeypatch):
+    """No value read back and no blocking host-to-device copy, also when every step brings
+    new gradient tensors (their addresses reach the device through a pinned buffer)."""
     shapes = [(3000,), (5, 123), (40,)]
     ps, ms, vs, steps = _tensors(shapes)
-    grads = _grads(ps, 0)
+    selections = ("topk_momentum", "topk_gradient", "random_exact", "random")
+    fresh = [[_grads(ps, i) for i in range(2)] for _ in selections]  # new tensors every step
+    scaler = dict(grad_scale=torch.ones(1, device=DEVICE), found_inf=torch.zeros(1, device=DEVICE))
     with launch.config(**MULTI):
-        for selection in ("topk_momentum", "topk_gradient", "random_exact", "random"):
-            _run(selection, ps, ms, vs, steps, grads)  # builds the plans and workspaces
-
-        def refuse(*args, **kwargs):
-            raise AssertionError("a fused step synchronised with the host")
-
-        for name in ("item", "cpu", "tolist", "__bool__", "__int__", "__float__"):
-            monkeypatch.setattr(torch.Tensor, name, refuse)
-        for selection in ("topk_momentum", "topk_gradient", "random_exact", "random"):
-            _run(
-                selection,
-                ps,
-                ms,
-                vs,
-                steps,
-                grads,
-                grad_scale=torch.ones(1, device=DEVICE),
-                found_inf=torch.zeros(1, device=DEVICE),
-            )
+        for selection in selections:
+            _run(selection, ps, ms, vs, steps, _grads(ps, 0), **scaler)  # plans and workspaces
+        _refuse_blocking_transfers(monkeypatch)
+        for selection, grads in zip(selections, fresh, strict=True):
+            for g in grads:
+                _run(selection, ps, ms, vs, steps, g, **scaler)
         monkeypatch.undo()
 
 
