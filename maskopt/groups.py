@@ -39,7 +39,14 @@ def mofo_param_groups(
     """
     filtered: list[tuple[str, torch.Tensor]] = []
     plain: list[tuple[str, torch.Tensor]] = []
-    for name, param in named_parameters:
+    for item in named_parameters:
+        # model.parameters() yields tensors, and unpacking a tensor of two rows would "work"
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(
+                "mofo_param_groups needs (name, tensor) pairs: pass model.named_parameters(), "
+                f"not model.parameters() (got {type(item).__name__})"
+            )
+        name, param = item
         if not param.requires_grad:
             continue
         (plain if is_bias_or_norm(name, param) else filtered).append((name, param))

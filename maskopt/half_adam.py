@@ -65,8 +65,10 @@ class HalfAdam(MaskedAdam):
             autograd skips their weight gradients (HFT's time saving); ``"mask"`` leaves
             ``requires_grad`` alone and just does not step them (for DDP).
         foreach: None/True batch tensors on the PyTorch path; False steps one at a time.
-        fused: None (default): the Triton path on CUDA when available; True: require it;
-            False: the PyTorch path.
+        fused: None (default): the PyTorch path, on CUDA too until a GPU has run the current
+            Triton kernels (docs/performance.md); True: the Triton path on CUDA, a tensor it
+            cannot take (float64, a non-contiguous layout) refused before any change; False:
+            the PyTorch path.
         classify: planner hook for units the built-in rules do not know: a callable
             ``(unit_path, module_or_None) -> category | None`` or a dict ``{regex: category}``.
         layers: the layer stack prefix(es), e.g. ``"model.layers"``, overriding detection.
@@ -82,6 +84,10 @@ class HalfAdam(MaskedAdam):
             AdamW does for bfloat16 parameters (the moments are computed in float32 and
             rounded to nearest as they are stored; the selection reads the stored values);
             ``torch.float32`` forces float32.
+        amsgrad, capturable, differentiable: ``torch.optim.AdamW``'s keywords, taken so the swap
+            is one line: ``amsgrad`` and ``differentiable`` must be False (a ``ValueError``
+            otherwise: there is no AMSGrad variant, and a step is not differentiable);
+            ``capturable`` may be True or False and changes nothing (docs/semantics.md).
     """
 
     def __init__(
@@ -105,6 +111,9 @@ class HalfAdam(MaskedAdam):
         round: int = 0,  # noqa: A002 - the param-group key of the same name
         maximize: bool = False,
         moment_dtype: torch.dtype | None = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         # Planner options live on the optimizer, not in param_groups: a callable `classify`
         # would stop the state dict from loading with torch.load(weights_only=True).
@@ -113,6 +122,7 @@ class HalfAdam(MaskedAdam):
         )
         self._built = False
         self._mode: dict[torch.Tensor, str] = {}
+        self._round_settings: dict[str, Any] = {}
         self._kept_frozen: set[torch.Tensor] = set()
         defaults = dict(
             lr=lr,
@@ -129,7 +139,9 @@ class HalfAdam(MaskedAdam):
             maximize=maximize,
             moment_dtype=moment_dtype,
         )
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, amsgrad=amsgrad, capturable=capturable, differentiable=differentiable
+        )
         self.plan = None
         drawn = self._draw(self.param_groups[0])
         self._built = True
@@ -156,6 +168,11 @@ class HalfAdam(MaskedAdam):
                     )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and getattr(self, "param_groups", None):
+            # a group added later joins the current round: the round's settings it does not
+            # give are the round's, not the constructor's (round 1 after a new_round())
+            current = {key: self.param_groups[0][key] for key in _ROUND_KEYS if key not in param_group}
+            param_group = {**param_group, **current}
         super().add_param_group(param_group)
         self._kept_frozen.update(p for p in self.param_groups[-1]["params"] if _user_frozen(p))
         if getattr(self, "_built", False):  # a group added later joins the current round
@@ -203,19 +220,18 @@ class HalfAdam(MaskedAdam):
         """
         return param in self._mode
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict (HalfAdam's, AdamW's, MoFO's, ...), refusing one saved by a HalfAdam
-        that trained other tensors in that round.
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> Any:
+        """Also refuse a state dict saved by a HalfAdam that trained other tensors in that round;
+        returns the round's selection, installed by :meth:`_after_load`.
 
         Args:
-            state_dict: as returned by ``state_dict()``.
+            state_dict: the dict being loaded, as the pre-hooks left it.
         """
-        self._check_state_dict(state_dict)
+        super()._check_state_dict(state_dict)
         saved = self._with_defaults(state_dict["param_groups"][0])
         mode, plan = self._draw(saved)
         recorded = state_dict["param_groups"][0].get(DIGEST_KEY)
-        params = self._param_list()
-        expected = _digest(params, mode)
+        expected = _digest(self._param_list(), mode)
         if recorded is not None and recorded != expected:
             raise ValueError(
                 f"HalfAdam.load_state_dict: the saved optimizer trained a different set of tensors in round "
@@ -224,10 +240,12 @@ class HalfAdam(MaskedAdam):
                 "(model.named_parameters()) or without them as there, the same planner options (classify, layers, "
                 "freeze_non_layer, balance) and the same tensors frozen by hand."
             )
-        self._install_state_dict(state_dict)
-        self._install(mode, plan)
+        return mode, plan
+
+    def _after_load(self, checked: Any) -> None:
+        self._install(*checked)
         # a frozen tensor has no state (a MoFO or AdamW state dict has state for every tensor)
-        for p in params:
+        for p in self._param_list():
             if p not in self._mode:
                 self.state.pop(p, None)
 
@@ -281,14 +299,34 @@ class HalfAdam(MaskedAdam):
             mode = {p: m for p, m in mode.items() if p not in self._kept_frozen}
         return mode, plan
 
+    def _check_live_groups(self) -> None:
+        """The round's settings edited in ``param_groups`` would not change the installed
+        selection (and would make the next checkpoint unloadable): refused."""
+        for group in self.param_groups:
+            for key, value in self._round_settings.items():
+                if group[key] != value:
+                    raise ValueError(
+                        f"Invalid {key}: {group[key]!r}; HalfAdam's {', '.join(_ROUND_KEYS)} are fixed within a "
+                        f"round (this round's {key} is {value!r}): call new_round() to start the next round, or "
+                        "build a new HalfAdam with the new value"
+                    )
+
     def _install(self, mode: dict[torch.Tensor, str], plan) -> None:
         """Make ``mode`` the current round's selection (and ``requires_grad`` follow it)."""
         self._mode, self.plan = mode, plan
+        self._round_settings = {key: self.param_groups[0][key] for key in _ROUND_KEYS}
         params = self._param_list()
         digest = _digest(params, mode)
         for group in self.param_groups:
             group[DIGEST_KEY] = digest
-        if self.param_groups[0]["freeze"] == "requires_grad":
+        if self.param_groups[0]["freeze"] != "requires_grad":
+            # freeze="mask" (also when a loaded state dict switches to it): every tensor computes
+            # its gradient; give back the requires_grad that an earlier round took
+            for p in params:
+                if getattr(p, _FROZEN_MARK, False):
+                    delattr(p, _FROZEN_MARK)
+                    p.requires_grad_(True)
+        else:
             for p in params:
                 if p in self._kept_frozen:
                     continue

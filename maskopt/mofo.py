@@ -49,9 +49,10 @@ class MoFO(MaskedAdam):
             tensor (an integer >= 1, or None: per tensor, the default).
         foreach: None/True batch tensors with foreach ops on the PyTorch path; False steps one
             tensor at a time.
-        fused: None (default) takes the Triton path for CUDA float32/bf16/fp16 tensors when
-            Triton is installed, the PyTorch path otherwise; True requires the Triton path;
-            False always takes the PyTorch path.
+        fused: None (default): the PyTorch path, on CUDA too until a GPU has run the current
+            Triton kernels (docs/performance.md); True: the Triton path on CUDA, a tensor it
+            cannot take (float64, a non-contiguous layout) refused before any change; False:
+            the PyTorch path.
         maximize: maximize the objective instead of minimising it (default False).
         moment_dtype: the dtype ``exp_avg`` and ``exp_avg_sq`` are stored in: None (default)
             keeps float32 moments for float32/bfloat16/float16 parameters (float64 for
@@ -59,6 +60,10 @@ class MoFO(MaskedAdam):
             AdamW does for bfloat16 parameters (the moments are computed in float32 and
             rounded to nearest as they are stored; the selection reads the stored values);
             ``torch.float32`` forces float32.
+        amsgrad, capturable, differentiable: ``torch.optim.AdamW``'s keywords, taken so the swap
+            is one line: ``amsgrad`` and ``differentiable`` must be False (a ``ValueError``
+            otherwise: there is no AMSGrad variant, and a step is not differentiable);
+            ``capturable`` may be True or False and changes nothing (docs/semantics.md).
     """
 
     def __init__(
@@ -77,6 +82,9 @@ class MoFO(MaskedAdam):
         *,
         maximize: bool = False,
         moment_dtype: torch.dtype | None = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -92,7 +100,9 @@ class MoFO(MaskedAdam):
             maximize=maximize,
             moment_dtype=moment_dtype,
         )
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, amsgrad=amsgrad, capturable=capturable, differentiable=differentiable
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import distributed, zero
 from ._checks import as_float as _as_float
@@ -96,12 +98,44 @@ def _check_adamw_keys(group: dict[str, Any]) -> None:
         )
 
 
+def check_adamw_keywords(*, amsgrad: Any, capturable: Any, differentiable: Any) -> None:
+    """torch.optim.AdamW's keywords, which a drop-in replacement takes: refused where maskopt
+    cannot do what they ask (``amsgrad=True``, ``differentiable=True``), accepted otherwise.
+
+    Args:
+        amsgrad: must be False (no AMSGrad variant).
+        capturable: True or False; changes nothing (see docs/semantics.md).
+        differentiable: must be False (a maskopt step is not differentiable).
+    """
+    check_choice("capturable", capturable, (True, False))
+    _check_adamw_keys({"amsgrad": amsgrad, "differentiable": differentiable})
+
+
+def plain_values(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with NumPy scalars (also inside tuples and lists, such as ``betas``) turned into
+    the Python numbers they hold, so a state dict loads with ``torch.load(weights_only=True)``.
+
+    Args:
+        group: a param group or defaults dict; ``"params"`` is left as it is.
+    """
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (tuple, list)):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    return {k: (v if k == "params" else plain(v)) for k, v in group.items()}
+
+
 # -- a planned step ------------------------------------------------------------------------------
 
 
 @dataclass
 class _Bucket:
-    """Tensors of one group that share a selection policy, checked and ready to step."""
+    """Tensors of one group that share a selection policy and a path (``fused``: the Triton
+    kernels, else the PyTorch path), checked and ready to step."""
 
     group: dict[str, Any]
     policy: SelectionPolicy
@@ -124,13 +158,24 @@ class MaskedAdam(Optimizer):
         defaults: the default value of every group key (the subclass's arguments).
     """
 
-    def __init__(self, params, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params,
+        defaults: dict[str, Any],
+        *,
+        amsgrad: Any = False,
+        capturable: Any = False,
+        differentiable: Any = False,
+    ) -> None:
+        check_adamw_keywords(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
+        defaults = plain_values(defaults)
         self._check_group(defaults)
         self._tensor_index: dict[torch.Tensor, int] | None = None
         # Each group with the tensors it was built with: DeepSpeed ZeRO swaps a group's
         # "params" for flat partitions in place, and the selection is still per built tensor.
         self._built_groups: list[tuple[dict[str, Any], list[torch.Tensor]]] = []
         super().__init__(params, defaults)
+        self._install_load_hooks()
         if any(g.get("fused") for g in self.param_groups):
             for group in self.param_groups:
                 for p in group["params"]:
@@ -175,6 +220,10 @@ class MaskedAdam(Optimizer):
         for group in groups:
             self._check_group(group)
 
+    def _check_live_groups(self) -> None:
+        """What must hold of the live ``param_groups`` beyond their values (subclasses): checked
+        at the start of ``step()`` and of ``state_dict()``."""
+
     def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
         """``group``'s hyperparameters with the missing ones taken from the defaults."""
         filled = {k: v for k, v in self.defaults.items() if k not in _TORCH_ONLY_DEFAULTS}
@@ -183,6 +232,7 @@ class MaskedAdam(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
+            param_group = plain_values(param_group)
             self._check_groups([*getattr(self, "param_groups", []), self._with_defaults(param_group)])
         super().add_param_group(param_group)
         self._tensor_index = None
@@ -202,6 +252,8 @@ class MaskedAdam(Optimizer):
             built = [list(g["params"]) for g in self.param_groups]
         self._built_groups = list(zip(self.param_groups, built, strict=True))
         self._tensor_index = None
+        if "_check_hook" not in self.__dict__:  # a copy or an unpickled optimizer
+            self._install_load_hooks()
         # A state dict from torch.optim.AdamW lacks our keys: fill them from our defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -271,15 +323,25 @@ class MaskedAdam(Optimizer):
                     state[key] = state[key].to(moments)
         return state
 
-    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> Any:
         """Refuse a state dict whose groups or moments this optimizer could not step with,
-        before anything is installed."""
+        before anything is installed; returns what :meth:`_after_load` needs (subclasses).
+
+        Args:
+            state_dict: the dict being loaded, as the pre-hooks left it.
+        """
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             found = len(groups) if isinstance(groups, list) else groups
             raise ValueError(
                 f"Invalid state_dict: it has {found} param groups, the optimizer has {len(self.param_groups)}"
             )
+        for i, (saved, own) in enumerate(zip(groups, self.param_groups, strict=True)):
+            if len(saved.get("params", ())) != len(own["params"]):
+                raise ValueError(
+                    f"Invalid state_dict: param group {i} has {len(saved.get('params', ()))} parameters, "
+                    f"the optimizer's has {len(own['params'])}"
+                )
         self._check_groups([self._with_defaults(g) for g in groups])
         params = [p for group in self.param_groups for p in group["params"]]
         ids = [pid for group in groups for pid in group["params"]]
@@ -292,35 +354,100 @@ class MaskedAdam(Optimizer):
                             f"Invalid state_dict: state[{pid!r}][{key!r}] has shape "
                             f"{tuple(value.shape)}, its parameter has {tuple(param.shape)}"
                         )
+        return None
+
+    def _after_load(self, checked: Any) -> None:
+        """What a subclass does once a state dict is installed (before the user's post-hooks).
+
+        Args:
+            checked: what :meth:`_check_state_dict` returned for that dict.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with the group values as plain Python numbers (a NumPy scalar
+        set in ``param_groups`` would stop it loading with ``torch.load(weights_only=True)``)."""
+        self._check_live_groups()
+        out = super().state_dict()
+        out["param_groups"] = [plain_values(g) for g in out["param_groups"]]
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_state_dict(state_dict)
-        self._install_state_dict(state_dict)
+        """Load a state dict (this optimizer's, or torch.optim.AdamW's, MoFO's, ...).
 
-    def _install_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The stock load of a state dict that :meth:`_check_state_dict` accepted."""
-        # torch casts loaded moments to the parameter dtype; ours stay float32, so keep the
-        # saved tensors and restore them at full precision after the stock load. Copies, so
-        # that a state dict taken from a live optimizer shares no tensor with it.
+        As in torch, the load-state-dict pre-hooks run first and may return an adapted dict;
+        that dict is then checked (a refused one installs nothing) and installed, and the
+        post-hooks run last and see (and may replace) what was loaded. Moments keep their own
+        dtype (torch would cast them to the parameter's). ``fused`` and ``foreach`` say how this
+        process steps, not what was trained: the optimizer keeps its own.
+
+        Args:
+            state_dict: as returned by ``state_dict()``.
+        """
+        super().load_state_dict(state_dict)
+
+    # Our check runs after every other pre-hook and our install before every other post-hook,
+    # where torch's own processing runs: a pre-hook adapts a checkpoint before it is checked, a
+    # post-hook sees what was loaded.
+
+    def _install_load_hooks(self) -> None:
+        self._loading: dict[str, Any] | None = None
+        self._check_hook = super().register_load_state_dict_pre_hook(MaskedAdam._check_loading)
+        self._install_hook = super().register_load_state_dict_post_hook(
+            MaskedAdam._finish_loading, prepend=True
+        )
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        handle = super().register_load_state_dict_pre_hook(hook, prepend)
+        self._optimizer_load_state_dict_pre_hooks.move_to_end(self._check_hook.id)
+        return handle
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        handle = super().register_load_state_dict_post_hook(hook, prepend)
+        self._optimizer_load_state_dict_post_hooks.move_to_end(self._install_hook.id, last=False)
+        return handle
+
+    @staticmethod
+    def _check_loading(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        assert isinstance(optimizer, MaskedAdam)
+        optimizer._loading = None
+        checked = optimizer._check_state_dict(state_dict)
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        saved = {
-            pid: {
+        # torch casts loaded moments to the parameter dtype; ours keep theirs, so hold on to the
+        # tensors of the dict as the pre-hooks left it and install them after the stock load
+        moments = [
+            {
                 k: v
                 for k, v in state_dict["state"].get(pid, {}).items()
                 if k in ("exp_avg", "exp_avg_sq", "step") and torch.is_tensor(v) and v.is_floating_point()
             }
             for pid in ids
-        }
-        super().load_state_dict(state_dict)
-        params = [(p, group) for group in self.param_groups for p in group["params"]]
-        for pid, (param, group) in zip(ids, params, strict=True):
-            for key, value in saved[pid].items():
+        ]
+        own = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+        optimizer._loading = dict(checked=checked, moments=moments, own=own)
+
+    @staticmethod
+    def _finish_loading(optimizer: Optimizer) -> None:
+        assert isinstance(optimizer, MaskedAdam)
+        loading, optimizer._loading = optimizer._loading, None
+        if loading is None:
+            return
+        for group, own in zip(optimizer.param_groups, loading["own"], strict=True):
+            group.update(own)
+        params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
+        for saved, (param, group) in zip(loading["moments"], params, strict=True):
+            for key, value in saved.items():
+                # copies: a state dict taken from a live optimizer shares no tensor with it
                 if key == "step":
-                    self.state[param][key] = value.clone()
+                    optimizer.state[param][key] = value.clone()
                 else:
-                    self.state[param][key] = value.to(
+                    optimizer.state[param][key] = value.to(
                         device=param.device, dtype=moment_dtype(param, group), copy=True
                     )
+        optimizer._after_load(loading["checked"])
 
     # -- step -----------------------------------------------------------------------------------
 
@@ -337,6 +464,7 @@ class MaskedAdam(Optimizer):
                 loss = closure()
         # Every check runs before the first tensor changes: a refused step changes nothing.
         self._check_groups(self.param_groups)
+        self._check_live_groups()
         buckets = self._plan_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

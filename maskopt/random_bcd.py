@@ -19,7 +19,8 @@ class RandomBCD(MaskedAdam):
     top-k: each entry moves with probability ``alpha``, drawn from a counter-based hash of
     (seed, tensor index, step, flat index) (``maskopt._hash`` states it) -- reproducible after a
     resume, identical on the PyTorch and Triton paths, nothing mask-sized stored. Moments
-    advance for every entry. Semantics: docs/semantics.md.
+    advance for every entry. The step counter is float32, as AdamW's: past 2**24 steps of one
+    tensor it stops counting and the mask stops changing. Semantics: docs/semantics.md.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
@@ -33,8 +34,10 @@ class RandomBCD(MaskedAdam):
             largest hash values) instead of each with probability ``alpha`` (default False).
         mask_weight_decay: decay only the entries that move (default True).
         foreach: None/True batch tensors on the PyTorch path; False steps one at a time.
-        fused: None (default): the Triton path on CUDA when available; True: require it;
-            False: the PyTorch path.
+        fused: None (default): the PyTorch path, on CUDA too until a GPU has run the current
+            Triton kernels (docs/performance.md); True: the Triton path on CUDA, a tensor it
+            cannot take (float64, a non-contiguous layout) refused before any change; False:
+            the PyTorch path.
         maximize: maximize the objective instead of minimising it (default False).
         moment_dtype: the dtype ``exp_avg`` and ``exp_avg_sq`` are stored in: None (default)
             keeps float32 moments for float32/bfloat16/float16 parameters (float64 for
@@ -42,6 +45,10 @@ class RandomBCD(MaskedAdam):
             AdamW does for bfloat16 parameters (the moments are computed in float32 and
             rounded to nearest as they are stored; the selection reads the stored values);
             ``torch.float32`` forces float32.
+        amsgrad, capturable, differentiable: ``torch.optim.AdamW``'s keywords, taken so the swap
+            is one line: ``amsgrad`` and ``differentiable`` must be False (a ``ValueError``
+            otherwise: there is no AMSGrad variant, and a step is not differentiable);
+            ``capturable`` may be True or False and changes nothing (docs/semantics.md).
     """
 
     def __init__(
@@ -60,6 +67,9 @@ class RandomBCD(MaskedAdam):
         *,
         maximize: bool = False,
         moment_dtype: torch.dtype | None = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -75,7 +85,9 @@ class RandomBCD(MaskedAdam):
             maximize=maximize,
             moment_dtype=moment_dtype,
         )
-        super().__init__(params, defaults)
+        super().__init__(
+            params, defaults, amsgrad=amsgrad, capturable=capturable, differentiable=differentiable
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -406,3 +406,43 @@ def test_load_state_dict_does_not_add_keys(config):
     opt.load_state_dict(opt.state_dict())
     assert [set(g) for g in opt.state_dict()["param_groups"]] == keys
     assert "differentiable" not in opt.param_groups[0]
+
+
+# -- where torch.optim.AdamW is the yardstick: load hooks and its keywords, for every configuration
+
+
+def test_load_pre_hooks_run_first_and_post_hooks_last_as_with_adamw(config):
+    """A pre-hook's adapted dict is what gets checked and installed (moments included); a
+    post-hook sees the loaded state and may replace it."""
+    build, _ = CONFIGS[config]
+    model = toy_llama()
+    opt = build(model)
+    train_toy(model, opt, 2)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["amsgrad"] = True  # refused unless a pre-hook adapts it
+    fresh = build(_twin(model))
+
+    def adapt(optimizer, state_dict):
+        groups = [{k: v for k, v in g.items() if k != "amsgrad"} for g in state_dict["param_groups"]]
+        state = {pid: {**s, "exp_avg": s["exp_avg"] * 2} for pid, s in state_dict["state"].items()}
+        return {"param_groups": groups, "state": state}
+
+    seen = []
+    fresh.register_load_state_dict_pre_hook(adapt)
+    fresh.register_load_state_dict_post_hook(lambda optimizer: seen.append(dict(optimizer.state)))
+    fresh.load_state_dict(saved)
+    assert seen and len(seen[0]) == len(opt.state)
+    for p, q in zip(opt.param_groups[0]["params"], fresh.param_groups[0]["params"], strict=True):
+        if p in opt.state:
+            assert torch.equal(fresh.state[q]["exp_avg"], opt.state[p]["exp_avg"] * 2)
+
+
+def test_adamws_keywords_are_accepted_unless_they_ask_what_maskopt_cannot_do(config):
+    build, _ = CONFIGS[config]
+    model = toy_llama()
+    opt = build(model, amsgrad=False, capturable=False, differentiable=False)
+    train_toy(model, opt, 1)
+    build(toy_llama(), capturable=True)
+    for key in ("amsgrad", "differentiable"):
+        with pytest.raises(ValueError, match=key):
+            build(toy_llama(), **{key: True})
