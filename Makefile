@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) benchmarks/forgetting.py $(ARGS)
 
+# Two pytest workers, each taking whole files (module fixtures and spawned ranks stay together):
+# on CI's two cores the default run takes about 3.5 min instead of 4.5 min in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "" $(ARGS)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "" $(ARGS)
 
 # ruff (lint, then the format check) and mypy; see [tool.ruff] and [tool.mypy] in pyproject.toml
 lint: $(STAMP)
