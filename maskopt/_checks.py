@@ -129,3 +129,40 @@ def check_gradient(
             f"{who}: {what} has shape {tuple(param.shape)} but its optimizer state has shape "
             f"{tuple(moment.shape)} (was the parameter replaced?)"
         )
+
+
+def check_state(who: str, what: str, param: torch.Tensor, state: dict) -> None:
+    """Raise ValueError unless ``param``'s optimizer state can be stepped: moments on the
+    parameter's device with its shape, floating point; a step counter that is a finite number
+    ``>= 0``. A counter on an accelerator is not read (that would synchronise with the host).
+
+    Args:
+        who: the optimizer's name, starting the message.
+        what: how the message names ``param`` (e.g. ``"parameter 3"``).
+        param: the (local) tensor to step.
+        state: its ``optimizer.state`` entry (empty before its first step).
+    """
+    for key in ("exp_avg", "exp_avg_sq"):
+        moment = state.get(key)
+        if moment is None:
+            continue
+        if not torch.is_tensor(moment) or not moment.is_floating_point():
+            raise ValueError(
+                f"{who}: state[{key!r}] of {what} must be a floating-point tensor, got {moment!r}"
+            )
+        if moment.device != param.device or moment.shape != param.shape:
+            raise ValueError(
+                f"{who}: state[{key!r}] of {what} has shape {tuple(moment.shape)} on {moment.device}; "
+                f"{what} has shape {tuple(param.shape)} on {param.device}"
+            )
+    step = state.get("step")
+    if step is None or (torch.is_tensor(step) and step.device.type != "cpu"):
+        return
+    try:
+        value = as_float(step, "step")
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (torch.is_tensor(step) and step.numel() != 1):
+        raise ValueError(
+            f"{who}: state['step'] of {what} is {step!r}; allowed: a finite number >= 0 (the steps taken)"
+        )

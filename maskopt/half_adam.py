@@ -218,6 +218,8 @@ class HalfAdam(MaskedAdam):
         Args:
             param: one of the optimizer's parameters.
         """
+        if not torch.is_tensor(param) or param not in self._index_of_built():
+            raise ValueError(self._foreign(param, "is_trainable"))
         return param in self._mode
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> Any:

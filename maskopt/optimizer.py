@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed, zero
 from ._checks import as_float as _as_float
-from ._checks import check_choice, check_gradient, check_range
+from ._checks import check_choice, check_gradient, check_range, check_state
 from ._graphs import stream_capturing
 from .functional import (
     CAPTURE_HINT,
@@ -272,8 +272,16 @@ class MaskedAdam(Optimizer):
             group: its param group (found when not given).
         """
         if group is None:
-            group = next(g for g in self.param_groups if any(p is param for p in self._built_params(g)))
+            group = next(
+                (g for g in self.param_groups if any(p is param for p in self._built_params(g))), None
+            )
+            if group is None:
+                raise ValueError(self._foreign(param, "selection_policy"))
         return self._policy(group, param)
+
+    def _foreign(self, param: Any, method: str) -> str:
+        what = f"a tensor of shape {tuple(param.shape)}" if torch.is_tensor(param) else repr(param)
+        return f"{type(self).__name__}.{method}: {what} is not one of this optimizer's parameters"
 
     def _policy(self, group: dict[str, Any], param: torch.Tensor) -> SelectionPolicy | None:
         raise NotImplementedError
@@ -300,7 +308,10 @@ class MaskedAdam(Optimizer):
         Args:
             param: one of the optimizer's parameters.
         """
-        return self._index_of_built()[param]
+        index = self._index_of_built().get(param) if torch.is_tensor(param) else None
+        if index is None:
+            raise ValueError(self._foreign(param, "tensor_index"))
+        return index
 
     def _index_of_built(self) -> dict[torch.Tensor, int]:
         """``{built tensor: its tensor_index}``, rebuilt after the groups change."""
@@ -503,6 +514,8 @@ class MaskedAdam(Optimizer):
                 index = self.tensor_index(p)
                 state = self.state.get(p) or {}
                 check_gradient(name, f"parameter {index}", p, p.grad, state.get("exp_avg"))
+                local_state = {k: distributed.local(v) if torch.is_tensor(v) else v for k, v in state.items()}
+                check_state(name, f"parameter {index}", distributed.local(p), local_state)
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
                 if shard is not None and policy.block_size and policy.is_topk:
                     blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
