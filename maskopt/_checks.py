@@ -134,7 +134,8 @@ def check_gradient(
 def check_state(who: str, what: str, param: torch.Tensor, state: dict) -> None:
     """Raise ValueError unless ``param``'s optimizer state can be stepped: moments on the
     parameter's device with its shape, floating point; a step counter that is a finite number
-    ``>= 0``. A counter on an accelerator is not read (that would synchronise with the host).
+    ``>= 0``. A counter on an accelerator is not read (that would synchronise with the host),
+    nor while torch.compile traces the step.
 
     Args:
         who: the optimizer's name, starting the message.
@@ -156,8 +157,8 @@ def check_state(who: str, what: str, param: torch.Tensor, state: dict) -> None:
                 f"{what} has shape {tuple(param.shape)} on {param.device}"
             )
     step = state.get("step")
-    if step is None or (torch.is_tensor(step) and step.device.type != "cpu"):
-        return
+    if step is None or (torch.is_tensor(step) and step.device.type != "cpu") or torch.compiler.is_compiling():
+        return  # reading it would synchronise with a GPU, or guard a traced graph on its value
     try:
         value = as_float(step, "step")
     except ValueError:

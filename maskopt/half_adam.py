@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,10 @@ from .selection import ALL, RANDOM
 _ROUND_KEYS = ("ratio", "strategy", "seed", "freeze", "round")
 # The state-dict key recording which tensors the saved round trained (see load_state_dict).
 DIGEST_KEY = "selection_digest"
+# How many tensors the round's selection was drawn over, then after each add_param_group of
+# the round: the draw for the first n tensors decides them, a later draw only the tensors it
+# added, so a group added mid-round leaves every earlier tensor's selection as it was.
+SIZES_KEY = "round_sizes"
 
 _WHOLE = "whole"
 _ENTRIES = "entries"
@@ -143,7 +148,8 @@ class HalfAdam(MaskedAdam):
             params, defaults, amsgrad=amsgrad, capturable=capturable, differentiable=differentiable
         )
         self.plan = None
-        drawn = self._draw(self.param_groups[0])
+        self._round_sizes: list[int] = []
+        drawn = self._draw_round(self.param_groups[0], [len(self._param_list())])
         self._built = True
         self._install(*drawn)
 
@@ -175,8 +181,9 @@ class HalfAdam(MaskedAdam):
             param_group = {**param_group, **current}
         super().add_param_group(param_group)
         self._kept_frozen.update(p for p in self.param_groups[-1]["params"] if _user_frozen(p))
-        if getattr(self, "_built", False):  # a group added later joins the current round
-            self._select_current_round()
+        if getattr(self, "_built", False):  # joins the current round; the others keep theirs
+            sizes = [*self._round_sizes, len(self._param_list())]
+            self._install(*self._draw_round(self.param_groups[0], sizes))
 
     # -- copies ------------------------------------------------------------------------------
 
@@ -196,7 +203,8 @@ class HalfAdam(MaskedAdam):
             self._plan_options = options
             self._kept_frozen = {params[i] for i in kept_at}
             self._built = True
-            self._select_current_round()
+            sizes = self.param_groups[0].get(SIZES_KEY) or [len(params)]
+            self._install(*self._draw_round(self.param_groups[0], sizes))
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -231,7 +239,7 @@ class HalfAdam(MaskedAdam):
         """
         super()._check_state_dict(state_dict)
         saved = self._with_defaults(state_dict["param_groups"][0])
-        mode, plan = self._draw(saved)
+        mode, plan, sizes = self._draw_round(saved, self._checked_sizes(saved.get(SIZES_KEY)))
         recorded = state_dict["param_groups"][0].get(DIGEST_KEY)
         expected = _digest(self._param_list(), mode)
         if recorded is not None and recorded != expected:
@@ -242,7 +250,7 @@ class HalfAdam(MaskedAdam):
                 "(model.named_parameters()) or without them as there, the same planner options (classify, layers, "
                 "freeze_non_layer, balance) and the same tensors frozen by hand."
             )
-        return mode, plan
+        return mode, plan, sizes
 
     def _after_load(self, checked: Any) -> None:
         self._install(*checked)
@@ -252,22 +260,66 @@ class HalfAdam(MaskedAdam):
                 self.state.pop(p, None)
 
     def _select_current_round(self) -> None:
-        """Draw and install the selection of the round the param groups hold."""
-        self._install(*self._draw(self.param_groups[0]))
+        """Draw and install the selection of the round the param groups hold, over every tensor."""
+        self._install(*self._draw_round(self.param_groups[0], [len(self._param_list())]))
 
-    def _draw(self, settings: Mapping[str, Any]) -> tuple[dict[torch.Tensor, str], Any]:
-        """Which tensors train (and how) for the round and options in ``settings``; changes nothing."""
+    def _checked_sizes(self, sizes: Any) -> list[int]:
+        """A state dict's ``round_sizes`` (absent: one draw over every tensor), checked."""
+        n = len(self._param_list())
+        if sizes is None:
+            return [n]
+        ok = isinstance(sizes, (list, tuple)) and len(sizes) > 0 and sizes[-1] == n
+        ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in sizes)
+        ok = ok and all(a < b for a, b in itertools.pairwise(sizes))
+        if not ok:
+            raise ValueError(
+                f"Invalid state_dict: {SIZES_KEY} is {sizes!r}; allowed: increasing tensor counts "
+                f"ending with this optimizer's {n} tensors"
+            )
+        return list(sizes)
+
+    def _draw_round(
+        self, settings: Mapping[str, Any], sizes: list[int]
+    ) -> tuple[dict[torch.Tensor, str], Any, list[int]]:
+        """The round's selection when its draw covered the first ``sizes[0]`` tensors and each
+        later add_param_group the tensors up to the next size; changes nothing."""
+        params = self._param_list()
+        mode: dict[torch.Tensor, str] = {}
+        plan = None
+        start = 0
+        for size in sizes:
+            drawn, plan = self._draw(settings, size)
+            added = {id(p) for p in params[start:size]}
+            mode.update((p, m) for p, m in drawn.items() if id(p) in added)
+            start = size
+        if plan is not None and len(sizes) > 1:  # the plan shows what trains
+            whole = {n for n, p in zip(plan.names, params, strict=True) if mode.get(p) == _WHOLE}
+            entries = {n for n, p in zip(plan.names, params, strict=True) if mode.get(p) == _ENTRIES}
+            plan = hft.HalfPlan(
+                names=plan.names,
+                numel=plan.numel,
+                units=plan.units,
+                stacks=plan.stacks,
+                trainable=whole,
+                entry_masked=entries,
+                options=plan.options,
+            )
+        return mode, plan, list(sizes)
+
+    def _draw(self, settings: Mapping[str, Any], upto: int) -> tuple[dict[torch.Tensor, str], Any]:
+        """Which of the first ``upto`` tensors train (and how) for the round and options in
+        ``settings``; changes nothing."""
         ratio, strategy, seed, rnd = (
             float(settings["ratio"]),
             settings["strategy"],
             int(settings["seed"]),
             int(settings["round"]),
         )
-        params = self._param_list()
+        params = self._param_list()[:upto]
         mode: dict[torch.Tensor, str] = {}
         plan = None
         if all("param_names" in g for g in self.param_groups):
-            names = [n for g in self.param_groups for n in g["param_names"]]
+            names = [n for g in self.param_groups for n in g["param_names"]][:upto]
             plan = hft.plan_half(
                 list(zip(names, params, strict=True)),
                 ratio=ratio,
@@ -313,14 +365,15 @@ class HalfAdam(MaskedAdam):
                         "build a new HalfAdam with the new value"
                     )
 
-    def _install(self, mode: dict[torch.Tensor, str], plan) -> None:
+    def _install(self, mode: dict[torch.Tensor, str], plan, sizes: list[int]) -> None:
         """Make ``mode`` the current round's selection (and ``requires_grad`` follow it)."""
-        self._mode, self.plan = mode, plan
+        self._mode, self.plan, self._round_sizes = mode, plan, sizes
         self._round_settings = {key: self.param_groups[0][key] for key in _ROUND_KEYS}
         params = self._param_list()
         digest = _digest(params, mode)
         for group in self.param_groups:
             group[DIGEST_KEY] = digest
+            group[SIZES_KEY] = list(self._round_sizes)
         if self.param_groups[0]["freeze"] != "requires_grad":
             # freeze="mask" (also when a loaded state dict switches to it): every tensor computes
             # its gradient; give back the requires_grad that an earlier round took

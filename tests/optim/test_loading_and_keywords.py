@@ -4,6 +4,7 @@ as torch.optim.AdamW answers it, or refused clearly before any change."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -154,3 +155,34 @@ def test_round_settings_edited_in_param_groups_are_refused_before_any_change(key
     opt.new_round()
     train_toy(model, opt, 1, start=3)
     assert opt.round == 1
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_a_group_added_mid_round_leaves_every_earlier_tensors_selection(named):
+    """The selection is fixed within a round: a new group's tensors join it, the others keep
+    theirs; the checkpoint resumes in an optimizer built with every group from the start."""
+    model = toy_llama()
+    extra = torch.nn.Parameter(torch.randn(8, 8))
+    name = "layers.0.mlp.extra.weight"  # inside the layer stack: changes a category pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = HalfAdam(model.named_parameters() if named else model.parameters(), lr=1e-2, seed=4)
+    train_toy(model, opt, 1)
+    before = {n: opt.is_trainable(p) for n, p in model.named_parameters()}
+    opt.add_param_group({"params": [(name, extra)] if named else [extra]})
+    assert {n: opt.is_trainable(p) for n, p in model.named_parameters()} == before
+    train_toy(model, opt, 1, start=1)
+    saved = _weights_only_round_trip(opt.state_dict())
+    twin = toy_llama()
+    twin.load_state_dict(model.state_dict())
+    extra_twin = torch.nn.Parameter(extra.detach().clone())
+    base = list(twin.named_parameters()) if named else list(twin.parameters())
+    groups = [{"params": base}, {"params": [(name, extra_twin)] if named else [extra_twin]}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = HalfAdam(groups, lr=1e-2, seed=4)
+    resumed.load_state_dict(saved)
+    assert {n: resumed.is_trainable(p) for n, p in twin.named_parameters()} == before
+    assert resumed.is_trainable(extra_twin) == opt.is_trainable(extra)
+    opt.new_round()  # a new round draws over every tensor again
+    assert opt.param_groups[0]["round_sizes"] == [len(list(model.parameters())) + 1]
