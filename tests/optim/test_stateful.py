@@ -1,8 +1,9 @@
 """A stateful differential suite: random sequences of what a training loop does to an optimizer.
 
 Hypothesis drives each optimizer through steps (random gradients, some missing, a rare NaN),
-``zero_grad``, state-dict round trips through ``torch.save``/``torch.load(weights_only=True)``
-into a fresh optimizer, ``deepcopy``, ``add_param_group``, lr and weight-decay edits, refused
+steps that GradScaler skips (``found_inf = 1``), ``zero_grad``, state-dict round trips through ``torch.save``/``torch.load(weights_only=True)``
+into a fresh optimizer, ``deepcopy``, ``add_param_group``, lr and weight-decay edits (what a
+scheduler does between steps), refused
 bad values and, for HalfAdam, ``new_round()``. After every call:
 
 - ``alpha = 1`` (MoFO, RandomBCD) and ``ratio = 1`` (HalfAdam): parameters and state equal
@@ -149,6 +150,35 @@ class _Loop(RuleBasedStateMachine):
     def groups_to_edit(self):
         return self.opt.param_groups
 
+    @rule(plan=gradient_plans)
+    def a_step_gradscaler_skips_changes_nothing(self, plan):
+        """GradScaler found an inf: it hands the step found_inf = 1, and the step changes nothing."""
+        for p, g in zip(self.params, self.grads_for(plan), strict=True):
+            p.grad = g
+        before = _snapshot(self.params, self.opt)
+        self.opt.grad_scale = torch.ones((), device=self.device)
+        self.opt.found_inf = torch.ones((), device=self.device)
+        try:
+            self.opt.step()
+        finally:
+            del self.opt.grad_scale, self.opt.found_inf
+        (params_before, state_before, groups_before), (params_after, state_after, groups_after) = (
+            before,
+            _snapshot(self.params, self.opt),
+        )
+        assert all(_equal(a, b) for a, b in zip(params_before, params_after, strict=True))
+        assert groups_before == groups_after
+        for pid, state in state_after.items():
+            if pid in state_before:  # what existed is untouched
+                assert all(_equal(state_before[pid][k], v) for k, v in state.items())
+            else:  # created as torch's fused AdamW creates it for a skipped step: zeros, step 0
+                assert (
+                    float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+                )
+        self.on_zero_grad(True)
+        for p in self.params:
+            p.grad = None
+
     @rule(
         key=st.sampled_from(["lr", "eps", "weight_decay"]),
         value=st.sampled_from([-1.0, float("nan"), "1e-3"]),
@@ -291,8 +321,9 @@ class AgainstTheReference(_Loop):
             # entries are selected ones, and with lr > 0 every selected one moved
             assert not bool((moved & ~expected).any()), "an unselected entry changed"
             assert int(expected.sum()) == topk_count(p.numel(), group["alpha"])
-            if group["lr"] >= 1e-3 and not bool(g.isnan().any()):
-                assert torch.equal(moved, expected), "a selected entry did not move"
+            if group["lr"] >= 1e-3:  # a NaN entry stays NaN whether it is selected or not
+                known = ~(p.detach().isnan() | old.isnan())
+                assert torch.equal(moved & known, expected & known), "a selected entry did not move"
 
 
 class MoFOAgainstTheReference(AgainstTheReference):
