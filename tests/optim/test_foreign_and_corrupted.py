@@ -105,3 +105,20 @@ def test_a_huge_step_counter_or_float64_moments_step_as_adamw_would(name):
     opt.step()
     assert all(bool(torch.isfinite(p).all()) for p in params)
     assert opt.state[params[1]]["exp_avg"].dtype == torch.float32  # converted to the moment dtype
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_meta_parameters_step_where_no_value_is_read_and_are_refused_where_one_is(name):
+    p = torch.nn.Parameter(torch.zeros(10, device="meta"))
+    q = torch.nn.Parameter(torch.zeros(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MAKERS[name]([q, p])
+    q.grad, p.grad = torch.ones(4), torch.zeros(10, device="meta")
+    if name == "half_adam":  # ratio 1: AdamW's step, which runs on meta tensors
+        opt.step()
+        assert opt.state[p]["exp_avg"].device.type == "meta"
+        return
+    with pytest.raises(ValueError, match="parameter 1 is on the meta device"):
+        opt.step()
+    assert not opt.state and torch.equal(q.detach(), torch.zeros(4))
