@@ -244,7 +244,8 @@ class AgainstAdamW(_Loop):
     def same_bits_as_adamw(self):
         """The PyTorch path runs AdamW's own ops: the same bits. The kernels round each operation
         on its own (docs/kernels.md, "Rounding") where torch's CPU AdamW lerps and may fuse a
-        multiply-add: there, within a few ulp, NaN in the same places and the same step count."""
+        multiply-add: there, within a few ulp of the operands (a moment that cancels to near zero
+        keeps an absolute error of their size), NaN in the same places, the same step count."""
         if not hasattr(self, "twins"):
             return
 
@@ -252,7 +253,7 @@ class AgainstAdamW(_Loop):
             if not self.fused:
                 return _equal(a, b)
             return torch.equal(a.isnan(), b.isnan()) and torch.allclose(
-                a, b, rtol=4e-7, atol=1e-12, equal_nan=True
+                a, b, rtol=1e-6, atol=1e-7, equal_nan=True
             )
 
         for p, t in zip(self.params, self.twins, strict=True):
