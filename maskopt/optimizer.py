@@ -516,11 +516,6 @@ class MaskedAdam(Optimizer):
                 check_gradient(name, f"parameter {index}", p, p.grad, state.get("exp_avg"))
                 local_state = {k: distributed.local(v) if torch.is_tensor(v) else v for k, v in state.items()}
                 check_state(name, f"parameter {index}", distributed.local(p), local_state)
-                if p.device.type == "meta" and not policy.moves_all:
-                    raise ValueError(
-                        f"{name}: parameter {index} is on the meta device, which holds no values; the "
-                        f"{policy.kind!r} selection reads them (AdamW steps there: alpha=1 or ratio=1)"
-                    )
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
                 if shard is not None and policy.block_size and policy.is_topk:
                     blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
@@ -541,6 +536,11 @@ class MaskedAdam(Optimizer):
                     what=f"parameter {index}",
                     moment_dtype=moment_dtype(p, group),  # _state_for converts the moments to it
                 )
+                if not fused and local.device.type == "meta" and not policy.moves_all:
+                    raise ValueError(
+                        f"{name}: parameter {index} is on the meta device, which holds no values; the "
+                        f"{policy.kind!r} selection reads them (AdamW steps there: alpha=1 or ratio=1)"
+                    )
                 step = state.get("step")
                 if (
                     fused

@@ -446,3 +446,53 @@ def test_adamws_keywords_are_accepted_unless_they_ask_what_maskopt_cannot_do(con
     for key in ("amsgrad", "differentiable"):
         with pytest.raises(ValueError, match=key):
             build(toy_llama(), **{key: True})
+
+
+def test_a_cpu_fused_adamw_checkpoint_loads_and_the_optimizer_keeps_its_own_path(config):
+    """``fused`` and ``foreach`` say how this process steps: not taken from a checkpoint."""
+    build, _ = CONFIGS[config]
+    model = toy_llama()
+    adamw = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    train_toy(model, adamw, 2)
+    twin = _twin(model)
+    opt = build(twin)
+    own = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+    opt.load_state_dict(adamw.state_dict())
+    assert [(g.get("fused"), g.get("foreach")) for g in opt.param_groups] == own
+    train_toy(twin, opt, 1, start=2)
+
+
+def test_numpy_values_set_in_param_groups_keep_the_checkpoint_weights_only(config):
+    import numpy as np
+
+    build, _ = CONFIGS[config]
+    model = toy_llama()
+    opt = build(model)
+    train_toy(model, opt, 1)
+    opt.param_groups[0]["lr"] = np.float64(0.005)
+    opt.param_groups[0]["betas"] = (np.float32(0.9), 0.99)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded["param_groups"][0]["lr"] == 0.005 and isinstance(
+        loaded["param_groups"][0]["betas"][0], float
+    )
+
+
+def test_a_foreign_tensor_or_a_corrupted_step_counter_is_refused(config):
+    build, _ = CONFIGS[config]
+    model = toy_llama()
+    opt = build(model)
+    train_toy(model, opt, 1)
+    with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
+        opt.tensor_index(torch.nn.Parameter(torch.zeros(3)))
+    stepped = next(p for p in opt.state)
+    opt.state[stepped]["step"] = torch.tensor(-1.0)
+    ids = token_ids(5)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"state\['step'\]"):
+        opt.step()
+    _assert_same_snapshot(before, _snapshot(model, opt))
