@@ -411,6 +411,63 @@ def masked_adamw(
         )
         for i in range(n)
     ]
+    masked_adamw_routed(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        on_fused,
+        policy=policy,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask_weight_decay=mask_weight_decay,
+        maximize=maximize,
+        tensor_indices=tensor_indices,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        shards=shards,
+        foreach=foreach,
+    )
+
+
+def masked_adamw_routed(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    on_fused: Sequence[bool],
+    *,
+    policy: SelectionPolicy,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    mask_weight_decay: bool,
+    maximize: bool,
+    tensor_indices: Sequence[int],
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    shards: Sequence | None,
+    foreach: bool | None,
+) -> None:
+    """:func:`masked_adamw` once every tensor is checked and routed (the optimizer routes them
+    while it plans a step, so a step checks each tensor once).
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs, state_steps: as for :func:`masked_adamw`, of one
+            length.
+        on_fused: per tensor, whether it takes the Triton path (:func:`takes_fused` said so).
+        policy, lr, beta1, beta2, eps, weight_decay, mask_weight_decay, maximize,
+            tensor_indices, grad_scale, found_inf, shards, foreach: as for :func:`masked_adamw`
+            (``tensor_indices`` given).
+    """
+    n = len(params)
     if maximize:
         grads = list(torch._foreach_neg(grads))
     hyper: dict[str, Any] = dict(

@@ -33,7 +33,7 @@ from .functional import (
     FUSED_HINT,
     fused_available,
     fused_by_default,
-    masked_adamw,
+    masked_adamw_routed,
     takes_fused,
 )
 from .policy import SelectionPolicy
@@ -514,22 +514,18 @@ class MaskedAdam(Optimizer):
                 index = self.tensor_index(p)
                 state = self.state.get(p) or {}
                 check_gradient(name, f"parameter {index}", p, p.grad, state.get("exp_avg"))
+                local = distributed.local(p)
                 local_state = {k: distributed.local(v) if torch.is_tensor(v) else v for k, v in state.items()}
-                check_state(name, f"parameter {index}", distributed.local(p), local_state)
+                check_state(name, f"parameter {index}", local, local_state)  # its moments are tensors now
                 shard = distributed.shard_of(p, name)  # unsupported placements raise
                 if shard is not None and policy.block_size and policy.is_topk:
-                    blocked.setdefault(policy.block_size, []).append((distributed.local(p), shard))
-                local = distributed.local(p)
-                exp_avg, exp_avg_sq = (
-                    distributed.local(state[key]) if torch.is_tensor(state.get(key)) else None
-                    for key in ("exp_avg", "exp_avg_sq")
-                )
+                    blocked.setdefault(policy.block_size, []).append((local, shard))
                 fused = takes_fused(
                     group.get("fused"),
                     local,
                     distributed.local(p.grad),
-                    exp_avg,
-                    exp_avg_sq,
+                    local_state.get("exp_avg"),
+                    local_state.get("exp_avg_sq"),
                     policy=policy,
                     sharded=shard is not None,
                     who=name,
@@ -581,18 +577,18 @@ class MaskedAdam(Optimizer):
             for s, p in zip(states, params, strict=True):
                 if s["step"].device != p.device or s["step"].dtype != torch.float32:
                     s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
-        masked_adamw(
+        masked_adamw_routed(  # _plan_step checked and routed every tensor
             params,
             grads,
             exp_avgs,
             exp_avg_sqs,
             [s["step"] for s in states],
+            [bucket.fused] * len(params),
             policy=bucket.policy,
             tensor_indices=bucket.indices,
             grad_scale=grad_scale,
             found_inf=found_inf,
             shards=shards,
-            fused=bucket.fused,
             **adamw_options(group),
         )
 

@@ -8,74 +8,36 @@
   simulated by threads, with the collectives done in memory).
 * Counts: a histogram bin can hold more than 2**31 entries (a segment has up to 2**32).
 
-Like ``test_kernels.py``, the kernels run under the Triton interpreter on CPU
-(``TRITON_INTERPRET=1``, set here before the kernels are built), or compiled on CUDA.
+Like ``test_kernels.py``, whose set-up this module shares, the kernels run under the Triton
+interpreter on CPU (``TRITON_INTERPRET=1``), or compiled on CUDA.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import threading
 from types import SimpleNamespace
 
-import torch
-
-_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-_ORIGINAL_ENV = os.environ.get("TRITON_INTERPRET")
-if not _CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel import
-_TEST_ENV = os.environ.get("TRITON_INTERPRET")
-
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from maskopt.kernels import fused_adam_step_, is_available
+import test_kernels  # its set-up builds the kernels for this device (the interpreter on a CPU)
+from test_kernels import DEVICE, HP, MULTI, launch
+
+from maskopt.kernels import _common, fused_adam_step_, plan
 from maskopt.policy import SelectionPolicy
 
-DEVICE = torch.device("cuda" if _CUDA else "cpu")
-
-
-def _load_launch():
-    """maskopt.kernels.launch, built for this device (reloaded if another module imported it
-    in the other mode: TRITON_INTERPRET is read when the kernels are decorated)."""
-    from maskopt.kernels import launch
-
-    if (DEVICE.type == "cpu") != launch._kernels_interpreted():
-        for name in ("_common", "_dense", "_window", "_fallback", "_local", "_apply", "_resolve", "_sharded"):
-            importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
-        for name in ("plan", "launch"):
-            importlib.reload(importlib.import_module(f"maskopt.kernels.{name}"))
-        from maskopt.kernels import launch
-    return launch
-
-
-launch = _load_launch()
-from maskopt.kernels import _common, plan  # after the reload above
-
-pytestmark = pytest.mark.skipif(not is_available(DEVICE), reason="fused path unavailable here")
-
-
-def _set_env(value):
-    if value is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = value
-
-
-_set_env(_ORIGINAL_ENV)  # the kernels are built: give other test modules their environment
+pytestmark = test_kernels.pytestmark
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_env():
-    _set_env(_TEST_ENV)
+    test_kernels._set_env(test_kernels._TEST_ENV)
     yield
-    _set_env(_ORIGINAL_ENV)
+    test_kernels._set_env(test_kernels._ORIGINAL_ENV)
 
 
-HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-MULTI = dict(chunk=1024, local_max=128, local_tile=1024, cand_min=16)  # nearly everything two-pass
 MODE_NAMES = {0: "window", 1: "digit", 2: "zero", 3: "exact"}
 
 
