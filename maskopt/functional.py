@@ -344,6 +344,7 @@ def masked_adamw(
     shards: Sequence | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
+    cpu_step: bool | None = None,
 ) -> None:
     """One masked AdamW step on lists of tensors, in place (docs/semantics.md).
 
@@ -365,11 +366,16 @@ def masked_adamw(
             ``grad_scale``, and a nonzero ``found_inf`` makes the step change nothing.
         shards: per tensor, a ``maskopt.distributed.Shard`` for the local shard of a larger
             tensor (the selection is then exact over the whole tensor, on either path), or None.
-        foreach: False steps one tensor at a time on the PyTorch path; None/True batch them.
+        foreach: False steps one tensor at a time on the PyTorch path; True takes the PyTorch
+            path's foreach ops; None (default) lets ``fused`` choose.
         fused: True takes the Triton path for every tensor, False the PyTorch path; None
-            (default) the PyTorch path, tensor by tensor the Triton path where
+            (default) the best path tensor by tensor: the Triton path where
             :func:`fused_by_default` allows it and the kernels can take the tensor (CUDA,
-            float32/bfloat16/float16, contiguous; :func:`fused_refusal`).
+            float32/bfloat16/float16, contiguous; :func:`fused_refusal`), the compiled CPU
+            step for float32 CPU tensors (``maskopt.cpu_step``, with ``foreach=None``), the
+            PyTorch path for the rest.
+        cpu_step: whether float32 CPU tensors take the compiled CPU step where it is built;
+            None (default): ``fused is None and foreach is None``.
 
     Raises:
         ValueError: lists of different lengths; ``fused=True`` with a tensor the kernels
@@ -418,6 +424,7 @@ def masked_adamw(
         exp_avg_sqs,
         state_steps,
         on_fused,
+        cpu_step=fused is None and foreach is None if cpu_step is None else cpu_step,
         policy=policy,
         lr=lr,
         beta1=beta1,
@@ -442,6 +449,7 @@ def masked_adamw_routed(
     state_steps: list[torch.Tensor],
     on_fused: Sequence[bool],
     *,
+    cpu_step: bool,
     policy: SelectionPolicy,
     lr: float,
     beta1: float,
@@ -463,6 +471,8 @@ def masked_adamw_routed(
         params, grads, exp_avgs, exp_avg_sqs, state_steps: as for :func:`masked_adamw`, of one
             length.
         on_fused: per tensor, whether it takes the Triton path (:func:`takes_fused` said so).
+        cpu_step: whether the others take the compiled CPU step where it can take them
+            (:func:`maskopt.cpu_step.takes_cpu_step`).
         policy, lr, beta1, beta2, eps, weight_decay, mask_weight_decay, maximize,
             tensor_indices, grad_scale, found_inf, shards, foreach: as for :func:`masked_adamw`
             (``tensor_indices`` given).
@@ -499,9 +509,33 @@ def masked_adamw_routed(
     rest = [i for i in range(n) if not on_fused[i]]
     if not rest:
         return
+    across_shards = shards is not None and not policy.moves_all and any(shards[i] is not None for i in rest)
+    compiled: set[int] = set()
+    if cpu_step:
+        from . import cpu_step as compiled_step
+
+        compiled = {
+            i
+            for i in rest
+            if compiled_step.takes_cpu_step(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i])
+        }
+        if compiled and not across_shards:  # one call: it spreads the tensors over the threads
+            run = sorted(compiled)
+            compiled_step.masked_adam_cpu_(
+                *([x[i] for i in run] for x in lists),
+                tensor_indices=[tensor_indices[i] for i in run],
+                shards=None if shards is None else [shards[i] for i in run],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                **hyper,
+            )
+            rest = [i for i in rest if i not in compiled]
+            if not rest:
+                return
     if foreach is False:
         runs = [[i] for i in rest]
-    elif shards is not None and not policy.moves_all and any(shards[i] is not None for i in rest):
+    elif across_shards:
+        assert shards is not None  # across_shards says so
         # Few, large batches: each batch's sharded selection makes its own collectives, which
         # cost far more than the cache misses that small batches save. They are cut by
         # whole-tensor sizes so that every rank makes the same calls; the limit bounds the
@@ -512,7 +546,12 @@ def masked_adamw_routed(
         sizes = [params[i].numel() for i in rest]
         runs = [[rest[j] for j in batch] for batch in _batches(sizes, _BATCH_ENTRIES)]
     for run in runs:
-        masked_adam_(
+        # A run of sharded tensors is cut alike on every rank, and every rank routes it alike,
+        # so the selection's collectives match whichever path steps it.
+        step_run = masked_adam_
+        if compiled and all(i in compiled for i in run):
+            step_run = compiled_step.masked_adam_cpu_
+        step_run(
             *([x[i] for i in run] for x in lists),
             tensor_indices=[tensor_indices[i] for i in run],
             shards=None if shards is None else [shards[i] for i in run],

@@ -584,6 +584,7 @@ class MaskedAdam(Optimizer):
             exp_avg_sqs,
             [s["step"] for s in states],
             [bucket.fused] * len(params),
+            cpu_step=group.get("fused") is None and group.get("foreach") is None,
             policy=bucket.policy,
             tensor_indices=bucket.indices,
             grad_scale=grad_scale,

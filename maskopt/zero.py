@@ -234,6 +234,8 @@ class ZeroStep:
                 found_inf=found_inf,
                 shards=[f.shard for _, f in bucket.entries],
                 fused=bucket.fused,
+                # ZeRO-Offload keeps the partitions in host memory: the compiled CPU step
+                cpu_step=self.group.get("fused") is None and self.options.get("foreach") is None,
                 **self.options,
             )
             for (flat, _), step in zip(bucket.entries, steps, strict=True):

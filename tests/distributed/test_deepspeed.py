@@ -102,7 +102,7 @@ def _targets(step, shapes=SHAPES, dtype=torch.float32):
     return [t.to(dtype) for t in out]
 
 
-def _config(stage, bf16=False, load_universal=False):
+def _config(stage, bf16=False, load_universal=False, offload=False):
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -116,6 +116,9 @@ def _config(stage, bf16=False, load_universal=False):
         cfg["bf16"] = {"enabled": True}
     if load_universal:
         cfg["checkpoint"] = {"load_universal": True}
+    if offload:  # ZeRO-Offload, stepping the client optimizer rather than DeepSpeedCPUAdam
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
 
@@ -163,9 +166,12 @@ def _assert_equal(got, want, what):
         )
 
 
-def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, new_round_at=None):
+def _compare_with_one_process(stage, make, steps=3, shapes=SHAPES, bf16=False, new_round_at=None, **config):
     """A ZeRO run and a one-process run of the same optimizer on the same gradients: equal."""
-    engine, opt, trained = _engine(stage, make, shapes, bf16)
+    engine, opt, trained = _engine(stage, make, shapes, bf16, **config)
+    if config.get("offload"):
+        offloaded = engine.optimizer.cpu_offload if stage < 3 else engine.optimizer.offload_optimizer
+        assert engine.zero_cpu_offload() and offloaded
     params = list(engine.module.parameters())
     # the frozen tensors' values do not matter: no gradient depends on them
     start = iter(_full(trained))
@@ -291,17 +297,59 @@ def block_size_fits_or_is_refused(rank, world, shared):
     _assert_equal(_full(trained), before, "refused step")
 
 
+def _count_compiled_steps():
+    """Counts the calls of the compiled CPU step (in this process, from now on)."""
+    from maskopt import cpu_step
+
+    calls = []
+    real = cpu_step.masked_adam_cpu_
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    cpu_step.masked_adam_cpu_ = counted
+    return calls, lambda: setattr(cpu_step, "masked_adam_cpu_", real)
+
+
+def offload_each_stage(rank, world, shared):
+    """ZeRO-Offload (stages 2 and 3, ``offload_optimizer: cpu``, the client optimizer): the
+    partitions live in host memory, the compiled CPU step takes them (where it builds), and
+    every step equals one process bit for bit."""
+    from maskopt import cpu_step
+
+    calls, restore = _count_compiled_steps()
+    try:
+        for stage in (2, 3):
+            for name in ("mofo", "random_bcd", "half_adam_mask"):
+                try:
+                    _compare_with_one_process(
+                        stage,
+                        OPTIMIZERS[name],
+                        new_round_at=2 if name.startswith("half") else None,
+                        offload=True,
+                    )
+                except AssertionError as e:
+                    raise AssertionError(f"offload, {name}: {e}") from None
+    finally:
+        restore()
+    assert bool(calls) == cpu_step.available()
+
+
 def checkpoint_resume(rank, world, shared):
-    """engine.save_checkpoint / load_checkpoint: the resumed run equals the uninterrupted one."""
+    """engine.save_checkpoint / load_checkpoint: the resumed run equals the uninterrupted one
+    (ZeRO-Offload too)."""
     cases = (
-        (1, _mofo()),
-        (2, _random_bcd()),
-        (3, _mofo()),
-        (3, _half_adam(freeze="mask", strategy="parameter")),
+        (1, _mofo(), False),
+        (2, _random_bcd(), False),
+        (3, _mofo(), False),
+        (3, _half_adam(freeze="mask", strategy="parameter"), False),
+        (2, _mofo(), True),
+        (3, _random_bcd(exact=True), True),
     )
-    for case, (stage, make) in enumerate(cases):
+    for case, (stage, make, offload) in enumerate(cases):
         folder = os.path.join(shared, f"checkpoint-{case}")
-        engine, _, params = _engine(stage, make)
+        engine, _, params = _engine(stage, make, offload=offload)
         for step in range(2):
             _train_step(engine, step)
         engine.save_checkpoint(folder, tag="t")
@@ -310,7 +358,7 @@ def checkpoint_resume(rank, world, shared):
         want = [_full(params), _full(params, "exp_avg"), _full(params, "exp_avg_sq")]
         engine.destroy()
 
-        engine, _, params = _engine(stage, make)  # a fresh model and optimizer
+        engine, _, params = _engine(stage, make, offload=offload)  # a fresh model and optimizer
         engine.load_checkpoint(folder, tag="t")
         for step in range(2, 4):
             _train_step(engine, step)
@@ -514,6 +562,7 @@ def two_ranks():
             "bf16_each_stage",
             "half_adam_requires_grad",
             "block_size_fits_or_is_refused",
+            "offload_each_stage",
             "checkpoint_resume",
             "save_universal_checkpoints",
         ],
@@ -525,7 +574,8 @@ def two_ranks():
 
 def test_zero_stages_equal_one_process_two_ranks(two_ranks):
     """Stages 1, 2, 3; MoFO (both filters), RandomBCD (both modes), HalfAdam (both freeze
-    modes, a new round); fp32 and bf16; block_size; checkpoint resume: every rank checked its
+    modes, a new round); fp32 and bf16; block_size; ZeRO-Offload (stages 2 and 3, through the
+    compiled CPU step); checkpoint resume: every rank checked its
     scenarios in the ``two_ranks`` spawn, which fails this test if any of them failed."""
     assert os.path.isdir(two_ranks)
 

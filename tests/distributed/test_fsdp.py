@@ -314,8 +314,11 @@ def _fsdp_vs_single(rank, world, make, steps=3, round_at=None, telemetry=False):
                 moved_single = p.detach() != start[name]
                 moved_sharded = q.detach().full_tensor() != start[name]
                 assert torch.equal(moved_single, moved_sharded), f"{name}: different entries moved"
+    # The gradients differ in their last bits (FSDP averages per-rank losses, one process the
+    # whole batch), and Adam's m / sqrt(v) amplifies that over the steps: measured up to 1.3e-6
+    # on weights of 0.09 after three steps.
     for (name, p), (_, q) in zip(single.named_parameters(), sharded.named_parameters(), strict=True):
-        torch.testing.assert_close(q.detach().full_tensor(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(q.detach().full_tensor(), p.detach(), rtol=1e-5, atol=3e-6, msg=name)
     if telemetry:  # whole-tensor counts and distances, on every rank
         want, got = tel_single.as_dict(per_tensor=True), tel_sharded.as_dict(per_tensor=True)
         assert want.keys() == got.keys()
