@@ -27,23 +27,21 @@ def test_cpu_step_benchmark_prints_ratios_against_adamw():
     out = run(
         [
             "benchmarks/cpu_step.py",
-            "--hidden",
-            "64",
-            "--layers",
-            "2",
-            "--vocab",
-            "500",
+            "--size",
+            "1m",
             "--repeats",
             "2",
             "--warmup",
             "1",
             "--threads",
             "1",
+            "--only",
+            "adamw-foreach,mofo,half",
         ]
     )
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line and not line.startswith("#")}
-    assert rows["AdamW(foreach=True)"][-1] == "1.00"
-    assert float(rows["MoFO(momentum)"][-1]) > 0
+    assert rows["adamw-fused"][2] == "1.00" and rows["adamw-foreach"][3] == "1.00"
+    assert float(rows["mofo"][2]) > 0 and "adamw-half" in rows and "x adamw-half" in " ".join(rows["half"])
 
 
 @pytest.mark.slow
