@@ -2,6 +2,7 @@
 
     python benchmarks/deepspeed_step.py                       # 2 ranks, stages 1-3, ~4.6M params
     python benchmarks/deepspeed_step.py --stages 2 --hidden 64 --layers 2 --steps 3 --repeats 1   # quick
+    python benchmarks/deepspeed_step.py --offload --stages 2 3  # ZeRO-Offload, against DeepSpeedCPUAdam
 
 Starts ``--world`` processes (gloo, ``DS_ACCELERATOR=cpu``, one torch thread each). For every
 ZeRO stage it trains the same Llama-shaped parameter list with each optimizer through
@@ -71,9 +72,22 @@ class FixedGradients(torch.nn.Module):
         return sum((p * g).sum() for p, g in zip(self.parameters(), grads, strict=True))
 
 
-def optimizers(alpha: float):
-    from maskopt import MoFO, RandomBCD
+def _deepspeed_cpu_adam(params):
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+    return DeepSpeedCPUAdam(params, lr=1e-3, weight_decay=0.0, adamw_mode=True)
+
+
+def optimizers(alpha: float, offload: bool = False):
+    from maskopt import HalfAdam, MoFO, RandomBCD
+
+    if offload:  # ZeRO-Offload: DeepSpeed's own CPU Adam is the anchor
+        return {
+            "DeepSpeedCPUAdam": _deepspeed_cpu_adam,
+            f"MoFO(alpha={alpha:g})": lambda ps: MoFO(ps, lr=1e-3, alpha=alpha),
+            f"RandomBCD(alpha={alpha:g})": lambda ps: RandomBCD(ps, lr=1e-3, alpha=alpha),
+            "HalfAdam(mask)": lambda ps: HalfAdam(ps, lr=1e-3, freeze="mask"),
+        }
     return {
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, foreach=True),
         f"MoFO(alpha={alpha:g})": lambda ps: MoFO(ps, lr=1e-3, alpha=alpha),
@@ -118,6 +132,9 @@ def run_one(stage, make, shapes, grads, args, counter):
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
+    if args.offload:  # the optimizer and its state in host memory, stepping the client optimizer
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_force_ds_cpu_optimizer"] = False
     model = FixedGradients(shapes)
     opt = make(model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
@@ -176,13 +193,15 @@ def worker(rank, args, port):
     shapes = llama_shapes(args.hidden, args.layers, args.vocab)
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
-    makes = optimizers(args.alpha)
+    makes = optimizers(args.alpha, args.offload)
+    anchor = next(iter(makes))
     if rank == 0:
         numel = sum(torch.Size(s).numel() for s in shapes)
         print(
             f"# DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, {args.world} ranks (gloo, CPU, "
             f"{args.threads} thread(s) each), {numel / 1e6:.2f}M params in {len(shapes)} tensors, "
             f"{args.steps} timed steps x {args.repeats} rounds after {args.warmup} warm-up"
+            + (", ZeRO-Offload (offload_optimizer: cpu)" if args.offload else "")
         )
         print(
             f"{'stage':<6}{'optimizer':<28}{'engine.step ms':>15}{'ratio':>7}{'opt.step ms':>13}"
@@ -196,7 +215,7 @@ def worker(rank, args, port):
                     results[name], run_one(stage, make, shapes, grads, args, counter), strict=True
                 ):
                     acc.extend(got)
-        base = statistics.median(results["AdamW"][0])
+        base = statistics.median(results[anchor][0])
         for name, (times, inner, calls, nbytes, waits) in results.items():
             med = statistics.median(times)
             if rank == 0:
@@ -228,7 +247,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="rounds over the optimizers (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    ap.add_argument(
+        "--offload",
+        action="store_true",
+        help="ZeRO-Offload (offload_optimizer: cpu; stages 2 and 3) against DeepSpeedCPUAdam",
+    )
     args = ap.parse_args()
+    if args.offload and 1 in args.stages:
+        args.stages = [s for s in args.stages if s != 1] or [2]  # offload needs stage 2 or 3
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
