@@ -652,7 +652,12 @@ void run_topk(const TensorArgs* tensors, int32_t count, const Config& c) {
   const int64_t n_small = static_cast<int64_t>(small_items.size());
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   const int64_t n_segments = static_cast<int64_t>(segments.size());
-  std::vector<uint32_t> hist(static_cast<size_t>(n_chunks) * kBins);
+  // The chunks' histograms (each chunk zeroes its own), kept from call to call: a fresh
+  // allocation would be zeroed by the kernel page by page, 16 KiB per 2**17 entries.
+  static thread_local std::vector<uint32_t> hist_buffer;
+  const size_t hist_size = static_cast<size_t>(n_chunks) * kBins;
+  if (hist_buffer.size() < hist_size) hist_buffer.resize(hist_size);
+  uint32_t* const hist = hist_buffer.data();
   const int shift = bin_shift(c);
 
 #pragma omp parallel num_threads(c.threads)
