@@ -28,6 +28,12 @@
 #include <immintrin.h>
 #endif
 
+// The flag scan reads eight one-byte flags as one little-endian word; elsewhere the build
+// fails and maskopt takes the PyTorch path.
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "maskopt's compiled CPU step assumes a little-endian CPU and GCC or Clang"
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -168,12 +174,10 @@ inline void update_entry(const TensorArgs& t, const Config& c, int64_t i) {
   t.param[i] = ParamRule(t, c).moved(t.param[i], t.exp_avg[i], t.exp_avg_sq[i]);
 }
 
-inline void skip_entry(const TensorArgs& t, const Config& c, int64_t i) {
-  t.param[i] = ParamRule(t, c).kept(t.param[i]);
-}
-
-// Every entry of [begin, end) moves: moments and parameters in one vectorised pass.
-void dense_range(const TensorArgs& t, const Config& c, int64_t begin, int64_t end) {
+// One vectorised pass over [begin, end): moments and parameters. Every entry moves, or with
+// `Hashed` the entries RandomBCD's Bernoulli mask selects (u(i) < threshold).
+template <bool Hashed>
+void one_pass_range(const TensorArgs& t, const Config& c, int64_t begin, int64_t end) {
   float* __restrict p = t.param;
   float* __restrict m = t.exp_avg;
   float* __restrict v = t.exp_avg_sq;
@@ -182,13 +186,22 @@ void dense_range(const TensorArgs& t, const Config& c, int64_t begin, int64_t en
   const ParamRule rule(t, c);
   const bool scaled = c.has_grad_scale;
   const float scale = c.grad_scale;
+  const uint64_t threshold = c.hash_threshold;
+  const uint32_t key = t.hash_key;
+  const int64_t offset = t.index_offset;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float mi = m[i], vi = v[i];
     moments.apply(load_grad(g, i, scaled, scale), mi, vi);
     m[i] = mi;
     v[i] = vi;
-    p[i] = rule.moved(p[i], mi, vi);
+    const float pi = p[i];
+    if constexpr (Hashed) {
+      const bool selected = hash_u(static_cast<uint64_t>(i + offset), key) < threshold;
+      p[i] = selected ? rule.moved(pi, mi, vi) : rule.kept(pi);
+    } else {
+      p[i] = rule.moved(pi, mi, vi);
+    }
   }
 }
 
@@ -543,31 +556,6 @@ struct Item {  // a run of short segments of one tensor, or a tensor's range of 
   int64_t begin, end, segment_length;
 };
 
-// RandomBCD's Bernoulli mask: moments, hash and update in one vectorised pass.
-void random_range(const TensorArgs& t, const Config& c, int64_t begin, int64_t end) {
-  float* __restrict p = t.param;
-  float* __restrict m = t.exp_avg;
-  float* __restrict v = t.exp_avg_sq;
-  const float* __restrict g = t.grad;
-  const MomentRule moments(c);
-  const ParamRule rule(t, c);
-  const bool scaled = c.has_grad_scale;
-  const float scale = c.grad_scale;
-  const uint64_t threshold = c.hash_threshold;
-  const uint32_t key = t.hash_key;
-  const int64_t offset = t.index_offset;
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float mi = m[i], vi = v[i];
-    moments.apply(load_grad(g, i, scaled, scale), mi, vi);
-    m[i] = mi;
-    v[i] = vi;
-    const bool selected = hash_u(static_cast<uint64_t>(i + offset), key) < threshold;
-    const float pi = p[i];
-    p[i] = selected ? rule.moved(pi, mi, vi) : rule.kept(pi);
-  }
-}
-
 void run_streaming(const TensorArgs* tensors, int32_t count, const Config& c) {
   std::vector<Item> items;
   for (int32_t t = 0; t < count; ++t) {
@@ -599,13 +587,13 @@ void run_streaming(const TensorArgs* tensors, int32_t count, const Config& c) {
     const TensorArgs& t = tensors[it.tensor];
     switch (c.kind) {
       case kAll:
-        dense_range(t, c, it.begin, it.end);
+        one_pass_range<false>(t, c, it.begin, it.end);
         break;
       case kMomentsOnly:
         update_moments(t, c, it.begin, it.end);
         break;
       case kRandom:
-        random_range(t, c, it.begin, it.end);
+        one_pass_range<true>(t, c, it.begin, it.end);
         break;
       default:  // kGivenIndices
         for (int64_t q = it.begin; q < it.end; ++q) update_entry(t, given, t.indices[q]);
