@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 __all__ = ["available", "build_error", "takes_cpu_step", "masked_adam_cpu_"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_step.cpp"
-_ABI = 1
+_ABI = 2
+# Chunks (of 2**17 entries) whose top-bit histograms a top-k step holds at once, 16 KiB each:
+# tensors are stepped in waves of about 2**26 entries, so the extra memory stays at 8 MiB.
+WAVE_CHUNKS = 512
 
 # Kinds and decay modes of csrc/cpu_step.cpp.
 _KIND_ALL, _KIND_GIVEN, _KIND_MOMENTS = 0, 5, 6
@@ -91,6 +94,7 @@ class _Config(ctypes.Structure):
         ("decay_mode", ctypes.c_int32),
         ("has_grad_scale", ctypes.c_int32),
         ("block_size", ctypes.c_int64),
+        ("wave_chunks", ctypes.c_int64),
         ("alpha", ctypes.c_double),
         ("hash_threshold", ctypes.c_uint64),
         ("lerp_weight", ctypes.c_float),
@@ -275,6 +279,7 @@ def _config(
         decay_mode=decay_mode,
         has_grad_scale=grad_scale is not None,
         block_size=policy.block_size or 0,
+        wave_chunks=WAVE_CHUNKS,
         alpha=policy.alpha,
         hash_threshold=_hash.threshold(policy.alpha),
         lerp_weight=1 - beta1,

@@ -74,7 +74,8 @@ struct Config {
   int32_t threads;
   int32_t decay_mode;
   int32_t has_grad_scale;
-  int64_t block_size;  // top-k kinds: <= 0 selects over the whole tensor
+  int64_t block_size;   // top-k kinds: <= 0 selects over the whole tensor
+  int64_t wave_chunks;  // top-k kinds: chunks whose histograms are held at once (16 KiB each)
   double alpha;
   uint64_t hash_threshold;  // kRandom: selected iff u < hash_threshold (2**32: every entry)
   float lerp_weight;        // 1 - beta1
@@ -543,6 +544,13 @@ struct Segment {
   std::vector<uint32_t> cand_key;
   std::vector<float> cand_param;  // the parameter before pass 2, and the moments
   std::vector<float> cand_exp_avg, cand_exp_avg_sq;
+  void release_candidates() {
+    std::vector<int64_t>().swap(cand_index);
+    std::vector<uint32_t>().swap(cand_key);
+    std::vector<float>().swap(cand_param);
+    std::vector<float>().swap(cand_exp_avg);
+    std::vector<float>().swap(cand_exp_avg_sq);
+  }
 };
 
 struct Chunk {
@@ -602,6 +610,141 @@ void run_streaming(const TensorArgs* tensors, int32_t count, const Config& c) {
   }
 }
 
+// The two passes and the selection of long segments [first, last), whose chunks are
+// consecutive in `chunks`.
+void run_wave(const TensorArgs* tensors, const Config& c, std::vector<Segment>& segments, std::vector<Chunk>& chunks,
+              int64_t first, int64_t last) {
+  const int64_t c0 = segments[first].first_chunk;
+  const int64_t c1 = segments[last - 1].first_chunk + segments[last - 1].chunks;
+  // The chunks' histograms (each chunk zeroes its own), kept from call to call: a fresh
+  // allocation would be zeroed by the kernel page by page.
+  static thread_local std::vector<uint32_t> hist_buffer;
+  const size_t hist_size = static_cast<size_t>(c1 - c0) * kBins;
+  if (hist_buffer.size() < hist_size) hist_buffer.resize(hist_size);
+  uint32_t* const hist = hist_buffer.data();
+  const int shift = bin_shift(c);
+
+#pragma omp parallel num_threads(c.threads)
+  {
+    std::vector<uint32_t> scratch;
+    uint32_t tile[kTile];
+    alignas(64) uint8_t flags[kTile + 8] = {};
+    Staged staged;
+    std::vector<uint32_t> odd_hist(kBins);
+
+    // pass 1: the moments, and the keys counted per chunk
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = c0; j < c1; ++j) {
+      const Chunk& ch = chunks[j];
+      const TensorArgs& t = tensors[segments[ch.segment].tensor];
+      uint32_t* h = &hist[static_cast<size_t>(j - c0) * kBins];
+      std::memset(h, 0, kBins * sizeof(uint32_t));
+      // two histograms, even and odd entries: equal neighbouring keys do not wait on each
+      // other's increment
+      std::fill(odd_hist.begin(), odd_hist.end(), 0u);
+      for (int64_t b = ch.begin; b < ch.end; b += kTile) {
+        const int64_t e = std::min(ch.end, b + kTile);
+        moments_and_keys(t, c, b, e, tile);
+        const int64_t n = e - b;
+        int64_t i = 0;
+        for (; i + 1 < n; i += 2) {
+          ++h[tile[i] >> shift];
+          ++odd_hist[tile[i + 1] >> shift];
+        }
+        if (i < n) ++h[tile[i] >> shift];
+      }
+      for (int b = 0; b < kBins; ++b) h[b] += odd_hist[b];
+    }
+
+    // the boundary bin of each segment, and where each chunk lists its entries of it
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = first; s < last; ++s) {
+      Segment& seg = segments[s];
+      std::vector<uint64_t> total(kBins, 0);
+      for (int64_t j = seg.first_chunk; j < seg.first_chunk + seg.chunks; ++j) {
+        const uint32_t* h = &hist[static_cast<size_t>(j - c0) * kBins];
+        for (int b = 0; b < kBins; ++b) total[b] += h[b];
+      }
+      int64_t above = 0;
+      int bin = kBins - 1;
+      for (; bin > 0; --bin) {
+        if (above + static_cast<int64_t>(total[bin]) >= seg.k) break;
+        above += static_cast<int64_t>(total[bin]);
+      }
+      seg.bin = bin;
+      seg.need = seg.k - above;
+      seg.whole_bin = seg.need == static_cast<int64_t>(total[bin]);
+      int64_t offset = 0;
+      for (int64_t j = seg.first_chunk; j < seg.first_chunk + seg.chunks; ++j) {
+        chunks[j].cand_offset = offset;
+        offset += hist[static_cast<size_t>(j - c0) * kBins + bin];
+      }
+      if (!seg.whole_bin) {
+        seg.cand_index.resize(offset);
+        seg.cand_key.resize(offset);
+        seg.cand_param.resize(offset);
+        seg.cand_exp_avg.resize(offset);
+        seg.cand_exp_avg_sq.resize(offset);
+      }
+    }
+
+    // pass 2: update the entries above the boundary bin, list the ones in it
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = c0; j < c1; ++j) {
+      const Chunk& ch = chunks[j];
+      Segment& seg = segments[ch.segment];
+      const TensorArgs& t = tensors[seg.tensor];
+      const uint32_t bin = static_cast<uint32_t>(seg.bin);
+      int64_t out = ch.cand_offset;
+      const ParamRule rule(t, c);
+      const uint32_t lowest_selected = seg.whole_bin ? bin : bin + 1;
+      for (int64_t b = ch.begin; b < ch.end; b += kTile) {
+        const int64_t e = std::min(ch.end, b + kTile);
+        int64_t found = 0;
+#if defined(__AVX512F__)
+        if (c.kind != kRandomExact) {
+          found = apply_and_collect_avx512(t, c, b, e, shift, bin, lowest_selected, rule, staged);
+        } else
+#endif
+        {
+          // list the boundary bin's entries with their parameter before the update below,
+          // which treats them as unselected; the selection among them settles them
+          if (!seg.whole_bin) found = collect_bin(t, c, b, e, shift, bin, flags, staged);
+          apply_from_bin(t, c, b, e, shift, lowest_selected, rule);
+        }
+        if (found == 0) continue;
+        std::memcpy(&seg.cand_index[out], staged.index, found * sizeof(int64_t));
+        std::memcpy(&seg.cand_key[out], staged.key, found * sizeof(uint32_t));
+        std::memcpy(&seg.cand_param[out], staged.param, found * sizeof(float));
+        std::memcpy(&seg.cand_exp_avg[out], staged.exp_avg, found * sizeof(float));
+        std::memcpy(&seg.cand_exp_avg_sq[out], staged.exp_avg_sq, found * sizeof(float));
+        out += found;
+      }
+    }
+
+    // the exact selection among the boundary bin's entries
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = first; s < last; ++s) {
+      Segment& seg = segments[s];
+      if (!seg.whole_bin) {
+        const TensorArgs& t = tensors[seg.tensor];
+        const int64_t n = static_cast<int64_t>(seg.cand_key.size());
+        Boundary b =
+            seg.need > 0 ? find_boundary(seg.cand_key.data(), n, seg.need, scratch, shift) : Boundary{0, 0};
+        const ParamRule rule(t, c);
+        for (int64_t q = 0; q < n; ++q) {  // pass 2 kept them all; the selected ones move
+          const uint32_t key = seg.cand_key[q];
+          if (seg.need > 0 && (key > b.kth || (key == b.kth && b.ties-- > 0))) {
+            const int64_t i = seg.cand_index[q];
+            t.param[i] = rule.moved(seg.cand_param[q], seg.cand_exp_avg[q], seg.cand_exp_avg_sq[q]);
+          }
+        }
+      }
+      seg.release_candidates();
+    }
+  }
+}
+
 void run_topk(const TensorArgs* tensors, int32_t count, const Config& c) {
   std::vector<Segment> segments;
   std::vector<Chunk> chunks;
@@ -638,139 +781,31 @@ void run_topk(const TensorArgs* tensors, int32_t count, const Config& c) {
     }
   }
   const int64_t n_small = static_cast<int64_t>(small_items.size());
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   const int64_t n_segments = static_cast<int64_t>(segments.size());
-  // The chunks' histograms (each chunk zeroes its own), kept from call to call: a fresh
-  // allocation would be zeroed by the kernel page by page, 16 KiB per 2**17 entries.
-  static thread_local std::vector<uint32_t> hist_buffer;
-  const size_t hist_size = static_cast<size_t>(n_chunks) * kBins;
-  if (hist_buffer.size() < hist_size) hist_buffer.resize(hist_size);
-  uint32_t* const hist = hist_buffer.data();
-  const int shift = bin_shift(c);
 
+  // Short segments: each whole, in cache.
+  if (n_small > 0) {
 #pragma omp parallel num_threads(c.threads)
-  {
-    std::vector<uint32_t> keys, scratch;
-    keys.reserve(kSmallSegment);
-    uint32_t tile[kTile];
-    alignas(64) uint8_t flags[kTile + 8] = {};
-    Staged staged;
-    std::vector<uint32_t> odd_hist(kBins);
-
-    // pass 1 of long segments, and short segments whole
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t j = 0; j < n_small; ++j) {
-      const Item& it = small_items[j];
-      for (int64_t b = it.begin; b < it.end; b += it.segment_length)
-        small_segment(tensors[it.tensor], c, b, std::min(it.segment_length, it.end - b), keys, scratch);
-    }
+    {
+      std::vector<uint32_t> keys, scratch;
+      keys.reserve(kSmallSegment);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t j = 0; j < n_chunks; ++j) {
-      const Chunk& ch = chunks[j];
-      const TensorArgs& t = tensors[segments[ch.segment].tensor];
-      uint32_t* h = &hist[static_cast<size_t>(j) * kBins];
-      std::memset(h, 0, kBins * sizeof(uint32_t));
-      // two histograms, even and odd entries: equal neighbouring keys do not wait on each
-      // other's increment
-      std::fill(odd_hist.begin(), odd_hist.end(), 0u);
-      for (int64_t b = ch.begin; b < ch.end; b += kTile) {
-        const int64_t e = std::min(ch.end, b + kTile);
-        moments_and_keys(t, c, b, e, tile);
-        const int64_t n = e - b;
-        int64_t i = 0;
-        for (; i + 1 < n; i += 2) {
-          ++h[tile[i] >> shift];
-          ++odd_hist[tile[i + 1] >> shift];
-        }
-        if (i < n) ++h[tile[i] >> shift];
-      }
-      for (int b = 0; b < kBins; ++b) h[b] += odd_hist[b];
-    }
-
-    // the boundary bin of each long segment, and where each chunk lists its entries of it
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < n_segments; ++s) {
-      Segment& seg = segments[s];
-      std::vector<uint64_t> total(kBins, 0);
-      for (int64_t j = seg.first_chunk; j < seg.first_chunk + seg.chunks; ++j) {
-        const uint32_t* h = &hist[static_cast<size_t>(j) * kBins];
-        for (int b = 0; b < kBins; ++b) total[b] += h[b];
-      }
-      int64_t above = 0;
-      int bin = kBins - 1;
-      for (; bin > 0; --bin) {
-        if (above + static_cast<int64_t>(total[bin]) >= seg.k) break;
-        above += static_cast<int64_t>(total[bin]);
-      }
-      seg.bin = bin;
-      seg.need = seg.k - above;
-      seg.whole_bin = seg.need == static_cast<int64_t>(total[bin]);
-      int64_t offset = 0;
-      for (int64_t j = seg.first_chunk; j < seg.first_chunk + seg.chunks; ++j) {
-        chunks[j].cand_offset = offset;
-        offset += hist[static_cast<size_t>(j) * kBins + bin];
-      }
-      if (!seg.whole_bin) {
-        seg.cand_index.resize(offset);
-        seg.cand_key.resize(offset);
-        seg.cand_param.resize(offset);
-        seg.cand_exp_avg.resize(offset);
-        seg.cand_exp_avg_sq.resize(offset);
+      for (int64_t j = 0; j < n_small; ++j) {
+        const Item& it = small_items[j];
+        for (int64_t b = it.begin; b < it.end; b += it.segment_length)
+          small_segment(tensors[it.tensor], c, b, std::min(it.segment_length, it.end - b), keys, scratch);
       }
     }
-
-    // pass 2: update the entries above the boundary bin, list the ones in it
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t j = 0; j < n_chunks; ++j) {
-      const Chunk& ch = chunks[j];
-      Segment& seg = segments[ch.segment];
-      const TensorArgs& t = tensors[seg.tensor];
-      const uint32_t bin = static_cast<uint32_t>(seg.bin);
-      int64_t out = ch.cand_offset;
-      const ParamRule rule(t, c);
-      const uint32_t lowest_selected = seg.whole_bin ? bin : bin + 1;
-      for (int64_t b = ch.begin; b < ch.end; b += kTile) {
-        const int64_t e = std::min(ch.end, b + kTile);
-        int64_t found = 0;
-#if defined(__AVX512F__)
-        if (c.kind != kRandomExact) {
-          found = apply_and_collect_avx512(t, c, b, e, shift, bin, lowest_selected, rule, staged);
-        } else
-#endif
-        {
-          // list the boundary bin's entries with their parameter before the update below,
-          // which treats them as unselected; the selection among them settles them
-          if (!seg.whole_bin) found = collect_bin(t, c, b, e, shift, bin, flags, staged);
-          apply_from_bin(t, c, b, e, shift, lowest_selected, rule);
-        }
-        if (found == 0) continue;
-        std::memcpy(&seg.cand_index[out], staged.index, found * sizeof(int64_t));
-        std::memcpy(&seg.cand_key[out], staged.key, found * sizeof(uint32_t));
-        std::memcpy(&seg.cand_param[out], staged.param, found * sizeof(float));
-        std::memcpy(&seg.cand_exp_avg[out], staged.exp_avg, found * sizeof(float));
-        std::memcpy(&seg.cand_exp_avg_sq[out], staged.exp_avg_sq, found * sizeof(float));
-        out += found;
-      }
-    }
-
-    // the exact selection among the boundary bin's entries
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < n_segments; ++s) {
-      Segment& seg = segments[s];
-      if (seg.whole_bin) continue;
-      const TensorArgs& t = tensors[seg.tensor];
-      const int64_t n = static_cast<int64_t>(seg.cand_key.size());
-      Boundary b =
-          seg.need > 0 ? find_boundary(seg.cand_key.data(), n, seg.need, scratch, shift) : Boundary{0, 0};
-      const ParamRule rule(t, c);
-      for (int64_t q = 0; q < n; ++q) {  // pass 2 kept them all; the selected ones move
-        const uint32_t key = seg.cand_key[q];
-        if (seg.need > 0 && (key > b.kth || (key == b.kth && b.ties-- > 0))) {
-          const int64_t i = seg.cand_index[q];
-          t.param[i] = rule.moved(seg.cand_param[q], seg.cand_exp_avg[q], seg.cand_exp_avg_sq[q]);
-        }
-      }
-    }
+  }
+  // Long segments, in waves of at most c.wave_chunks chunks (a longer segment alone): a wave's
+  // chunk histograms take 16 KiB per chunk, so the extra memory stays bounded.
+  for (int64_t first = 0; first < n_segments;) {
+    int64_t last = first + 1;
+    while (last < n_segments &&
+           segments[last].first_chunk + segments[last].chunks - segments[first].first_chunk <= c.wave_chunks)
+      ++last;
+    run_wave(tensors, c, segments, chunks, first, last);
+    first = last;
   }
 }
 
@@ -779,7 +814,7 @@ void run_topk(const TensorArgs* tensors, int32_t count, const Config& c) {
 extern "C" {
 
 // The ABI version: maskopt/cpu_step.py refuses a library that reports another.
-int32_t maskopt_cpu_step_abi(void) { return 1; }
+int32_t maskopt_cpu_step_abi(void) { return 2; }
 
 // One step on `count` tensors sharing a Config; returns 0, or -1 on an unknown kind.
 int32_t maskopt_cpu_step(const TensorArgs* tensors, int32_t count, const Config* config) {

@@ -95,6 +95,20 @@ def test_large_lerp_weight_and_grad_scale(monkeypatch, beta1):
     _assert_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("wave_chunks", [1, 2])
+def test_waves_of_long_segments(monkeypatch, wave_chunks):
+    """Long segments stepped a few chunks at a time (the memory bound on large models): the
+    same bits as one wave."""
+    _exact_sqrt(monkeypatch)
+    monkeypatch.setattr(cpu_step, "WAVE_CHUNKS", wave_chunks)
+    for policy in (
+        SelectionPolicy("topk_momentum", 0.1),
+        SelectionPolicy("topk_gradient", 0.2, block_size=40_000),
+    ):
+        ours, theirs, _ = _both(SHAPES, policy, weight_decay=0.1, mask_weight_decay=False)
+        _assert_equal(ours, theirs)
+
+
 def test_unpatched_sqrt_moments_and_masks_bitwise_parameters_to_last_bits():
     policy = SelectionPolicy("topk_momentum", 0.1)
     ours, theirs, before = _both(SHAPES, policy, weight_decay=0.1)
