@@ -69,11 +69,14 @@ class HalfAdam(MaskedAdam):
         freeze: ``"requires_grad"`` (default) sets ``requires_grad=False`` on the frozen half so
             autograd skips their weight gradients (HFT's time saving); ``"mask"`` leaves
             ``requires_grad`` alone and just does not step them (for DDP).
-        foreach: None/True batch tensors on the PyTorch path; False steps one at a time.
-        fused: None (default): the PyTorch path, on CUDA too until a GPU has run the current
-            Triton kernels (docs/performance.md); True: the Triton path on CUDA, a tensor it
-            cannot take (float64, a non-contiguous layout) refused before any change; False:
-            the PyTorch path.
+        foreach: None (default): the best path (below); True: foreach ops on the PyTorch path;
+            False: the PyTorch path one tensor at a time.
+        fused: None (default): float32 CPU tensors take the compiled CPU step
+            (``maskopt.cpu_step``, built on first use; the PyTorch path with one warning where
+            no C++ compiler is found), the rest the PyTorch path, on CUDA too until a GPU has
+            run the current Triton kernels (docs/performance.md); True: the Triton path on
+            CUDA, a tensor it cannot take (float64, a non-contiguous layout) refused before any
+            change; False: the PyTorch path.
         classify: planner hook for units the built-in rules do not know: a callable
             ``(unit_path, module_or_None) -> category | None`` or a dict ``{regex: category}``.
         layers: the layer stack prefix(es), e.g. ``"model.layers"``, overriding detection.

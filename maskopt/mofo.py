@@ -30,7 +30,8 @@ class MoFO(MaskedAdam):
 
     Exactly ``k = min(n, max(1, floor(alpha * n + 0.5)))`` entries move; ties at the k-th value
     go to the lowest flat index, and NaN ranks as the largest ``|m|``. ``alpha=1.0`` is AdamW
-    (bit for bit on the PyTorch path). The full semantics: docs/semantics.md.
+    (bit for bit: ``AdamW(foreach=True)`` on the PyTorch path, ``AdamW(fused=True)`` on the
+    compiled CPU step). The full semantics: docs/semantics.md.
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts
@@ -47,12 +48,14 @@ class MoFO(MaskedAdam):
             entry, as the official MoFO code does.
         block_size: select per chunk of this many consecutive flat entries instead of per
             tensor (an integer >= 1, or None: per tensor, the default).
-        foreach: None/True batch tensors with foreach ops on the PyTorch path; False steps one
-            tensor at a time.
-        fused: None (default): the PyTorch path, on CUDA too until a GPU has run the current
-            Triton kernels (docs/performance.md); True: the Triton path on CUDA, a tensor it
-            cannot take (float64, a non-contiguous layout) refused before any change; False:
-            the PyTorch path.
+        foreach: None (default): the best path (below); True: foreach ops on the PyTorch path;
+            False: the PyTorch path one tensor at a time.
+        fused: None (default): float32 CPU tensors take the compiled CPU step
+            (``maskopt.cpu_step``, built on first use; the PyTorch path with one warning where
+            no C++ compiler is found), the rest the PyTorch path, on CUDA too until a GPU has
+            run the current Triton kernels (docs/performance.md); True: the Triton path on
+            CUDA, a tensor it cannot take (float64, a non-contiguous layout) refused before any
+            change; False: the PyTorch path.
         maximize: maximize the objective instead of minimising it (default False).
         moment_dtype: the dtype ``exp_avg`` and ``exp_avg_sq`` are stored in: None (default)
             keeps float32 moments for float32/bfloat16/float16 parameters (float64 for

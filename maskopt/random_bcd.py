@@ -33,11 +33,14 @@ class RandomBCD(MaskedAdam):
         exact: move exactly ``topk_count(n, alpha)`` entries per tensor (those with the
             largest hash values) instead of each with probability ``alpha`` (default False).
         mask_weight_decay: decay only the entries that move (default True).
-        foreach: None/True batch tensors on the PyTorch path; False steps one at a time.
-        fused: None (default): the PyTorch path, on CUDA too until a GPU has run the current
-            Triton kernels (docs/performance.md); True: the Triton path on CUDA, a tensor it
-            cannot take (float64, a non-contiguous layout) refused before any change; False:
-            the PyTorch path.
+        foreach: None (default): the best path (below); True: foreach ops on the PyTorch path;
+            False: the PyTorch path one tensor at a time.
+        fused: None (default): float32 CPU tensors take the compiled CPU step
+            (``maskopt.cpu_step``, built on first use; the PyTorch path with one warning where
+            no C++ compiler is found), the rest the PyTorch path, on CUDA too until a GPU has
+            run the current Triton kernels (docs/performance.md); True: the Triton path on
+            CUDA, a tensor it cannot take (float64, a non-contiguous layout) refused before any
+            change; False: the PyTorch path.
         maximize: maximize the objective instead of minimising it (default False).
         moment_dtype: the dtype ``exp_avg`` and ``exp_avg_sq`` are stored in: None (default)
             keeps float32 moments for float32/bfloat16/float16 parameters (float64 for
