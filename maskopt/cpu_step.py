@@ -39,7 +39,7 @@ import torch
 
 from . import _hash
 from .policy import SelectionPolicy
-from .selection import RANDOM, RANDOM_EXACT, TOPK_GRADIENT, TOPK_MOMENTUM
+from .selection import RANDOM, RANDOM_EXACT, TOPK_GRADIENT, TOPK_MOMENTUM, topk_count
 
 if TYPE_CHECKING:
     from .distributed import Shard
@@ -47,13 +47,13 @@ if TYPE_CHECKING:
 __all__ = ["available", "build_error", "takes_cpu_step", "masked_adam_cpu_"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_step.cpp"
-_ABI = 2
+_ABI = 3
 # Chunks (of 2**17 entries) whose top-bit histograms a top-k step holds at once, 16 KiB each:
 # tensors are stepped in waves of about 2**26 entries, so the extra memory stays at 8 MiB.
 WAVE_CHUNKS = 512
 
 # Kinds and decay modes of csrc/cpu_step.cpp.
-_KIND_ALL, _KIND_GIVEN, _KIND_MOMENTS = 0, 5, 6
+_KIND_ALL, _KIND_GIVEN, _KIND_MOMENTS, _KIND_DIGITS, _KIND_ABOVE_KEY = 0, 5, 6, 7, 8
 _KINDS = {TOPK_MOMENTUM: 1, TOPK_GRADIENT: 2, RANDOM: 3, RANDOM_EXACT: 4}
 _NO_DECAY, _DECAY_SELECTED, _DECAY_ALL = 0, 1, 2
 
@@ -80,6 +80,9 @@ _TENSOR_FIELDS: list[tuple[str, Any]] = [
     ("bias_correction2_sqrt", ctypes.c_float),
     ("hash_key", ctypes.c_uint32),
     ("pad", ctypes.c_uint32),
+    ("key_prefix", ctypes.c_int64),
+    ("ties_to_take", ctypes.c_int64),
+    ("histogram", ctypes.c_void_p),
 ]
 
 
@@ -95,6 +98,10 @@ class _Config(ctypes.Structure):
         ("has_grad_scale", ctypes.c_int32),
         ("block_size", ctypes.c_int64),
         ("wave_chunks", ctypes.c_int64),
+        ("score_kind", ctypes.c_int32),
+        ("digit_high", ctypes.c_int32),
+        ("digit_low", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
         ("alpha", ctypes.c_double),
         ("hash_threshold", ctypes.c_uint64),
         ("lerp_weight", ctypes.c_float),
@@ -110,7 +117,7 @@ class _Config(ctypes.Structure):
 _TENSOR_RECORD = np.dtype(
     {
         "names": [name for name, _ in _TENSOR_FIELDS],
-        "formats": ["u8"] * 5 + ["i8"] * 3 + ["f4"] * 2 + ["u4"] * 2,
+        "formats": ["u8"] * 5 + ["i8"] * 3 + ["f4"] * 2 + ["u4"] * 2 + ["i8"] * 2 + ["u8"],
         "offsets": [getattr(_TensorArgs, name).offset for name, _ in _TENSOR_FIELDS],
         "itemsize": ctypes.sizeof(_TensorArgs),
     }
@@ -280,6 +287,7 @@ def _config(
         has_grad_scale=grad_scale is not None,
         block_size=policy.block_size or 0,
         wave_chunks=WAVE_CHUNKS,
+        score_kind=_KINDS.get(policy.kind, 0),
         alpha=policy.alpha,
         hash_threshold=_hash.threshold(policy.alpha),
         lerp_weight=1 - beta1,
@@ -384,10 +392,13 @@ def _across_shards(
     library, records, exp_avgs, grads, steps, policy, tensor_indices, shards, hyper, decay_mode
 ):
     """A selection over whole sharded tensors: compiled moments, the selection across the
-    shards (collectives, maskopt.distributed), then the compiled update of what it chose."""
+    shards, the compiled update of what it chose."""
+    _run(library, records, _config(_KIND_MOMENTS, policy, decay_mode=decay_mode, **hyper))
+    if policy.is_topk and policy.block_size is None and all(s is not None for s in shards):
+        _topk_across_shards(library, records, policy, shards, hyper, decay_mode)
+        return
     from .pytorch_path import _select
 
-    _run(library, records, _config(_KIND_MOMENTS, policy, decay_mode=decay_mode, **hyper))
     scale = hyper["grad_scale"]
     grads32 = grads
     if policy.kind == TOPK_GRADIENT and scale is not None:
@@ -401,3 +412,32 @@ def _across_shards(
         records[i]["index_count"] = idx.numel()
     _run(library, records, _config(_KIND_GIVEN, policy, decay_mode=decay_mode, **hyper))
     del keep  # the index tensors lived until the library had read them
+
+
+def _topk_across_shards(library, records, policy, shards, hyper, decay_mode) -> None:
+    """MoFO's top-k over whole sharded tensors with the keys read in C++: the collectives and
+    the arithmetic between them are maskopt.distributed's (the same calls as the PyTorch path,
+    so ranks on either path agree), the scans over the shards are the library's."""
+    from . import distributed
+
+    groups: dict[int, list[int]] = {}
+    for i, shard in enumerate(shards):  # in order of first appearance, the same on every rank
+        groups.setdefault(id(shard.group), []).append(i)
+    for members in groups.values():
+        part = records[members]  # a copy: its pointers and fields are per call
+        ks = [topk_count(shards[i].numel, policy.alpha) for i in members]
+
+        def histograms(prefix: torch.Tensor, high: int, low: int, part=part) -> torch.Tensor:
+            hist = torch.zeros((len(part), 256), dtype=torch.int64)
+            part["key_prefix"] = prefix.numpy()
+            part["histogram"] = [hist.data_ptr() + 256 * 8 * t for t in range(len(part))]
+            config = _config(_KIND_DIGITS, policy, decay_mode=decay_mode, **hyper)
+            config.digit_high, config.digit_low = high, low
+            _run(library, part, config)
+            return hist
+
+        kth, need, local_equal = distributed.radix_select_across(histograms, shards[members[0]].group, ks, 31)
+        take = distributed.ties_to_take(local_equal, need, [shards[i] for i in members], torch.device("cpu"))
+        part["key_prefix"] = kth.numpy()
+        part["ties_to_take"] = take.numpy()
+        _run(library, part, _config(_KIND_ABOVE_KEY, policy, decay_mode=decay_mode, **hyper))

@@ -23,7 +23,7 @@ strided set, which this exact selection does not handle: a clear error says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeGuard
 
@@ -186,30 +186,39 @@ def _float_keys(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
     return scores.to(torch.int64), 63 if scores.dtype == torch.int64 else 31
 
 
-def _global_topk(
-    keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int], key_bits: int
-) -> list[torch.Tensor]:
-    """Sorted local flat indices of each tensor's global top-``k`` by key (lowest global
-    index wins ties). All tensors share one process group; collective calls are the same
-    on every rank (their number depends only on ``key_bits`` and the tensor count)."""
-    group = shards[0].group
-    device = keys[0].device if keys else torch.device("cpu")
-    count = len(keys)
+def radix_select_across(
+    histograms: Callable[[torch.Tensor, int, int], torch.Tensor],
+    group: dist.ProcessGroup,
+    ks: Sequence[int],
+    key_bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact k-th largest key of each of ``len(ks)`` sharded tensors, digit by digit from
+    the top, with the digit histograms all-reduced over ``group``. A collective: every rank
+    makes the same ``ceil(key_bits / 8)`` all-reduces of a ``(len(ks), 256)`` int64 tensor.
+
+    Args:
+        histograms: ``(prefix, high, low) -> (len(ks), 256)`` int64 CPU tensor: per tensor, the
+            counts of the digit ``(key >> low) & (2**(high - low) - 1)`` over this rank's keys
+            with ``key >> high == prefix[t]`` (every key at the first level).
+        group: the process group the tensors are sharded over.
+        ks: per tensor, how many entries it selects over the whole tensor.
+        key_bits: the keys' width (31 for float32 magnitudes, 63 for float64).
+
+    Returns:
+        ``(kth, need, local_equal)``: per tensor the k-th largest key, how many entries equal to
+        it the selection takes over the whole tensor, and how many of this rank's keys equal it.
+    """
+    count = len(ks)
     prefix = torch.zeros(count, dtype=torch.int64)
     need = torch.tensor(list(ks), dtype=torch.int64)
     passes = -(-key_bits // _PASS_BITS)
+    local_equal = torch.zeros(count, dtype=torch.int64)
     for level in range(passes):
         low = max(0, key_bits - (level + 1) * _PASS_BITS)  # lowest bit of this pass's digit
         high = key_bits - level * _PASS_BITS  # bits above it are already fixed in prefix
         width = high - low
-        hist = torch.zeros((count, _BINS), dtype=torch.int64, device=device)
-        for t, key in enumerate(keys):
-            if key.numel() == 0:
-                continue
-            match = key if level == 0 else key[(key >> high) == int(prefix[t])]
-            if match.numel():
-                digit = (match >> low) & ((1 << width) - 1)
-                hist[t] = torch.bincount(digit, minlength=_BINS)
+        hist = histograms(prefix, high, low)
+        local = hist.cpu().clone() if level == passes - 1 else None
         dist.all_reduce(hist, group=group)
         hist = hist.cpu()
         # Digit of the k-th largest: counts from the top, first digit where they reach need.
@@ -221,29 +230,62 @@ def _global_topk(
         digit = (_BINS - 1) - pos
         need = need - above
         prefix = (prefix << width) | digit
-    kth = prefix  # the exact k-th largest key of every tensor; need = how many equal to it to take
+        if local is not None:  # the last digit: this rank's count of keys equal to the k-th
+            local_equal = local.gather(1, digit.unsqueeze(1)).squeeze(1)
+    return prefix, need, local_equal
 
-    # Entries equal to the k-th key: the lowest global indices win. Every rank learns every
-    # rank's count of equal entries (and its offset, to order the ranks by position).
-    greater, equal_counts = [], torch.zeros(count, dtype=torch.int64)
-    for t, key in enumerate(keys):
-        greater.append(key > int(kth[t]))
-        equal_counts[t] = int((key == int(kth[t])).sum())
+
+def ties_to_take(
+    local_equal: torch.Tensor, need: torch.Tensor, shards: Sequence[Shard], device: torch.device
+) -> torch.Tensor:
+    """How many of this rank's entries equal to the k-th key each tensor selects: the lowest
+    global indices win, so a rank takes what the ranks before it (by offset) leave. A
+    collective: one all-gather of a ``(2, len(shards))`` int64 tensor over their group.
+
+    Args:
+        local_equal: per tensor, this rank's count of entries equal to the k-th key.
+        need: per tensor, how many such entries the whole tensor selects.
+        shards: per tensor, its :class:`Shard` (one process group).
+        device: where the collective's tensors live.
+    """
+    group = shards[0].group
     offsets = torch.tensor([s.offset for s in shards], dtype=torch.int64)
-    mine = torch.stack([equal_counts, offsets]).to(device)
+    mine = torch.stack([local_equal, offsets]).to(device)
     world = dist.get_world_size(group)
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()  # [rank, (equal count, offset), tensor]
-    out = []
-    for t, key in enumerate(keys):
+    take = torch.zeros(len(shards), dtype=torch.int64)
+    for t in range(len(shards)):
         counts, offs = table[:, 0, t], table[:, 1, t]
         before = int(counts[offs < offsets[t]].sum())
-        take = max(0, min(int(equal_counts[t]), int(need[t]) - before))
-        keep = greater[t]
-        if take:
-            at = (key == int(kth[t])).nonzero().squeeze(1)[:take]
-            keep = keep.clone()
+        take[t] = max(0, min(int(local_equal[t]), int(need[t]) - before))
+    return take
+
+
+def _global_topk(
+    keys: Sequence[torch.Tensor], shards: Sequence[Shard], ks: Sequence[int], key_bits: int
+) -> list[torch.Tensor]:
+    """Sorted local flat indices of each tensor's global top-``k`` by key (lowest global
+    index wins ties). All tensors share one process group; collective calls are the same
+    on every rank (their number depends only on ``key_bits`` and the tensor count)."""
+    device = keys[0].device if keys else torch.device("cpu")
+
+    def histograms(prefix: torch.Tensor, high: int, low: int) -> torch.Tensor:
+        hist = torch.zeros((len(keys), _BINS), dtype=torch.int64, device=device)
+        for t, key in enumerate(keys):
+            match = key[(key >> high) == int(prefix[t])] if high < key_bits else key
+            if match.numel():
+                hist[t] = torch.bincount((match >> low) & ((1 << (high - low)) - 1), minlength=_BINS)
+        return hist
+
+    kth, need, local_equal = radix_select_across(histograms, shards[0].group, ks, key_bits)
+    take = ties_to_take(local_equal, need, shards, device)
+    out = []
+    for t, key in enumerate(keys):
+        keep = key > int(kth[t])
+        if take[t]:
+            at = (key == int(kth[t])).nonzero().squeeze(1)[: int(take[t])]
             keep[at] = True
         out.append(keep.nonzero().squeeze(1))
     return out

@@ -50,6 +50,10 @@ enum Kind : int32_t {
   kRandomExact = 4,
   kGivenIndices = 5,  // the entries listed by the caller (a selection made across shards)
   kMomentsOnly = 6,   // update the moments, leave the parameter (the caller selects next)
+  // A top-k across shards (the caller all-reduces between the calls): the digit histograms of
+  // the keys, then the update of the entries above the k-th key and of the first ties.
+  kDigitHistogram = 7,
+  kApplyAboveKey = 8,
 };
 
 enum DecayMode : int32_t { kNoDecay = 0, kDecaySelected = 1, kDecayAll = 2 };
@@ -67,6 +71,9 @@ struct TensorArgs {
   float bias_correction2_sqrt;
   uint32_t hash_key;  // random kinds: the stream key of this tensor and step
   uint32_t pad;
+  int64_t key_prefix;    // kDigitHistogram: the key bits above digit_high; kApplyAboveKey: the k-th key
+  int64_t ties_to_take;  // kApplyAboveKey: how many entries equal to the k-th key move (lowest first)
+  int64_t* histogram;    // kDigitHistogram: 256 counts, added to
 };
 
 struct Config {
@@ -76,6 +83,10 @@ struct Config {
   int32_t has_grad_scale;
   int64_t block_size;   // top-k kinds: <= 0 selects over the whole tensor
   int64_t wave_chunks;  // top-k kinds: chunks whose histograms are held at once (16 KiB each)
+  int32_t score_kind;   // kDigitHistogram, kApplyAboveKey: kTopkMomentum or kTopkGradient
+  int32_t digit_high;   // kDigitHistogram: the digit is key bits [digit_low, digit_high)
+  int32_t digit_low;
+  int32_t pad;
   double alpha;
   uint64_t hash_threshold;  // kRandom: selected iff u < hash_threshold (2**32: every entry)
   float lerp_weight;        // 1 - beta1
@@ -809,12 +820,52 @@ void run_topk(const TensorArgs* tensors, int32_t count, const Config& c) {
   }
 }
 
+// A top-k across shards, one tensor's local part per call (parallel over tensors): the
+// histogram of one digit of the keys whose higher bits equal the prefix.
+void digit_histograms(const TensorArgs* tensors, int32_t count, const Config& c) {
+  Config keyed = c;
+  keyed.kind = c.score_kind;
+  const int high = c.digit_high, low = c.digit_low;
+  const uint32_t mask = (1u << (high - low)) - 1u;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(c.threads)
+  for (int32_t t = 0; t < count; ++t) {
+    const TensorArgs& x = tensors[t];
+    int64_t local[256] = {};
+    const uint64_t prefix = static_cast<uint64_t>(x.key_prefix);
+    for (int64_t i = 0; i < x.numel; ++i) {
+      const uint64_t key = key_of(x, keyed, i);
+      if (high >= 64 || (key >> high) == prefix) ++local[(key >> low) & mask];
+    }
+    for (int b = 0; b < 256; ++b) x.histogram[b] += local[b];
+  }
+}
+
+// The update once the k-th key is known: entries above it move, and of those equal to it the
+// first ties_to_take (in local order; the caller gives each rank its share of the lowest
+// global indices).
+void apply_above_key(const TensorArgs* tensors, int32_t count, const Config& c) {
+  Config keyed = c;
+  keyed.kind = c.score_kind;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(c.threads)
+  for (int32_t t = 0; t < count; ++t) {
+    const TensorArgs& x = tensors[t];
+    const ParamRule rule(x, c);
+    const uint32_t kth = static_cast<uint32_t>(x.key_prefix);
+    int64_t ties = x.ties_to_take;
+    for (int64_t i = 0; i < x.numel; ++i) {
+      const uint32_t key = key_of(x, keyed, i);
+      const bool moves = key > kth || (key == kth && ties-- > 0);
+      x.param[i] = moves ? rule.moved(x.param[i], x.exp_avg[i], x.exp_avg_sq[i]) : rule.kept(x.param[i]);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // The ABI version: maskopt/cpu_step.py refuses a library that reports another.
-int32_t maskopt_cpu_step_abi(void) { return 2; }
+int32_t maskopt_cpu_step_abi(void) { return 3; }
 
 // One step on `count` tensors sharing a Config; returns 0, or -1 on an unknown kind.
 int32_t maskopt_cpu_step(const TensorArgs* tensors, int32_t count, const Config* config) {
@@ -830,6 +881,12 @@ int32_t maskopt_cpu_step(const TensorArgs* tensors, int32_t count, const Config*
     case kTopkGradient:
     case kRandomExact:
       run_topk(tensors, count, c);
+      return 0;
+    case kDigitHistogram:
+      digit_histograms(tensors, count, c);
+      return 0;
+    case kApplyAboveKey:
+      apply_above_key(tensors, count, c);
       return 0;
     default:
       return -1;
