@@ -12,6 +12,7 @@ import functools
 import itertools
 from pathlib import Path
 
+import _forgetting_optimizers as optimizers
 import _forgetting_stats as st
 
 SPREAD_NOTE = "mean ± std over seeds"
@@ -303,6 +304,7 @@ FINETUNE_FIELDS = [
     "code_loss",
     "code_acc",
     "forgetting",
+    "kl",
     "dist",
     "moved",
     "ms_step",
@@ -335,6 +337,7 @@ _NUMERIC = {
     "code_loss",
     "code_acc",
     "forgetting",
+    "kl",
     "dist",
     "moved",
     "ms_step",
@@ -365,6 +368,9 @@ def read_finetune_csv(path: Path) -> tuple[dict, list[dict]]:
     for r in runs:
         r["seed"] = int(r["seed"])
         r["curve"] = []
+        # runs written before the KL column existed
+        if not isinstance(r.get("kl"), float):
+            r["kl"] = float("nan")
     by_key = {(r["optimizer"], r["lr"], r["seed"]): r for r in runs}
     curves = path.with_name("finetune_curves.csv")
     if curves.is_file():
@@ -424,7 +430,21 @@ COLORS = {
     "mofo5-grad": "C4",
     "rbcd15": "C7",
     "rbcd5": "C7",
+    "mofo": "C0",
+    "mofo-grad": "C4",
+    "rbcd": "C7",
+    "wiseft": "C5",
+    "lora": "C9",
+    "badam-layer": "C8",
+    "badam-ratio": "C6",
+    "lisa": "olive",
 }
+
+
+def color_of(name: str) -> str:
+    return COLORS.get(name) or COLORS.get(optimizers.family(name), "k")
+
+
 MARKERS = "os^Dv"
 
 
@@ -441,7 +461,7 @@ def _mean_points(rows: list[dict], name: str, x: str, y: str):
 def _panel(ax, rows, x, y, lrs):
     for name in _names(rows):
         pts = _mean_points(rows, name, x, y)
-        color = COLORS.get(name, "k")
+        color = color_of(name)
         if len(pts) > 1:
             ax.plot([p[1] for p in pts], [p[3] for p in pts], color=color, lw=1, alpha=0.6, zorder=2)
         for i, (lr, mx, sx, my, sy) in enumerate(pts):

@@ -198,7 +198,7 @@ def equal_learning(rows: list[dict], fractions=(0.25, 0.5, 0.75)) -> EqualLearni
     return EqualLearning(levels=levels, forgetting=forgetting, distance=dist, seeds=seeds)
 
 
-def _first_reach(curve: list[dict], level: float) -> float | None:
+def first_reach(curve: list[dict], level: float) -> float | None:
     """Forgetting when the validation English loss first falls to ``level`` (linear between evaluations)."""
     for a, b in itertools.pairwise(curve):
         if b["english_val"] <= level:
@@ -220,7 +220,7 @@ def trajectory_gap(rows: list[dict], name: str, baseline: str = "adamw") -> list
         if r["optimizer"] != name or b is None or not r.get("curve"):
             continue
         level = max(min(c["english_val"] for c in r["curve"]), min(c["english_val"] for c in b["curve"]))
-        mine, theirs = _first_reach(r["curve"], level), _first_reach(b["curve"], level)
+        mine, theirs = first_reach(r["curve"], level), first_reach(b["curve"], level)
         if mine is not None and theirs is not None:
             out.append(mine - theirs)
     return out

@@ -46,6 +46,37 @@ def evaluate(model, windows: torch.Tensor, batch: int, device: torch.device) -> 
     return loss_sum / count, 100.0 * correct / count
 
 
+@torch.no_grad()
+def log_probs(model, windows: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """Next-byte log-probabilities (windows, seq - 1, 256) on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = [
+        torch.log_softmax(model(input_ids=chunk.to(device)).logits[:, :-1].float(), -1).cpu()
+        for chunk in windows.split(batch * 4)
+    ]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model, windows: torch.Tensor, reference: torch.Tensor, batch: int, device: torch.device
+) -> float:
+    """Mean KL(model || reference) per byte (nats), reference given as ``log_probs`` of the same windows."""
+    was_training = model.training
+    model.eval()
+    total, count, start = 0.0, 0, 0
+    for chunk in windows.split(batch * 4):
+        logp = torch.log_softmax(model(input_ids=chunk.to(device)).logits[:, :-1].float(), -1)
+        ref = reference[start : start + len(chunk)].to(logp.device)
+        total += float((logp.exp() * (logp - ref)).sum())
+        count += logp.shape[0] * logp.shape[1]
+        start += len(chunk)
+    model.train(was_training)
+    return total / count
+
+
 def snapshot(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -96,13 +127,27 @@ def _set_lr(opt, base_lrs: list[float], multiplier: float) -> None:
         group["lr"] = lr * multiplier
 
 
+def clip_gradients(model, max_norm: float) -> None:
+    """``clip_grad_norm_`` that also takes the sparse gradients BAdam's ratio mode leaves (the norm of
+    a sparse gradient is that of its stored entries)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not any(g.is_sparse for g in grads):
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+        return
+    values = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in values]))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(scale)
+
+
 def _step(model, opt, batches: data.Batches, device, stats: TrainStats) -> None:
     x = batches.next().to(device, non_blocking=True)
     sync(device)
     t0 = time.perf_counter()
     loss = model(input_ids=x, labels=x).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], CLIP)
+    clip_gradients(model, CLIP)
     sync(device)
     t1 = time.perf_counter()
     opt.step()
@@ -169,12 +214,20 @@ class PlateauResult:
 
 
 def train_until_plateau(
-    model, opt, batches: data.Batches, rule: StopRule, device, bar, held_out_loss: Callable[[int], float]
+    model,
+    opt,
+    batches: data.Batches,
+    rule: StopRule,
+    device,
+    bar,
+    held_out_loss: Callable[[int], float],
+    before_step: Callable[[int], None] | None = None,
 ) -> PlateauResult:
     """Train until the held-out loss stops improving; leaves the model at its best evaluation.
 
     ``held_out_loss(step)`` evaluates the model after ``step`` steps. The step-0 evaluation
-    counts, so a run that only gets worse returns the starting point.
+    counts, so a run that only gets worse returns the starting point. ``before_step(step)`` runs
+    before each step (LISA draws its layers there).
     """
     stats = TrainStats()
     base = [g["lr"] for g in opt.param_groups]
@@ -187,6 +240,8 @@ def train_until_plateau(
     model.train()
     for step in range(1, rule.max_steps + 1):
         _set_lr(opt, base, lr_mult * min(1.0, step / max(1, rule.warmup)))
+        if before_step is not None:
+            before_step(step)
         _step(model, opt, batches, device, stats)
         bar.update(1)
         if step % rule.eval_every and step != rule.max_steps:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Forgetting benchmark: fine-tune a pre-trained byte-level Llama on English, measure what it forgets.
 
-    python benchmarks/forgetting.py                 # the default demo (7 min measured on one core)
+    python benchmarks/forgetting.py                 # the default demo (see docs/forgetting.md for its time)
     python benchmarks/forgetting.py --quick         # smoke test (< 1 min)
     python benchmarks/forgetting.py --full          # everything behind docs/forgetting.md, one size
     python benchmarks/forgetting.py --pretrain --size large   # rebuild a shipped checkpoint
@@ -11,13 +11,17 @@
 1. The pre-trained checkpoint theta0 of ``--size`` comes from ``benchmarks/checkpoints/``
    (trained on the Python standard library's sources until the held-out code loss plateaued;
    ``--pretrain`` rebuilds it, see ``_forgetting_pretrain.py``).
-2. Fine-tuning on the English text of ``pydoc_data/topics.py``: every optimizer, lr and seed
+2. Fine-tuning on the English text of ``pydoc_data/topics.py``: every method, lr and seed
    trains from theta0 until the held-out English loss stops improving and is measured at its
    best point: learning (held-out English loss), forgetting (rise of the held-out code loss),
-   ||theta - theta0|| and the fraction of entries moved. Tables compare the optimizers at the
-   same lr (the papers' protocol) and, with several lrs, at equal learning (forgetting read
-   along each optimizer's lr sweep at common English losses); seeds give mean ± std and
-   paired differences against AdamW with 95 % intervals.
+   KL to theta0 on held-out English, ||theta - theta0|| and the fraction of entries moved. The
+   methods are the optimizers (AdamW, HalfAdam, MoFO, RandomBCD) and their peers (LoRA, BAdam,
+   LISA, and WiSE-FT interpolations of every AdamW run; ``_forgetting_peers.py``). Tables compare
+   the optimizers at the same lr (the papers' protocol) and, with several lrs, at equal learning;
+   with peers, every configuration against the WiSE-FT and AdamW curves at its own English loss
+   and KL, the method that forgets least at common English losses, and rank correlations of
+   forgetting with KL, distance and fraction moved (``_forgetting_tradeoff.py``); seeds give
+   mean ± std and paired differences with 95 % intervals.
 3. Continual learning: four tasks in sequence with OP and BWT in both papers' conventions.
 """
 
@@ -46,7 +50,7 @@ import _forgetting_finetune as finetune  # noqa: E402
 import _forgetting_models as models  # noqa: E402
 import _forgetting_optimizers as optimizers  # noqa: E402
 import _forgetting_report as report  # noqa: E402
-import _forgetting_stats as stats  # noqa: E402
+import _forgetting_tables as tables  # noqa: E402
 import torch  # noqa: E402
 from _forgetting_progress import Progress  # noqa: E402
 
@@ -62,6 +66,8 @@ class Preset:
 
     optimizers: tuple[str, ...]
     lrs: tuple[float, ...]
+    # LoRA's own lr sweep: adapters starting at zero need a larger lr than full fine-tuning
+    lora_lrs: tuple[float, ...]
     seeds: int
     finetune: finetune.FinetuneBudget
     continual_optimizers: tuple[str, ...]
@@ -83,8 +89,10 @@ _FULL_BUDGET = finetune.FinetuneBudget(
 )
 PRESETS = {
     "quick": Preset(
-        optimizers=optimizers.KNOWN[:6],
+        optimizers=optimizers.OPTIMIZERS[:6]
+        + (optimizers.WISE, "lora4", "badam-layer", "badam-ratio", "lisa"),
         lrs=(1e-3,),
+        lora_lrs=(3e-3,),
         seeds=1,
         finetune=finetune.FinetuneBudget(
             batch=8,
@@ -103,28 +111,45 @@ PRESETS = {
         note="--quick: a smoke test on a tiny budget; its numbers mean nothing",
     ),
     "demo": Preset(
-        optimizers=("adamw", "mofo15"),
+        optimizers=("adamw", optimizers.WISE, "mofo15", "lora16"),
         lrs=(1e-3,),
+        lora_lrs=(3e-3,),
         seeds=1,
         finetune=_FULL_BUDGET,
-        continual_optimizers=("adamw", "mofo5"),
+        # no continual sequence by default: with LoRA and WiSE-FT the demo would pass its 10-minute
+        # budget on one core (--continual-optimizers adamw,mofo5 adds it back: about 100 s)
+        continual_optimizers=(),
         continual_lr=1e-3,
         task_steps=60,
         task_eval_windows=64,
-        note="default demo: AdamW and MoFO only, one lr, one seed (seed 0 of --full, so no "
-        "spread); --full adds HalfAdam, a second lr and 3 seeds, as in docs/forgetting.md",
+        note="default demo: AdamW, its WiSE-FT interpolations, MoFO and LoRA r=16 (lr 3e-3), one "
+        "lr, one seed (no spread), fine-tuning only (--continual-optimizers adamw,mofo5 adds the "
+        "continual sequence); --full adds HalfAdam, BAdam, LISA, more LoRA ranks, 3 lrs, 3 seeds "
+        "and the continual sequence, as in docs/forgetting.md",
     ),
     "full": Preset(
-        optimizers=("adamw", "halfadam", "mofo15"),
-        lrs=(1e-3, 3e-3),
+        optimizers=(
+            "adamw",
+            optimizers.WISE,
+            "halfadam",
+            "mofo15",
+            "lora4",
+            "lora16",
+            "lora64",
+            "badam-layer",
+            "badam-ratio",
+            "lisa",
+        ),
+        lrs=(3e-4, 1e-3, 3e-3),
+        lora_lrs=(1e-3, 3e-3, 1e-2),
         seeds=3,
         finetune=_FULL_BUDGET,
         continual_optimizers=("adamw", "halfadam", "mofo5"),
         continual_lr=1e-3,
         task_steps=60,
         task_eval_windows=64,
-        note="--full: 2 lrs x 3 seeds behind docs/forgetting.md (its ablation tables add "
-        "--optimizers mofo15-grad,rbcd15,mofo5 --lr 1e-3, merged with --merge)",
+        note="--full: 3 lrs (LoRA: its own 3) x 3 seeds behind docs/forgetting.md (its ablation "
+        "tables add --optimizers mofo15-grad,rbcd15,mofo5 --lr 1e-3, merged with --merge)",
     ),
 }
 
@@ -178,14 +203,21 @@ def _lrs(s: str) -> list[float]:
     return out
 
 
-def _names(s: str) -> list[str]:
-    names = [p.strip().lower() for p in s.split(",") if p.strip()]
-    bad = [n for n in names if n not in optimizers.KNOWN]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown optimizer(s) {bad or s!r}; choose from {', '.join(optimizers.KNOWN)}"
-        )
-    return names
+def _names_from(known: tuple[str, ...]):
+    def parse(s: str) -> list[str]:
+        names = [p.strip().lower() for p in s.split(",") if p.strip()]
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer(s) {bad or s!r}; choose from {', '.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+_names = _names_from(optimizers.KNOWN)
+_continual_names = _names_from(optimizers.OPTIMIZERS)
 
 
 def _dirs(s: str) -> list[Path]:
@@ -204,7 +236,8 @@ def parse_args(argv=None):
     budget.add_argument(
         "--full",
         action="store_true",
-        help="the lr sweep and 3 seeds behind docs/forgetting.md (about 50 min for --size cpu on one core)",
+        help="every method, 3 lrs and 3 seeds behind docs/forgetting.md: 81 fine-tuning runs of 2-4 min "
+        "each at --size cpu on one core; --optimizers and --lr select a slice",
     )
     p.add_argument(
         "--size",
@@ -240,8 +273,8 @@ def parse_args(argv=None):
         "--lr",
         type=_lrs,
         default=None,
-        help="fine-tuning lr for every optimizer; a comma-separated list runs a sweep and the "
-        "equal-learning comparison (default: the preset's)",
+        help="fine-tuning lr for every method, LoRA included; a comma-separated list runs a sweep "
+        "and the equal-learning comparison (default: the preset's, and LoRA's own sweep)",
     )
     p.add_argument(
         "--seeds",
@@ -254,11 +287,12 @@ def parse_args(argv=None):
         "--optimizers",
         type=_names,
         default=None,
-        help="comma-separated fine-tuning optimizers (default: the preset's)",
+        help="comma-separated fine-tuning methods: optimizers, LoRA ranks, BAdam modes, LISA, and "
+        "wiseft (WiSE-FT interpolations of every AdamW run) (default: the preset's)",
     )
     p.add_argument(
         "--continual-optimizers",
-        type=_names,
+        type=_continual_names,
         default=None,
         help="comma-separated continual-learning optimizers (default: the preset's)",
     )
@@ -356,64 +390,6 @@ def run_size_axis(args) -> int:
     return 0
 
 
-def print_finetune_tables(ref: dict, ft_rows: list[dict]) -> None:
-    """Every fine-tuning table: per lr, the papers' protocol and the paired differences; then the
-    equal-learning readings (along the training curves, along the lr sweeps)."""
-    names = list(dict.fromkeys(r["optimizer"] for r in ft_rows))
-    lrs = sorted({r["lr"] for r in ft_rows})
-    against_adamw = "adamw" in names and len(names) > 1
-    print(
-        "\nFine-tuning on English, each run at its best point; losses in nats/byte held out; "
-        f"forgetting = rise of the held-out code loss; {report.SPREAD_NOTE}"
-    )
-    for lr in lrs:
-        print(f"\nSame lr for every optimizer (the papers' protocol): lr {lr:g}")
-        print(report.fixed_lr_table(ref, ft_rows, lr))
-        at = {r["optimizer"] for r in ft_rows if r["lr"] == lr}
-        if against_adamw and len(at) > 1:
-            print(f"\nAgainst AdamW at lr {lr:g}, {report.DIFF_NOTE}")
-            print(report.paired_fixed_lr_table(ft_rows, lr))
-        ablation = [n for n in optimizers.ABLATIONS if n in at]
-        if optimizers.ABLATION_BASELINE in at and ablation:
-            print(
-                f"\nThe MoFO paper's ablations at lr {lr:g}: the gradient filter, random selection and "
-                f"another fraction against MoFO 15 %, {report.DIFF_NOTE}"
-            )
-            print(report.paired_fixed_lr_table(ft_rows, lr, optimizers.ABLATION_BASELINE, ablation))
-    if against_adamw:
-        print(
-            "\nEqual learning along the training curves: each optimizer and AdamW (same lr and "
-            "seed) read where they first reach the validation English loss the weaker of the two "
-            f"reaches at its best; {report.DIFF_NOTE}"
-        )
-        print(report.trajectory_gap_table(ft_rows))
-    ablation = [n for n in optimizers.ABLATIONS if n in names]
-    if optimizers.ABLATION_BASELINE in names and ablation:
-        print(
-            "\nThe ablations at equal learning along the training curves, against MoFO 15 %; "
-            f"{report.DIFF_NOTE}"
-        )
-        print(report.trajectory_gap_table(ft_rows, optimizers.ABLATION_BASELINE, ablation))
-    el = stats.equal_learning(ft_rows)
-    if el:
-        print(
-            "\nEqual learning: forgetting read at common held-out English losses along each "
-            f"optimizer's lr sweep (linear between runs); {report.SPREAD_NOTE}"
-        )
-        print(report.equal_learning_table(el, ft_rows))
-    elif len(lrs) > 1:
-        print(
-            "\nEqual learning over all optimizers: n/a (their lr sweeps share no range of English "
-            "loss for every seed)"
-        )
-    if len(lrs) > 1 and against_adamw:
-        print(
-            "\nAt equal learning, against AdamW (each pair read at the middle of the English "
-            f"losses both sweeps reach for every seed), {report.DIFF_NOTE}"
-        )
-        print(report.equal_learning_gap_table(ft_rows))
-
-
 def run_merge(args) -> int:
     """Combine the fine-tuning runs of several output directories (seeds, lrs or optimizers run
     in parallel, or added later) into one set of tables, CSV files and plot in --out."""
@@ -428,11 +404,20 @@ def run_merge(args) -> int:
         f"# merged from {dirs}: size {ref['size']}, {len(rows)} runs, seeds "
         f"{', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}"
     )
-    print_finetune_tables(ref, rows)
+    tables.print_finetune_tables(ref, rows)
     report.write_csv(out / "finetune.csv", [ref] + rows, report.FINETUNE_FIELDS)
     report.write_csv(out / "finetune_curves.csv", report.curve_rows(rows), report.CURVE_FIELDS)
-    report.plot_results(out / "forgetting.png", rows, [], f"size {ref['size']}, merged from {dirs}")
-    print(f"\nwrote {out / 'finetune.csv'}, {out / 'finetune_curves.csv'}, {out / 'forgetting.png'}")
+    report.plot_results(
+        out / "forgetting.png", tables.trained(rows), [], f"size {ref['size']}, merged from {dirs}"
+    )
+    extra = tables.write_tradeoff(
+        out,
+        ref,
+        rows,
+        f"size {ref['size']}: {len(rows)} runs and interpolations merged from {len(args.merge)} directories",
+    )
+    written = [out / "finetune.csv", out / "finetune_curves.csv", out / "forgetting.png"] + extra
+    print(f"\nwrote {', '.join(str(f) for f in written)}")
     return 0
 
 
@@ -441,6 +426,7 @@ def run_benchmark(args) -> int:
     names = args.optimizers or list(preset.optimizers)
     cl_names = args.continual_optimizers or list(preset.continual_optimizers)
     lrs = args.lr or list(preset.lrs)
+    lrs_of = {n: (args.lr or list(preset.lora_lrs if n.startswith("lora") else preset.lrs)) for n in names}
     seeds = list(range(args.seed, args.seed + (args.seeds or preset.seeds)))
     budget = preset.finetune
     if args.max_steps:
@@ -477,14 +463,19 @@ def run_benchmark(args) -> int:
             f"fine-tuning on English until the held-out loss stops improving (at most "
             f"{budget.max_steps} steps, evaluated every {budget.eval_every}, patience "
             f"{budget.patience}): {', '.join(names)}; lr {', '.join(f'{x:g}' for x in lrs)}"
+            + (
+                f" (LoRA: {', '.join(f'{x:g}' for x in preset.lora_lrs)})"
+                if not args.lr and any(n.startswith("lora") for n in names)
+                else ""
+            )
         )
         ref, ft_rows = finetune.finetune_sweep(
-            model, corpora, names, lrs, seeds, shape.seq, budget, args.device, progress, args.size
+            model, corpora, names, lrs_of, seeds, shape.seq, budget, args.device, progress, args.size
         )
         report.write_csv(out / "finetune.csv", [ref] + ft_rows, report.FINETUNE_FIELDS)
         report.write_csv(out / "finetune_curves.csv", report.curve_rows(ft_rows), report.CURVE_FIELDS)
     cl_rows, cells = [], []
-    if args.mode in ("all", "continual"):
+    if args.mode in ("all", "continual") and cl_names:
         progress.say(
             f"continual learning: {' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per "
             f"task, lr {preset.continual_lr:g}: {', '.join(cl_names)}"
@@ -511,7 +502,7 @@ def run_benchmark(args) -> int:
         f"# total wall time {time.perf_counter() - t_all:.0f} s"
     )
     if ft_rows:
-        print_finetune_tables(ref, ft_rows)
+        tables.print_finetune_tables(ref, ft_rows)
     if cl_rows:
         print(
             f"\nContinual learning ({' -> '.join(data.CONTINUAL_TASKS)}, {task_steps} steps per task, lr "
@@ -526,8 +517,13 @@ def run_benchmark(args) -> int:
         [out / "continual.csv", out / "continual_matrix.csv"] if cl_rows else []
     )
     if ft_rows or cl_rows:
-        report.plot_results(out / "forgetting.png", ft_rows, cl_rows, f"{setting}\n{versions_line()}")
+        report.plot_results(
+            out / "forgetting.png", tables.trained(ft_rows), cl_rows, f"{setting}\n{versions_line()}"
+        )
         written.append(out / "forgetting.png")
+    if ft_rows:
+        written += tables.write_tradeoff(out, ref, ft_rows, f"{setting}\n{versions_line()}")
+    if written:
         print(f"\nwrote {', '.join(str(f) for f in written)}")
     return 0
 

@@ -22,13 +22,18 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("maskopt")
+pytest.importorskip("peft")
+pytest.importorskip("badam")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "forgetting.py"
 SIZE = "micro"
 CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 FINETUNE = ["adamw", "halfadam", "mofo5", "mofo15", "mofo15-grad", "rbcd15"]
+PEERS = ["lora4", "badam-layer", "badam-ratio", "lisa"]
+WISE = ["wiseft20", "wiseft40", "wiseft60", "wiseft80"]
 LABELS = ["AdamW", "HalfAdam (HFT)", "MoFO a=5%", "MoFO a=15%", "MoFO-grad a=15%", "RandomBCD a=15%"]
+PEER_LABELS = ["LoRA r=4", "BAdam layer", "BAdam ratio 15%", "LISA 1 layer/20 steps"]
 CONTINUAL = ["adamw", "halfadam", "mofo5", "rbcd5"]
 TASKS = ["english", "codecs", "email", "asyncio"]
 
@@ -93,8 +98,12 @@ def test_tables_on_stdout(quick):
     out = proc.stdout
     assert "Same lr for every optimizer" in out and "mean ± std over seeds" in out
     assert "paired by seed, mean ± 95 % t-interval half-width" in out
-    for label in LABELS:
+    for label in LABELS + PEER_LABELS:
         assert f"| {label}" in out, label
+    tradeoff = out[out.index("The trade-off across methods") :]
+    for label in LABELS + PEER_LABELS + ["WiSE-FT λ=0.2", "WiSE-FT λ=0.8"]:
+        assert f"| {label}, lr " in tradeoff, label
+    assert "Spearman" in tradeoff and "| KL to θ0 (English) |" in tradeoff
     ablation = out[out.index("The MoFO paper's ablations at lr 0.001") :]
     assert "| optimizer − MoFO a=15% |" in ablation
     for label in ("MoFO-grad a=15%", "RandomBCD a=15%", "MoFO a=5%"):
@@ -111,18 +120,18 @@ def test_finetune_csv_has_every_optimizer_and_seed(quick):
     assert rows[0]["optimizer"] == "theta0"
     runs = rows[1:]
     assert sorted((r["optimizer"], r["seed"]) for r in runs) == sorted(
-        (n, s) for n in FINETUNE for s in ("0", "1")
+        (n, s) for n in FINETUNE + PEERS + WISE for s in ("0", "1")
     )
     base = {k: float(rows[0][k]) for k in ("ft_loss", "code_loss")}
     # the shipped checkpoint knows code much better than English
     assert base["code_loss"] < base["ft_loss"] - 0.2
     for r in runs:
-        for key in ("ft_loss", "code_loss", "forgetting", "dist", "moved", "best_step"):
+        for key in ("ft_loss", "code_loss", "forgetting", "kl", "dist", "moved", "best_step"):
             assert math.isfinite(float(r[key])), (r["optimizer"], key)
         assert float(r["learned"]) == pytest.approx(base["ft_loss"] - float(r["ft_loss"]), abs=1e-4)
         assert float(r["forgetting"]) == pytest.approx(float(r["code_loss"]) - base["code_loss"], abs=1e-4)
         assert 0 <= int(r["best_step"]) <= int(r["steps"])
-        assert r["stopped_by"] in ("plateau", "max_steps")
+        assert r["stopped_by"] in ("plateau", "max_steps", "interpolation")
     by = {(r["optimizer"], r["seed"]): r for r in runs}
     for s in ("0", "1"):
         assert float(by[("adamw", s)]["learned"]) > 0
@@ -133,6 +142,43 @@ def test_finetune_csv_has_every_optimizer_and_seed(quick):
         assert float(by[("adamw", s)]["moved"]) > 1.3 * float(by[("halfadam", s)]["moved"])
     # seeds change the data order, so the two AdamW runs differ
     assert by[("adamw", "0")]["ft_loss"] != by[("adamw", "1")]["ft_loss"]
+
+
+def test_peers_and_wise_ft_rows(quick):
+    out, _ = quick
+    rows = _rows(out / "finetune.csv")[1:]
+    by = {(r["optimizer"], r["seed"]): r for r in rows}
+    for s in ("0", "1"):
+        adamw = by[("adamw", s)]
+        assert float(adamw["kl"]) > 0
+        kls = []
+        for name in WISE:
+            r = by[(name, s)]
+            lam = int(name[6:]) / 100
+            # WiSE-FT interpolates the AdamW run's best point: same run, a fraction of its step
+            assert r["best_step"] == adamw["best_step"] and r["stopped_by"] == "interpolation"
+            assert float(r["dist"]) == pytest.approx(lam * float(adamw["dist"]), rel=1e-3)
+            # (a change far below an entry's float32 spacing can round back to theta0 at a small lambda)
+            assert float(r["moved"]) == pytest.approx(float(adamw["moved"]), rel=1e-3)
+            kls.append(float(r["kl"]))
+        assert kls == sorted(kls) and kls[-1] < float(adamw["kl"])
+        # LoRA leaves the embedding, norms and head alone; BAdam the embedding and head
+        for name in ("lora4", "badam-layer", "badam-ratio"):
+            assert 0 < float(by[(name, s)]["moved"]) < float(adamw["moved"]), name
+        assert float(by[("badam-ratio", s)]["moved"]) < 0.2
+        assert float(by[("lora4", s)]["learned"]) > 0
+
+
+def test_tradeoff_csv_and_png(quick):
+    out, _ = quick
+    rows = _rows(out / "tradeoff.csv")
+    families = {r["family"] for r in rows}
+    assert {"adamw", "wiseft", "lora", "badam-layer", "badam-ratio", "lisa", "mofo"} <= families
+    lora = [r for r in rows if r["optimizer"] == "lora4"]
+    assert len(lora) == 2 and all(r["wiseft_forgetting_at_kl"] != "" for r in lora)
+    assert any(r["optimizer"] == "theta0" and float(r["forgetting"]) == 0 for r in rows)
+    png = out / "tradeoff.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_continual_csv_matches_metrics(quick):
