@@ -420,10 +420,7 @@ def _topk_across_shards(library, records, policy, shards, hyper, decay_mode) -> 
     so ranks on either path agree), the scans over the shards are the library's."""
     from . import distributed
 
-    groups: dict[int, list[int]] = {}
-    for i, shard in enumerate(shards):  # in order of first appearance, the same on every rank
-        groups.setdefault(id(shard.group), []).append(i)
-    for members in groups.values():
+    for members in distributed.shards_by_group(shards).values():
         part = records[members]  # a copy: its pointers and fields are per call
         ks = [topk_count(shards[i].numel, policy.alpha) for i in members]
 

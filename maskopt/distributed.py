@@ -291,7 +291,13 @@ def _global_topk(
     return out
 
 
-def _by_group(shards: Sequence[Shard | None]) -> dict:
+def shards_by_group(shards: Sequence[Shard | None]) -> dict:
+    """Indices of the sharded tensors (``shards[i]`` not None) per process group, groups in order
+    of first appearance (the same on every rank).
+
+    Args:
+        shards: per tensor, its :class:`Shard` or None.
+    """
     groups: dict = {}
     for i, s in enumerate(shards):
         if s is not None:
@@ -334,7 +340,7 @@ def topk_indices_sharded(
         ):
             out[i] = idx
     if block_size is None:
-        for members in _by_group(shards).values():
+        for members in shards_by_group(shards).values():
             keyed = {i: _float_keys(scores[i].reshape(-1)) for i in members}
             for bits in sorted({b for _, b in keyed.values()}):  # the same on every rank
                 same = [i for i in members if keyed[i][1] == bits]
@@ -386,7 +392,7 @@ def random_indices_sharded(
         )
         for i, idx in zip(unsharded, found, strict=True):
             out[i] = idx
-    for members in _by_group(shards).values():
+    for members in shards_by_group(shards).values():
         keys64 = [_hash.hash_keys(local_numels[i], keys[i], device, start=starts[i]) for i in members]
         ks = [topk_count(shards[i].numel, alpha) for i in members]
         for i, idx in zip(members, _global_topk(keys64, [shards[i] for i in members], ks, 32), strict=True):

@@ -509,6 +509,17 @@ def masked_adamw_routed(
     rest = [i for i in range(n) if not on_fused[i]]
     if not rest:
         return
+
+    def step_on_host(step_fn, run: list[int]) -> None:  # the PyTorch path or the compiled CPU step
+        step_fn(
+            *([x[i] for i in run] for x in lists),
+            tensor_indices=[tensor_indices[i] for i in run],
+            shards=None if shards is None else [shards[i] for i in run],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            **hyper,
+        )
+
     across_shards = shards is not None and not policy.moves_all and any(shards[i] is not None for i in rest)
     compiled: set[int] = set()
     if cpu_step:
@@ -520,15 +531,7 @@ def masked_adamw_routed(
             if compiled_step.takes_cpu_step(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i])
         }
         if compiled and not across_shards:  # one call: it spreads the tensors over the threads
-            run = sorted(compiled)
-            compiled_step.masked_adam_cpu_(
-                *([x[i] for i in run] for x in lists),
-                tensor_indices=[tensor_indices[i] for i in run],
-                shards=None if shards is None else [shards[i] for i in run],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                **hyper,
-            )
+            step_on_host(compiled_step.masked_adam_cpu_, sorted(compiled))
             rest = [i for i in rest if i not in compiled]
             if not rest:
                 return
@@ -551,11 +554,4 @@ def masked_adamw_routed(
         step_run = masked_adam_
         if compiled and all(i in compiled for i in run):
             step_run = compiled_step.masked_adam_cpu_
-        step_run(
-            *([x[i] for i in run] for x in lists),
-            tensor_indices=[tensor_indices[i] for i in run],
-            shards=None if shards is None else [shards[i] for i in run],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            **hyper,
-        )
+        step_on_host(step_run, run)

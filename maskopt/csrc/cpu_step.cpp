@@ -217,27 +217,6 @@ void one_pass_range(const TensorArgs& t, const Config& c, int64_t begin, int64_t
   }
 }
 
-// The keys of entries [begin, end) into out[0 .. end - begin), vectorised.
-void tile_keys(const TensorArgs& t, const Config& c, int64_t begin, int64_t end, uint32_t* __restrict out) {
-  const int64_t n = end - begin;
-  if (c.kind == kTopkMomentum) {
-    const float* __restrict m = t.exp_avg + begin;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = magnitude_key(m[i]);
-  } else if (c.kind == kTopkGradient) {
-    const float* __restrict g = t.grad + begin;
-    const bool scaled = c.has_grad_scale;
-    const float scale = c.grad_scale;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = magnitude_key(scaled ? g[i] / scale : g[i]);
-  } else {
-    const int64_t offset = begin + t.index_offset;
-    const uint32_t key = t.hash_key;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = hash_u(static_cast<uint64_t>(i + offset), key);
-  }
-}
-
 // The key of entry i (its moments already updated), one entry at a time.
 inline uint32_t key_of(const TensorArgs& t, const Config& c, int64_t i) {
   if (c.kind == kTopkMomentum) return magnitude_key(t.exp_avg[i]);
@@ -533,14 +512,13 @@ void apply_with_boundary(const TensorArgs& t, const Config& c, int64_t begin, in
 // A short segment: moments, keys in cache, exact selection, update; one pass over memory.
 void small_segment(const TensorArgs& t, const Config& c, int64_t begin, int64_t n, std::vector<uint32_t>& keys,
                    std::vector<uint32_t>& scratch) {
-  update_moments(t, c, begin, begin + n);
   const int64_t k = topk_count(n, c.alpha);
   if (k >= n) {
-    for (int64_t i = begin; i < begin + n; ++i) update_entry(t, c, i);
+    one_pass_range<false>(t, c, begin, begin + n);
     return;
   }
   keys.resize(n);
-  tile_keys(t, c, begin, begin + n, keys.data());
+  moments_and_keys(t, c, begin, begin + n, keys.data());
   apply_with_boundary(t, c, begin, n, keys.data(), find_boundary(keys.data(), n, k, scratch));
 }
 
