@@ -9,7 +9,7 @@ kernel modules are imported on first use, so ``TRITON_INTERPRET=1`` (CPU, CI) ca
 time before the first fused step.
 
 Layers: ``_common`` / ``_dense`` / ``_local`` / ``_window`` / ``_fallback`` / ``_apply`` /
-``_resolve`` / ``_sharded`` hold the ``@triton.jit`` kernels, ``plan`` builds the cached
+``_resolve`` / ``_levels`` hold the ``@triton.jit`` kernels, ``plan`` builds the cached
 plans, workspaces and device tables, ``launch`` checks the arguments and issues the launches,
 and this module is the public API.
 """

@@ -239,6 +239,49 @@ def tensor_pointers(ttab, T, t, PDT: tl.constexpr, MDT: tl.constexpr, ALIGNED: t
 
 
 @triton.jit
+def update_candidates(
+    ttab,
+    T,
+    ws,
+    t,
+    seg_start,
+    region,
+    lo,
+    hi,
+    thr,
+    eps,
+    decay,
+    PDT: tl.constexpr,
+    MDT: tl.constexpr,
+    DECAY: tl.constexpr,
+    IDXB: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Candidates ``[lo, hi)`` of a segment's region (of tensor ``t``, from ``seg_start``):
+    those at or above the composite threshold ``thr`` take the step. Pass 2 left every
+    candidate alone, so that each parameter is rounded once: when every entry decays
+    (``DECAY == 2``) all of them decay here."""
+    lane = tl.arange(0, TILE)
+    p_ptr, _, m_ptr, v_ptr = tensor_pointers(ttab, T, t, PDT, MDT, False)
+    step_size = tl.load(ws + WS_STEP_SIZE * T + t)
+    bc2_sqrt = tl.load(ws + WS_BC2_SQRT * T + t)
+    for j in range(lo, hi, TILE):
+        cmask = j + lane < hi
+        comp = tl.load(region + j + lane, mask=cmask, other=0)
+        sel = cmask & (comp >= thr)
+        offs = seg_start + (((1 << IDXB) - 1) - (comp & ((1 << IDXB) - 1)))
+        if DECAY == 2:
+            pmask = cmask
+        else:
+            pmask = sel
+        m = tl.load(m_ptr + offs, mask=sel, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=sel, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
+        p = adam_update(p, m, v, step_size, bc2_sqrt, eps, decay, sel, DECAY)
+        tl.store(p_ptr + offs, as_param(p, PDT), mask=pmask)
+
+
+@triton.jit
 def step_moments(
     g_ptr,
     m_ptr,

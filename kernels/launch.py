@@ -49,9 +49,9 @@ from ._common import (
 )
 from ._dense import dense_step_kernel
 from ._fallback import exact_select_kernel
+from ._levels import cand_level_kernel, cand_update_kernel, data_level_kernel, level_select_kernel
 from ._local import local_step_kernel
 from ._resolve import resolve_kernel
-from ._sharded import cand_level_kernel, data_level_kernel, level_select_kernel
 from ._window import moments_window_kernel, window_select_kernel
 from .plan import (
     CAPTURE_REFUSAL,
@@ -99,6 +99,13 @@ class KernelConfig:
     local_num_warps: int = 16  # local kernel (tile 4096: 8 entries per thread, 128 registers)
     select_num_warps: int = 4
     resolve_tile: int = 1024  # candidates per iteration of the resolve (2048 spills on sm_90)
+    # A call holding a segment of at least this many entries spreads its fallback and
+    # candidate selects over many programs (_levels: about 30 launches, most of which exit at
+    # once) instead of one program per segment, which would read the segment alone on one SM
+    # while the GPU idles; below it, the two one-program launches cost less than the extra
+    # launches. Sharded calls always spread.
+    spread_min: int = 1 << 20
+    cand_block: int = 16384  # candidates per block of the spread candidate kernels
 
 
 _CONFIG = KernelConfig()
@@ -113,10 +120,12 @@ def set_config(**changes) -> KernelConfig:
     global _CONFIG
     old = _CONFIG
     new = replace(old, **changes)
-    for name in ("chunk", "local_tile"):
+    for name in ("chunk", "local_tile", "resolve_tile", "cand_block"):
         v = getattr(new, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    if new.cand_block < new.resolve_tile:
+        raise ValueError(f"cand_block must be >= resolve_tile ({new.resolve_tile}), got {new.cand_block}")
     if not 0 <= new.window_frac <= 7 or not 4 <= new.window_bins_log2 <= 11:
         raise ValueError(
             f"window_frac must be in [0, 7] and window_bins_log2 in [4, 11], got "
@@ -653,7 +662,7 @@ def _step_group(
         **LAUNCH_OPTIONS,
         **window,
     )
-    if sharding is None:
+    if not plan.spread:
         exact_select_kernel[(S,)](
             ttab,
             T,
@@ -672,10 +681,11 @@ def _step_group(
             **common,
         )
     else:
-        # the zeros on the ranks before this one (each rank wrote its own row and zeroed the
-        # others), then the fallback level by level across the ranks
-        _all_reduce(work.ztotal, sharding)
-        torch.sum(work.ztotal[:rank], dim=0, out=work.sst[S_ZBASE_ROW])
+        if sharding is not None:
+            # the zeros on the ranks before this one (each rank wrote its own row and zeroed
+            # the others); then the fallback level by level (across the ranks)
+            _all_reduce(work.ztotal, sharding)
+            torch.sum(work.ztotal[:rank], dim=0, out=work.sst[S_ZBASE_ROW])
         for shift in range(56, -1, -8):
             if programs:
                 data_level_kernel[(programs,)](
@@ -699,7 +709,8 @@ def _step_group(
                     **LAUNCH_OPTIONS,
                     **common,
                 )
-            _all_reduce(work.levels, sharding)
+            if sharding is not None:
+                _all_reduce(work.levels, sharding)
             level_select_kernel[(S,)](
                 work.levels,
                 work.sst,
@@ -740,22 +751,31 @@ def _step_group(
             **window,
             **common,
         )
-    if sharding is not None:  # the candidates' threshold across the ranks
+    if plan.spread:  # the candidates' threshold (across the ranks), then their update
+        B = plan.n_blocks
+        b_programs = programs_for(B, device, cfg)
+        b_per_program = triton.cdiv(B, b_programs)
+        b_programs = triton.cdiv(B, b_per_program)
+        blocks = dict(TILE=cfg.resolve_tile, BLOCK=cfg.cand_block)
         for shift in range(top_shift, -1, -8):
-            cand_level_kernel[(S,)](
+            cand_level_kernel[(b_programs,)](
                 work.sst,
                 S,
                 plan.stab,
+                plan.btab,
+                B,
+                b_per_program,
                 work.cand,
                 work.levels,
                 inf_arg,
                 shift,
                 HAS_INF=has_inf,
-                TILE=cfg.resolve_tile,
                 num_warps=cfg.select_num_warps,
+                **blocks,
                 **LAUNCH_OPTIONS,
             )
-            _all_reduce(work.levels, sharding)
+            if sharding is not None:
+                _all_reduce(work.levels, sharding)
             level_select_kernel[(S,)](
                 work.levels,
                 work.sst,
@@ -767,6 +787,29 @@ def _step_group(
                 num_warps=cfg.select_num_warps,
                 **LAUNCH_OPTIONS,
             )
+        cand_update_kernel[(b_programs,)](
+            ttab,
+            T,
+            ws,
+            work.sst,
+            S,
+            plan.stab,
+            plan.btab,
+            B,
+            b_per_program,
+            work.cand,
+            inf_arg,
+            eps,
+            decay,
+            PDT=pdt,
+            MDT=mdt,
+            HAS_INF=has_inf,
+            DECAY=decay_mode,
+            IDXB=idxb,
+            num_warps=cfg.select_num_warps,
+            **blocks,
+            **LAUNCH_OPTIONS,
+        )
     if _debug_capture is not None:  # tests: the mode each segment took
         _debug_capture.append(dict(sst=work.sst.clone(), stab=plan.stab))
     resolve_kernel[(S,)](
@@ -788,7 +831,7 @@ def _step_group(
         IDXB=idxb,
         TOP_SHIFT=top_shift,
         TILE=cfg.resolve_tile,
-        THR_KNOWN=sharding is not None,
+        LEVELS=plan.spread,
         num_warps=cfg.select_num_warps,
         **LAUNCH_OPTIONS,
         **window,

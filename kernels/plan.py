@@ -57,6 +57,14 @@ class Plan:
     locals_: list
     starts_aligned: bool
     huge: bool
+    # int64 [2, B]: (segment, first candidate) of each block of the candidate regions, when
+    # the call's selects are spread over many programs (``_levels``); else None
+    btab: torch.Tensor | None = None
+    n_blocks: int = 0
+
+    @property
+    def spread(self) -> bool:
+        return self.btab is not None
 
 
 def _chunk_table(seg_tensor, seg_start, seg_len, chunk, seg_origin=None):
@@ -76,6 +84,16 @@ def _chunk_table(seg_tensor, seg_start, seg_len, chunk, seg_origin=None):
     start = seg_start[seg] + j * chunk
     length = torch.minimum(torch.full_like(start, chunk), seg_len[seg] - j * chunk)
     return torch.stack([seg_tensor[seg], start, length, seg, seg_origin[seg]]), total, first, nch
+
+
+def _block_table(caps, block: int) -> tuple[torch.Tensor, int]:
+    """(segment, first candidate) of every ``block`` candidates of each segment's region."""
+    caps_t = torch.as_tensor(caps, dtype=torch.int64)
+    nb = (caps_t + block - 1) // block
+    total = int(nb.sum())
+    seg = torch.repeat_interleave(torch.arange(len(caps), dtype=torch.int64), nb)
+    first = torch.cumsum(nb, 0) - nb
+    return torch.stack([seg, (torch.arange(total, dtype=torch.int64) - first[seg]) * block]), total
 
 
 def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None) -> Plan:
@@ -153,7 +171,11 @@ def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None
             [g_k, caps, coff, g_t, g_s, g_n, first.tolist(), nch.tolist()], dtype=torch.int64
         ).to(device)
     aligned = all(s % 16 == 0 for s in g_s)
-    return Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
+    plan = Plan(ctab, total, stab, n_seg, n_cand, locals_, aligned, huge)
+    if n_seg and max(g_n) >= cfg.spread_min:
+        btab, plan.n_blocks = _block_table(caps, cfg.cand_block)
+        plan.btab = btab.to(device)
+    return plan
 
 
 def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> Plan:
@@ -185,7 +207,19 @@ def _build_sharded_plan(numels, selection, alpha, cfg, device, sharding) -> Plan
     for i in range(1, n_seg):
         coff[i] = coff[i - 1] + caps[i - 1]
     stab = torch.tensor([g_k, caps, coff, g_t, origin, g_n, first.tolist(), nch.tolist()], dtype=torch.int64)
-    return Plan(ctab.to(device), total, stab.to(device), n_seg, coff[-1] + caps[-1], [], True, huge)
+    btab, n_blocks = _block_table(caps, cfg.cand_block)
+    return Plan(
+        ctab.to(device),
+        total,
+        stab.to(device),
+        n_seg,
+        coff[-1] + caps[-1],
+        [],
+        True,
+        huge,
+        btab.to(device),
+        n_blocks,
+    )
 
 
 @dataclass(frozen=True)
@@ -293,7 +327,7 @@ class Workspace:
     zcount: torch.Tensor | None = None  # int64 [C]: zeros per chunk, then zeros before it
     cand: torch.Tensor | None = None  # int64 candidate composites
     ztotal: torch.Tensor | None = None  # int64 [world, S]: zeros per rank (MODE_ZERO)
-    levels: torch.Tensor | None = None  # int64 [S, 256]: the sharded level-by-level histograms
+    levels: torch.Tensor | None = None  # int64 [S, 256]: the level-by-level histograms (``_levels``)
     plan: Plan | None = None  # the plan its launches read (held here, not only in PLANS)
     table: torch.Tensor | None = None  # int64 [N_TROWS, T]: the tensor table, rewritten in place
     table_rows: tuple | None = None  # the addresses and keys ``table`` holds (None: not written)
@@ -346,8 +380,9 @@ def workspace_for(plan_key, plan: Plan, params, steps, device, cfg, world: int =
         work.zcount = torch.zeros(max(1, plan.n_chunks), dtype=torch.int64, device=device)
         work.cand = torch.empty(max(1, plan.n_cand), dtype=torch.int64, device=device)
         work.ztotal = torch.zeros((world, plan.n_seg), dtype=torch.int64, device=device)
-        if world > 1 or plan_key[-1] is not None:
+        if plan.spread:
             work.levels = torch.zeros((plan.n_seg, 256), dtype=torch.int64, device=device)
+        if plan_key[-1] is not None:  # sharded
             work.hist_max = torch.zeros_like(work.hist)
     if entry is None:
         weakref.finalize(anchor, WORKSPACES.pop, id(anchor), None)

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 import test_kernels
-from test_kernels import DEVICE, HP, MULTI, _grads, _run, _tensors, launch
+from test_kernels import DEVICE, HP, MULTI, SPREAD, _grads, _run, _tensors, launch
 
 import maskopt
 from maskopt import functional
@@ -298,11 +298,27 @@ def _fail_at(monkeypatch, failing: int) -> list[str]:
     return launched
 
 
-@pytest.mark.parametrize("failing", range(LAUNCHES))
-def test_after_an_exception_at_any_launch_every_step_moves_exactly_the_top_k(monkeypatch, failing):
+# the spread path's 37 launches: prologue, single-pass, pass 1, window select, 8 x (fallback
+# level, select), pass 2, 7 x (candidate level, select), the candidates' update, resolve
+SPREAD_LAUNCHES = 37
+
+
+@pytest.mark.parametrize(
+    "failing,knobs",
+    [(i, MULTI) for i in range(LAUNCHES)] + [(i, SPREAD) for i in (4, 5, 11, 20, 21, 23, 34, 35, 36)],
+    ids=[f"one-program-{i}" for i in range(LAUNCHES)]
+    + [f"spread-{i}" for i in (4, 5, 11, 20, 21, 23, 34, 35, 36)],
+)
+def test_after_an_exception_at_any_launch_every_step_moves_exactly_the_top_k(monkeypatch, failing, knobs):
     """A step interrupted at any of its launches may leave counts in the persistent
     histograms; every later step still moves exactly the top-k of |exp_avg| (lowest index
-    first among ties)."""
+    first among ties). The spread path is interrupted inside its fallback levels, at pass 2,
+    inside its candidate levels, at the candidates' update and at the resolve."""
+    with launch.config(**knobs):
+        _interrupted_then_exact(monkeypatch, failing, LAUNCHES if knobs is MULTI else SPREAD_LAUNCHES)
+
+
+def _interrupted_then_exact(monkeypatch, failing, launches):
     ps, ms, vs, steps = _tensors(SHAPES)
     _run("topk_momentum", ps, ms, vs, steps, _grads(ps, 0), alpha=0.1, hp=NO_DECAY)
     with monkeypatch.context() as patch:
@@ -312,10 +328,10 @@ def test_after_an_exception_at_any_launch_every_step_moves_exactly_the_top_k(mon
     assert len(launched) == failing
     for it in (2, 3):
         with monkeypatch.context() as patch:
-            launched = _fail_at(patch, LAUNCHES)
+            launched = _fail_at(patch, launches)
             before = [p.clone() for p in ps]
             _run("topk_momentum", ps, ms, vs, steps, _grads(ps, it), alpha=0.1, hp=NO_DECAY)
-        assert len(launched) == LAUNCHES, launched
+        assert len(launched) == launches, launched
         for i, (p, p0, m) in enumerate(zip(ps, before, ms, strict=True)):
             expected = topk_masks([m.abs().cpu()], 0.1)[0]
             moved = (p != p0).cpu()

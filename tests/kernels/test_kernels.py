@@ -49,7 +49,7 @@ def _load_launch():
             "_local",
             "_apply",
             "_resolve",
-            "_sharded",
+            "_levels",
             "plan",
             "launch",
         ):
@@ -85,6 +85,9 @@ def _interpreter_env():
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 SMALL = dict(chunk=1024, local_max=4096, local_tile=4096)  # single-pass for tensors <= 4096
 MULTI = dict(chunk=1024, local_max=128, local_tile=1024, cand_min=16)  # nearly everything multi-pass
+# ...with the fallback and candidate selects spread over many programs, several candidate
+# blocks per segment
+SPREAD = dict(MULTI, spread_min=0, cand_block=32, resolve_tile=16)
 SHAPES = [(0,), (1,), (5, 123), (4097,), (2000,), (3, 700)]
 
 
@@ -330,9 +333,12 @@ def _momenta(kind, shapes, step, gen):
         ("gaussian", 0.9999, {"digit"}),  # k = n
     ],
 )
-def test_two_pass_modes_match_the_reference(kind, alpha, expected):
+@pytest.mark.parametrize("knobs", [MULTI, SPREAD], ids=["one-program", "spread"])
+def test_two_pass_modes_match_the_reference(kind, alpha, expected, knobs):
     """Every selection mode of the two-pass path is exact: Gaussian, Laplace and row-scaled
-    momenta, few distinct values, zeros, spikes, k = 1 and k = n (odd sizes, several steps)."""
+    momenta, few distinct values, zeros, spikes, k = 1 and k = n (odd sizes, several steps),
+    with the fallback and the candidates resolved by one program per segment or spread over
+    many."""
     shapes = [(3000,), (37, 100), (5003,)]
     ps, ms, vs, steps = _tensors(shapes)
     ref_p = [p.detach().cpu().clone() for p in ps]
@@ -340,7 +346,7 @@ def test_two_pass_modes_match_the_reference(kind, alpha, expected):
     gen = torch.Generator().manual_seed(5)
     launch._debug_capture = seen = []
     try:
-        with launch.config(**MULTI):
+        with launch.config(**knobs):
             for it in range(5):
                 grads = _momenta(kind, shapes, it, gen)
                 before = [p.detach().cpu().clone() for p in ps]
@@ -370,10 +376,11 @@ def test_two_pass_modes_match_the_reference(kind, alpha, expected):
     assert expected <= modes, f"modes {modes}, expected {expected} among them"
 
 
-def test_capacity_overflow_takes_the_exact_fallback():
+@pytest.mark.parametrize("knobs", [MULTI, SPREAD], ids=["one-program", "spread"])
+def test_capacity_overflow_takes_the_exact_fallback(knobs):
     launch._debug_capture = seen = []
     try:
-        with launch.config(**dict(MULTI, cand_frac=1e-9, cand_min=1)):
+        with launch.config(**dict(knobs, cand_frac=1e-9, cand_min=1)):
             _compare_with_reference("topk_momentum", [(3000,), (5, 123)], alpha=0.2, steps_n=3)
             _compare_with_reference("random_exact", [(3000,)], alpha=0.2, steps_n=1)
     finally:
@@ -382,11 +389,12 @@ def test_capacity_overflow_takes_the_exact_fallback():
     assert all(rec["sst"][0].cpu().tolist() == [3, 3] for rec in seen[:3])
 
 
-def test_window_follows_the_threshold():
+@pytest.mark.parametrize("knobs", [MULTI, SPREAD], ids=["one-program", "spread"])
+def test_window_follows_the_threshold(knobs):
     # from the second step on, Gaussian momenta resolve in the window: no fallback
     launch._debug_capture = seen = []
     try:
-        with launch.config(**MULTI):
+        with launch.config(**knobs):
             _compare_with_reference("topk_momentum", [(3000,), (5, 1230)], alpha=0.1, steps_n=4)
             _compare_with_reference("random_exact", [(3000,)], alpha=0.1, steps_n=2)
     finally:
@@ -568,7 +576,11 @@ KERNELS = (
     "moments_window_kernel",
     "window_select_kernel",
     "exact_select_kernel",
+    "data_level_kernel",
+    "level_select_kernel",
     "apply_compact_kernel",
+    "cand_level_kernel",
+    "cand_update_kernel",
     "resolve_kernel",
 )
 
@@ -599,6 +611,41 @@ def test_launches_per_step_do_not_grow_with_tensors(selection, count_launches):
     # top-k: prologue, the local pass for short and for longer rows, then the five launches of
     # the two-pass path; dense: prologue and one pass
     assert len(count_launches) == (8 if selection.endswith(("momentum", "exact")) else 2), count_launches
+
+
+@pytest.mark.parametrize("selection", ["topk_momentum", "random_exact"])
+def test_spread_selects_launch_a_fixed_number_of_times(selection, count_launches):
+    """Spread over many programs, a step's launches still do not depend on the data or the
+    number of tensors: the 8 fallback levels and the 7 candidate levels (a select after each),
+    and the candidates' update, replace the one-program fallback and resolve's select."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.randint(0, 600, (60,), generator=gen).tolist() + [5000, 9000]
+    with launch.config(
+        chunk=1024, local_max=512, local_tile=8192, spread_min=4096, cand_block=64, resolve_tile=16
+    ):
+        _compare_with_reference(selection, [(n,) for n in sizes], alpha=0.2, steps_n=2)
+    per_step = count_launches[: len(count_launches) // 2]
+    assert per_step == count_launches[len(count_launches) // 2 :]
+    assert len(per_step) == 3 + 2 + 8 * 2 + 1 + 7 * 2 + 2, per_step
+    assert "exact_select_kernel" not in per_step
+    assert per_step.count("data_level_kernel") == 8 and per_step.count("cand_level_kernel") == 7
+
+
+def test_spread_min_picks_the_path_per_call():
+    """A call spreads its selects when it holds a segment of at least ``spread_min`` entries
+    (the default: 2**20), whatever its other segments; shorter calls keep one program per
+    segment."""
+    from maskopt.kernels.plan import plan_for
+
+    cfg = launch.get_config()
+    for numels, spread in (([1 << 20], True), ([(1 << 20) - 1, 5000], False), ([5000, 1 << 21], True)):
+        plan, _ = plan_for(numels, "topk_momentum", 0.1, None, torch.device("cpu"), cfg)
+        assert plan.spread is spread, numels
+        if spread:  # every candidate of every segment is in exactly one block
+            seg, first = plan.btab
+            for s in range(plan.n_seg):
+                cap = int(plan.stab[1, s])
+                assert first[seg == s].tolist() == list(range(0, cap, cfg.cand_block))
 
 
 def _refuse_blocking_transfers(monkeypatch):

@@ -61,14 +61,19 @@ REGISTER_BUDGET = {
     "resolve": 128,
     "local": 128,
     "data_level": 128,
-    "cand_level": 64,
+    "cand_level": 96,
+    "cand_update": 120,
     "level_select": 32,
 }
 # Spill stores a variant may have (bytes), else none: the single-pass kernel with hash keys
 # and weight decay on every entry (RandomBCD(exact=True, mask_weight_decay=False), segments
 # of 2049-4096 entries) saves a few registers around the calls of the IEEE division's slow
-# path at the 128-register limit.
-SPILL_ALLOWANCE = {re.compile(r"local/[^/]+/key2/bb4096/decay2/"): 24}
+# path at the 128-register limit; so does the spread candidates' update of bf16 parameters
+# on sm_80 (32 bytes of stack in a kernel that gathers scattered entries).
+SPILL_ALLOWANCE = {
+    re.compile(r"local/[^/]+/key2/bb4096/decay2/"): 24,
+    re.compile(r"cand_update/bf16/decay1/[^@]+@sm80"): 32,
+}
 
 # The variants of the default run: what a fp32 MoFO, RandomBCD or AdamW step launches without
 # GradScaler, with weight decay (every DECAY for pass 2), on aligned tensors.
@@ -83,6 +88,8 @@ DEFAULT_VARIANTS = (
     "apply/fp32/key0/decay1/prod/aligned",
     "apply/fp32/key0/decay2/prod/aligned",
     "resolve/fp32/decay1/prod",
+    "cand_level/prod",
+    "cand_update/fp32/decay1/prod",
     "local/fp32/key0/bb4096/decay1/prod",
 )
 
@@ -93,6 +100,8 @@ ARG_TYPES = dict(
     T="i32",
     ctab="*i64",
     C="i32",
+    btab="*i64",
+    B="i32",
     per_program="i32",
     ltab="*i64",
     SL="i32",
@@ -132,7 +141,7 @@ def variants(names=None):
     builds, with its default config: every one (``names=None``) or those named."""
     import triton.language as tl
 
-    from maskopt.kernels import _apply, _common, _dense, _fallback, _local, _resolve, _sharded, _window
+    from maskopt.kernels import _apply, _common, _dense, _fallback, _levels, _local, _resolve, _window
     from maskopt.kernels.launch import KernelConfig
     from maskopt.kernels.plan import _MAX_ROWS
 
@@ -188,16 +197,17 @@ def variants(names=None):
         for mode in (0, 3):
             add(
                 f"level_select/mode{mode}/{flags}",
-                _sharded.level_select_kernel,
+                _levels.level_select_kernel,
                 cfg.select_num_warps,
                 MODE=mode,
                 **flag_sets[flags],
             )
         add(
             f"cand_level/{flags}",
-            _sharded.cand_level_kernel,
+            _levels.cand_level_kernel,
             cfg.select_num_warps,
             TILE=cfg.resolve_tile,
+            BLOCK=cfg.cand_block,
             **flag_sets[flags],
         )
 
@@ -269,7 +279,7 @@ def variants(names=None):
                 if production:
                     add(
                         f"data_level/{dt}/key{key_mode}/{flags}",
-                        _sharded.data_level_kernel,
+                        _levels.data_level_kernel,
                         cfg.num_warps,
                         KEY_MODE=key_mode,
                         IDXB=idxb,
@@ -293,6 +303,17 @@ def variants(names=None):
                             **fl,
                         )
             for decay in decays:
+                add(
+                    f"cand_update/{dt}/decay{decay}/{flags}",
+                    _levels.cand_update_kernel,
+                    cfg.select_num_warps,
+                    DECAY=decay,
+                    IDXB=32,
+                    TILE=cfg.resolve_tile,
+                    BLOCK=cfg.cand_block,
+                    **types,
+                    **fl,
+                )
                 for float_key in (True, False) if wide else (True,):
                     add(
                         f"resolve/{dt}/decay{decay}/{flags}" + ("" if float_key else "/hash"),
@@ -303,7 +324,7 @@ def variants(names=None):
                         IDXB=32 if float_key else 31,
                         TOP_SHIFT=48 if float_key else 40,
                         TILE=cfg.resolve_tile,
-                        THR_KNOWN=False,
+                        LEVELS=False,
                         **window,
                         **types,
                         **fl,
@@ -354,7 +375,7 @@ def variants(names=None):
             **fp32,
         )
     add(
-        "resolve/fp32/decay1/sharded",
+        "resolve/fp32/decay1/levels",
         _resolve.resolve_kernel,
         cfg.select_num_warps,
         DECAY=1,
@@ -362,7 +383,7 @@ def variants(names=None):
         IDXB=32,
         TOP_SHIFT=48,
         TILE=cfg.resolve_tile,
-        THR_KNOWN=True,
+        LEVELS=True,
         **window,
         **fp32,
     )
