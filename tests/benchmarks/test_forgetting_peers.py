@@ -190,6 +190,23 @@ def test_gaps_read_the_reference_curve_at_the_runs_own_learning_and_kl():
     assert rows[("lora16", 0)]["adamw_forgetting_at_kl"] == ""
 
 
+def test_equal_kl_reads_the_interpolation_up_to_the_run_it_interpolates():
+    """When WiSE-FT at lambda = 0.8 learns more and forgets less than its AdamW run (so AdamW
+    is off the front in English loss and forgetting), the curve of forgetting over KL still goes
+    on to the AdamW run: a configuration with a KL between the two is read on it, not n/a."""
+    rows = []
+    for seed in (0, 1):
+        rows.append(_run("adamw", 1e-3, seed, 1.25, 1.0, 1.0))
+        for lam in optimizers.WISE_LAMBDAS:  # English loss 2 - lam: 1.2 at lambda = 0.8
+            rows.append(_run(f"wiseft{round(100 * lam)}", 1e-3, seed, 2.0 - lam, lam / 2, lam / 2))
+        rows.append(_run("mofo15", 1e-3, seed, 1.3, 0.5, 0.7))
+    curves = tradeoff.Curves(rows, REF)
+    assert ("adamw", 1e-3) not in curves.fronts["wiseft"]
+    assert curves.kl_fronts["wiseft"][-1] == ("adamw", 1e-3)
+    # KL 0.7 lies between lambda = 0.8 (KL 0.4, forgetting 0.4) and AdamW (KL 1, forgetting 1)
+    assert curves.gaps("mofo15", 1e-3, "wiseft", "kl") == pytest.approx([-0.2, -0.2])
+
+
 def test_levels_table_names_the_family_that_forgets_least():
     rows = _synthetic()
     for seed in (0, 1):  # MoFO: a curve 0.2 below WiSE-FT's over x in [1.2, 1.8]
