@@ -662,6 +662,24 @@ def _step_group(
         **LAUNCH_OPTIONS,
         **window,
     )
+
+    def select_level(shift: int, mode: int) -> None:
+        """The digit at ``shift`` of each open segment of ``mode`` from its level histogram
+        (summed over the ranks first when sharded)."""
+        if sharding is not None:
+            _all_reduce(work.levels, sharding)
+        level_select_kernel[(S,)](
+            work.levels,
+            work.sst,
+            S,
+            inf_arg,
+            shift,
+            MODE=mode,
+            HAS_INF=has_inf,
+            num_warps=cfg.select_num_warps,
+            **LAUNCH_OPTIONS,
+        )
+
     if not plan.spread:
         exact_select_kernel[(S,)](
             ttab,
@@ -709,19 +727,7 @@ def _step_group(
                     **LAUNCH_OPTIONS,
                     **common,
                 )
-            if sharding is not None:
-                _all_reduce(work.levels, sharding)
-            level_select_kernel[(S,)](
-                work.levels,
-                work.sst,
-                S,
-                inf_arg,
-                shift,
-                MODE=MODE_EXACT.value,
-                HAS_INF=has_inf,
-                num_warps=cfg.select_num_warps,
-                **LAUNCH_OPTIONS,
-            )
+            select_level(shift, MODE_EXACT.value)
     if programs:
         apply_compact_kernel[(programs,)](
             ttab,
@@ -774,19 +780,7 @@ def _step_group(
                 **blocks,
                 **LAUNCH_OPTIONS,
             )
-            if sharding is not None:
-                _all_reduce(work.levels, sharding)
-            level_select_kernel[(S,)](
-                work.levels,
-                work.sst,
-                S,
-                inf_arg,
-                shift,
-                MODE=MODE_WINDOW.value,
-                HAS_INF=has_inf,
-                num_warps=cfg.select_num_warps,
-                **LAUNCH_OPTIONS,
-            )
+            select_level(shift, MODE_WINDOW.value)
         cand_update_kernel[(b_programs,)](
             ttab,
             T,
