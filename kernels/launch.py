@@ -58,9 +58,9 @@ from .plan import (
     PLANS,
     Sharding,
     find_workspace,
+    persistent_grid,
     plan_cache_key,
     plan_for,
-    programs_for,
     reset_accumulators,
     sharding_of,
     tensor_table,
@@ -597,9 +597,7 @@ def _step_group(
         return
 
     S, C = plan.n_seg, plan.n_chunks
-    programs = programs_for(C, device, cfg)
-    per_program = triton.cdiv(C, programs)
-    programs = triton.cdiv(C, per_program) if C else 0
+    programs, per_program = persistent_grid(C, device, cfg)
     window = dict(FRAC=cfg.window_frac, NB_LOG2=cfg.window_bins_log2)
     # the window bin fixes the composite bits from idxb + (key bits below the bin) upwards
     open_bits = idxb + (23 - cfg.window_frac if float_key else 32 - cfg.window_bins_log2)
@@ -759,9 +757,7 @@ def _step_group(
         )
     if plan.spread:  # the candidates' threshold (across the ranks), then their update
         B = plan.n_blocks
-        b_programs = programs_for(B, device, cfg)
-        b_per_program = triton.cdiv(B, b_programs)
-        b_programs = triton.cdiv(B, b_per_program)
+        b_programs, b_per_program = persistent_grid(B, device, cfg)
         blocks = dict(TILE=cfg.resolve_tile, BLOCK=cfg.cand_block)
         for shift in range(top_shift, -1, -8):
             cand_level_kernel[(b_programs,)](

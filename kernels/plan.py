@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import N_SROWS, N_TROWS, N_WSROWS, S_CENTER
+from ._common import C_SEG, C_START, N_SROWS, N_TROWS, N_WSROWS, S_CENTER
 
 S_CENTER_ROW = S_CENTER.value
 
@@ -87,13 +87,11 @@ def _chunk_table(seg_tensor, seg_start, seg_len, chunk, seg_origin=None):
 
 
 def _block_table(caps, block: int) -> tuple[torch.Tensor, int]:
-    """(segment, first candidate) of every ``block`` candidates of each segment's region."""
-    caps_t = torch.as_tensor(caps, dtype=torch.int64)
-    nb = (caps_t + block - 1) // block
-    total = int(nb.sum())
-    seg = torch.repeat_interleave(torch.arange(len(caps), dtype=torch.int64), nb)
-    first = torch.cumsum(nb, 0) - nb
-    return torch.stack([seg, (torch.arange(total, dtype=torch.int64) - first[seg]) * block]), total
+    """(segment, first candidate) of every ``block`` candidates of each segment's region: the
+    chunk table of the regions, two of its rows."""
+    zeros = [0] * len(caps)
+    table, total, _, _ = _chunk_table(zeros, zeros, caps, block)
+    return table[[C_SEG.value, C_START.value]].contiguous(), total
 
 
 def _build_plan(numels, selection, alpha, block_size, cfg, device, sharding=None) -> Plan:
@@ -395,15 +393,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def programs_for(n_chunks: int, device: torch.device, cfg) -> int:
-    """Persistent programs for the streaming kernels."""
+def persistent_grid(n_items: int, device: torch.device, cfg) -> tuple[int, int]:
+    """(programs, items per program) of a persistent grid over ``n_items`` chunks or candidate
+    blocks: at most ``cfg.programs`` programs (0: 4 per SM, 8 on CPU), none left without items."""
+    if not n_items:
+        return 0, 0
     want = cfg.programs
     if not want:
         if device.type == "cuda":
             want = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         else:
             want = 8
-    return max(1, min(n_chunks, want))
+    per_program = -(-n_items // max(1, min(n_items, want)))
+    return -(-n_items // per_program), per_program
 
 
 # ---------------------------------------------------------------------------------------
