@@ -857,3 +857,15 @@ def test_a_captured_step_replays_like_the_eager_step(name, kwargs):
     torch.cuda.synchronize()
     for a, b in zip(*params, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_refused_kernel_config_changes_nothing():
+    before = launch.get_config()
+    for changes, named in (
+        (dict(cand_block=24), "cand_block must be a power of two"),
+        (dict(resolve_tile=8), "resolve_tile must be a power of two"),
+        (dict(cand_block=512, resolve_tile=1024), "cand_block must be >= resolve_tile"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            launch.set_config(**changes)
+        assert launch.get_config() is before
